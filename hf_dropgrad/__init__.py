@@ -1,0 +1,60 @@
+"""hf_dropgrad: gradient dropout (DropGrad) for PyTorch and Hugging Face Transformers.
+
+The torch core (``DropGrad`` and the drop-rate schedulers) imports nothing from
+Transformers; the Transformers layer (``DropGradTrainer``, ``DropGradCallback``, ...)
+is imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hf_dropgrad.optimizer import DropGrad, get_dropgrad
+from hf_dropgrad.schedulers import (
+    ConstantDropRateScheduler,
+    CosineAnnealingDropRateScheduler,
+    DropRateScheduler,
+    LinearDropRateScheduler,
+    StepDropRateScheduler,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DropGradTrainingArguments": "hf_dropgrad.training_args",
+    "DropGradSeq2SeqTrainingArguments": "hf_dropgrad.training_args",
+    "DropGradTrainer": "hf_dropgrad.trainer",
+    "DropGradSeq2SeqTrainer": "hf_dropgrad.trainer",
+    "DropGradCallback": "hf_dropgrad.callbacks",
+}
+
+__all__ = [
+    "ConstantDropRateScheduler",
+    "CosineAnnealingDropRateScheduler",
+    "DropGrad",
+    "DropRateScheduler",
+    "LinearDropRateScheduler",
+    "StepDropRateScheduler",
+    "get_dropgrad",
+    "DropGradTrainingArguments",
+    "DropGradSeq2SeqTrainingArguments",
+    "DropGradTrainer",
+    "DropGradSeq2SeqTrainer",
+    "DropGradCallback",
+]
+
+if TYPE_CHECKING:
+    from hf_dropgrad.callbacks import DropGradCallback
+    from hf_dropgrad.trainer import DropGradSeq2SeqTrainer, DropGradTrainer
+    from hf_dropgrad.training_args import (
+        DropGradSeq2SeqTrainingArguments,
+        DropGradTrainingArguments,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_dropgrad' has no attribute {name!r}")

@@ -1,0 +1,467 @@
+"""``DropGrad``: gradient dropout as an optimizer wrapper."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from hf_dropgrad import functional as F
+from hf_dropgrad.schedulers import DropRateScheduler, check_rate
+
+__all__ = ["DropGrad", "get_dropgrad"]
+
+_STATE_KEY = "dropgrad"
+_STATE_VERSION = 1
+
+
+class DropGrad(Optimizer):
+    r"""Wrap ``optimizer`` so that every step first drops gradient elements.
+
+    Before each step of the inner optimizer, every gradient element of a parameter with
+    drop rate ``p`` is zeroed with probability ``p`` and the survivors are multiplied by
+    the reciprocal of the keep probability, so the expected gradient is unchanged.
+    ``DropGrad`` *is* an :class:`~torch.optim.Optimizer` that shares the inner optimizer's
+    ``param_groups``, ``state`` and ``defaults``: LR schedulers, ``GradScaler``,
+    Accelerate and ``Trainer`` accept it as they accept the inner optimizer.
+
+    Args:
+        optimizer: the optimizer to wrap (any :class:`torch.optim.Optimizer`).
+        drop_rate: default rate for every parameter that ``params`` does not give one.
+            ``None`` with no ``params`` and no scheduler is an error.
+        params: per-parameter rates: ``{parameter: rate}`` and/or ``{"pattern": rate}``,
+            where a pattern names submodules (``{"encoder": 0.1, "decoder": 0.2}``) or is
+            a regex over parameter names; see :mod:`hf_dropgrad.patterns`. Patterns are
+            resolved against ``model`` or, without it, the ``param_names`` torch stores
+            when the optimizer was built from ``model.named_parameters()``.
+        model: the module whose parameter names the patterns and :meth:`current_rates`
+            use.
+        drop_rate_scheduler: a :class:`~hf_dropgrad.schedulers.DropRateScheduler`,
+            stepped by ``DropGrad`` after every optimizer step. Without per-parameter rates
+            its rate is every parameter's rate; with them it scales each parameter's base
+            rate by ``r(k) / r(0)`` (capped at 1).
+        full_update_drop: if ``True`` a dropped element is frozen for that step: its value
+            after :meth:`step` is bit-identical to before, whatever the inner optimizer
+            does (momentum, weight decay, ...). The inner optimizer's *state* for a
+            dropped element evolves as it would for a zero gradient (e.g. Adam's moments
+            decay). Memory: the values of the dropped elements (``p`` times the parameter
+            bytes) plus a 1-byte-per-element mask of one parameter at a time.
+        seed: seed of the masks; default ``torch.initial_seed()`` at construction. The
+            mask of a step depends only on ``(seed, step, parameter position)``.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-3), drop_rate=0.1)
+        >>> model(torch.randn(3, 4)).sum().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        drop_rate: float | None = None,
+        params: Mapping[Any, float] | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        drop_rate_scheduler: DropRateScheduler | None = None,
+        full_update_drop: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        # No super().__init__(): the parameter groups and state are the inner optimizer's.
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer instance, "
+                f"got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, DropGrad):
+            raise ValueError("optimizer is already a DropGrad; wrap the inner optimizer once")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if drop_rate_scheduler is not None and not isinstance(
+            drop_rate_scheduler, DropRateScheduler
+        ):
+            raise TypeError(
+                "drop_rate_scheduler must be a hf_dropgrad DropRateScheduler (Constant, Linear, "
+                f"CosineAnnealing or Step), got {type(drop_rate_scheduler).__name__}"
+            )
+        if not isinstance(full_update_drop, bool):
+            raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
+        if seed is None:
+            seed = torch.initial_seed()
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+        self.optimizer = optimizer
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        self.seed = seed
+        self.full_update_drop = full_update_drop
+        self.drop_rate_scheduler = drop_rate_scheduler
+        self._step_count_dropgrad = 0
+        self._names = self._parameter_names(model)
+        self._base_drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
+        self._rates, self._patterns = self._resolve_params(params, model)
+
+        if drop_rate is None and not self._rates and drop_rate_scheduler is None:
+            raise ValueError(
+                "DropGrad needs drop_rate (a float in [0, 1]), params ({parameter or name "
+                "pattern: rate}) or drop_rate_scheduler"
+            )
+        if drop_rate_scheduler is not None:
+            initial = drop_rate_scheduler.rate_at(0)
+            if self._rates and initial == 0.0:
+                raise ValueError(
+                    "drop_rate_scheduler starts at 0 but per-parameter rates were given: the "
+                    "schedule scales each parameter's rate by r(k) / r(0), which is undefined "
+                    "for r(0) = 0. Start the schedule above 0, or drop params= and let the "
+                    "schedule set every parameter's rate."
+                )
+            if not self._rates and drop_rate is not None and drop_rate != initial:
+                raise ValueError(
+                    f"drop_rate={drop_rate} conflicts with drop_rate_scheduler, whose initial "
+                    f"rate is {initial}: pass one of them, or make them agree"
+                )
+
+    # -- sharing the inner optimizer's attributes -------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def drop_rate(self) -> float | None:
+        """The default rate at the current step (scheduled when a scheduler is set)."""
+        if self.drop_rate_scheduler is not None and not self._rates:
+            return self.drop_rate_scheduler.get_last_rate()
+        if self._base_drop_rate is None:
+            return None
+        return min(1.0, self._base_drop_rate * self._schedule_factor())
+
+    @drop_rate.setter
+    def drop_rate(self, value: float | None) -> None:
+        if self.drop_rate_scheduler is not None and not self._rates:
+            raise ValueError(
+                "drop_rate is set by drop_rate_scheduler; change the scheduler instead"
+            )
+        self._base_drop_rate = None if value is None else check_rate(value, "drop_rate")
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far (the step part of the masks' key)."""
+        return self._step_count_dropgrad
+
+    # -- rates ---------------------------------------------------------------------------------
+
+    def _all_params(self) -> Iterator[torch.Tensor]:
+        for group in self.optimizer.param_groups:
+            yield from group["params"]
+
+    def _parameter_names(self, model: torch.nn.Module | None) -> dict[torch.Tensor, str]:
+        names: dict[torch.Tensor, str] = {}
+        if model is not None:
+            for name, p in model.named_parameters():
+                names.setdefault(p, name)
+            return names
+        for group in self.optimizer.param_groups:
+            for name, p in zip(group.get("param_names", ()), group["params"]):
+                names.setdefault(p, name)
+        return names
+
+    def _named_for_patterns(self, model: torch.nn.Module | None) -> list[tuple[str, torch.Tensor]]:
+        owned = set(self._all_params())
+        if model is not None:
+            # remove_duplicate=False lists tied parameters under every alias.
+            named = [
+                (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p in owned
+            ]
+            return named
+        named = []
+        for group in self.optimizer.param_groups:
+            if "param_names" not in group:
+                raise ValueError(
+                    "params has name patterns but DropGrad cannot see parameter names: pass "
+                    "model=<your model>, or build the optimizer from model.named_parameters() "
+                    "(torch >= 2.6 then keeps param_groups[i]['param_names'])"
+                )
+            named.extend(zip(group["param_names"], group["params"]))
+        return named
+
+    def _resolve_params(
+        self, params: Mapping[Any, float] | None, model: torch.nn.Module | None
+    ) -> tuple[dict[torch.Tensor, float], dict[torch.Tensor, str]]:
+        rates: dict[torch.Tensor, float] = {}
+        patterns: dict[torch.Tensor, str] = {}
+        if params is None:
+            return rates, patterns
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                "params must be a mapping {parameter: rate} or {name pattern: rate}, "
+                f"got {type(params).__name__}"
+            )
+        owned = set(self._all_params())
+        by_pattern: dict[str, float] = {}
+        for key, value in params.items():
+            if isinstance(key, str):
+                by_pattern[key] = check_rate(value, f"params[{key!r}]")
+            elif isinstance(key, torch.Tensor):
+                if key not in owned:
+                    raise ValueError(
+                        f"params has a tensor of shape {tuple(key.shape)} that is not a "
+                        "parameter of the wrapped optimizer"
+                    )
+                rates[key] = check_rate(value, f"params[<parameter {tuple(key.shape)}>]")
+            else:
+                raise TypeError(
+                    "params keys must be parameters (torch.nn.Parameter) or name patterns "
+                    f"(str), got {type(key).__name__}"
+                )
+        if by_pattern:
+            from hf_dropgrad.patterns import resolve_pattern_rates
+
+            resolved = resolve_pattern_rates(self._named_for_patterns(model), by_pattern)
+            for p, (rate, name, pattern) in resolved.items():
+                self._names.setdefault(p, name)
+                if p not in rates:  # an explicit Parameter key beats any pattern
+                    rates[p] = rate
+                    patterns[p] = pattern
+        return rates, patterns
+
+    def _schedule_factor(self) -> float:
+        sched = self.drop_rate_scheduler
+        if sched is None:
+            return 1.0
+        return sched.get_last_rate() / sched.rate_at(0)
+
+    def _rate_of(self, p: torch.Tensor) -> float | None:
+        sched = self.drop_rate_scheduler
+        if sched is not None and not self._rates:
+            return sched.get_last_rate()
+        base = self._rates.get(p, self._base_drop_rate)
+        if base is None:
+            return None
+        return min(1.0, base * self._schedule_factor())
+
+    def current_rates(self) -> dict[str | int, float]:
+        """``{parameter name (or position when unnamed): rate}`` for the next step.
+
+        Parameters with no rate are left out; an explicit ``0.0`` is listed.
+        """
+        out: dict[str | int, float] = {}
+        for index, p in enumerate(self._all_params()):
+            rate = self._rate_of(p)
+            if rate is not None:
+                out[self._names.get(p, index)] = rate
+        return out
+
+    def describe(self) -> str:
+        """A table of which parameters got which rate (printed by the Trainer layer)."""
+        from hf_dropgrad.patterns import format_rate_table
+
+        rows = []
+        for index, p in enumerate(self._all_params()):
+            rows.append((self._names.get(p, str(index)), self._rate_of(p), self._patterns.get(p)))
+        return format_rate_table(rows)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _targets(self) -> list[tuple[torch.Tensor, int, int, float]]:
+        """``(param, key, threshold, scale)`` of every parameter with a positive rate."""
+        out = []
+        for index, p in enumerate(self._all_params()):
+            rate = self._rate_of(p)
+            if not rate:
+                continue
+            threshold = F.drop_threshold(rate)
+            if threshold == 0:
+                continue
+            key = F.derive_key(self.seed, self._step_count_dropgrad, index)
+            out.append((p, key, threshold, F.keep_scale(threshold)))
+        return out
+
+    @staticmethod
+    def _check_grad(p: torch.Tensor) -> None:
+        grad = p.grad
+        assert grad is not None
+        if grad.is_sparse:
+            raise RuntimeError(
+                "DropGrad does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                "use dense gradients or leave that parameter without a rate"
+            )
+        if not grad.is_floating_point():
+            raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
+
+    def _mask(self, targets: list[tuple[torch.Tensor, int, int, float]]) -> None:
+        live = [t for t in targets if t[0].grad is not None]
+        for p, *_ in live:
+            self._check_grad(p)
+        F.mask_(
+            [p.grad for p, *_ in live],  # type: ignore[misc]
+            [t[1] for t in live],
+            [t[2] for t in live],
+            [t[3] for t in live],
+        )
+
+    def _snapshot_dropped(
+        self, targets: list[tuple[torch.Tensor, int, int, float]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+        saved = []
+        for p, key, threshold, _ in targets:
+            dropped = ~F.keep_mask(p.numel(), key, threshold, p.device).view_as(p)
+            saved.append((p, p.detach().masked_select(dropped), key, threshold))
+        return saved
+
+    @staticmethod
+    def _restore_dropped(saved: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
+        for p, values, key, threshold in saved:
+            dropped = ~F.keep_mask(p.numel(), key, threshold, p.device).view_as(p)
+            p.detach().masked_scatter_(dropped, values)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Mask the gradients, then take the inner optimizer's step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; its gradients are masked
+                (with this step's mask) each time the inner optimizer calls it.
+        """
+        targets = self._targets()
+        saved = []
+        if self.full_update_drop and targets:
+            with torch.no_grad():
+                # Without a closure only parameters that have a gradient can move.
+                live = [t for t in targets if closure is not None or t[0].grad is not None]
+                saved = self._snapshot_dropped(live)
+        if closure is None:
+            with torch.no_grad():
+                self._mask(targets)
+            loss = self.optimizer.step()
+        else:
+
+            def masked_closure() -> Any:
+                loss = closure()
+                with torch.no_grad():
+                    self._mask(targets)
+                return loss
+
+            loss = self.optimizer.step(masked_closure)
+        if saved:
+            with torch.no_grad():
+                self._restore_dropped(saved)
+        self._step_count_dropgrad += 1
+        if self.drop_rate_scheduler is not None:
+            self.drop_rate_scheduler.step()
+        return loss
+
+    # -- pass-through ----------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; its parameters get the default rate."""
+        self.optimizer.add_param_group(param_group)
+        for name, p in zip(param_group.get("param_names", ()), param_group["params"]):
+            self._names.setdefault(p, name)
+
+    def train(self) -> None:
+        """Call the inner optimizer's ``train()`` where it has one (schedule-free optimizers)."""
+        fn = getattr(self.optimizer, "train", None)
+        if callable(fn):
+            fn()
+
+    def eval(self) -> None:
+        """Call the inner optimizer's ``eval()`` where it has one (schedule-free optimizers)."""
+        fn = getattr(self.optimizer, "eval", None)
+        if callable(fn):
+            fn()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus a ``"dropgrad"`` entry with DropGrad's own.
+
+        Only plain numbers and dicts are added, so ``torch.load(weights_only=True)`` loads it.
+        """
+        state = self.optimizer.state_dict()
+        sched = self.drop_rate_scheduler
+        state[_STATE_KEY] = {
+            "version": _STATE_VERSION,
+            "step": self._step_count_dropgrad,
+            "seed": self.seed,
+            "scheduler": None if sched is None else sched.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` or a plain inner-optimizer state dict."""
+        state = dict(state_dict)
+        own = state.pop(_STATE_KEY, None)
+        self.optimizer.load_state_dict(state)
+        if own is None:
+            return
+        self._step_count_dropgrad = int(own["step"])
+        self.seed = int(own["seed"])
+        if own.get("scheduler") is not None and self.drop_rate_scheduler is not None:
+            self.drop_rate_scheduler.load_state_dict(own["scheduler"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        rates = sorted({r for r in (self._rate_of(p) for p in self._all_params()) if r is not None})
+        shown = ", ".join(f"{r:g}" for r in rates[:6]) + (", ..." if len(rates) > 6 else "")
+        return (
+            f"DropGrad(rates=[{shown}], full_update_drop={self.full_update_drop}, "
+            f"step={self._step_count_dropgrad},\n  {self.optimizer!r})"
+        )
+
+
+def get_dropgrad(obj: Any) -> DropGrad | None:
+    """Find the :class:`DropGrad` inside ``obj``.
+
+    ``obj`` may be a ``DropGrad``, a ``Trainer`` (its ``.optimizer``), Accelerate's
+    ``AcceleratedOptimizer`` or any chain of wrappers exposing ``.optimizer``.
+    Returns ``None`` when there is none.
+    """
+    seen: set[int] = set()
+    while obj is not None and id(obj) not in seen:
+        if isinstance(obj, DropGrad):
+            return obj
+        seen.add(id(obj))
+        obj = getattr(obj, "optimizer", None)
+    return None
+
+
