@@ -181,6 +181,20 @@ class DropGrad(Optimizer):
         """Optimizer steps taken so far (the step part of the masks' key)."""
         return self._step_count_dropgrad
 
+    def set_step(self, step: int) -> None:
+        """Make the next :meth:`step` be optimizer step number ``step`` (0-based).
+
+        Sets the step part of the masks' key and the scheduler's position. Integrations
+        that own the step counter call this before every step: the Trainer layer passes
+        ``state.global_step``, so masks and schedule follow the Trainer's step even when
+        a run resumes from a checkpoint whose optimizer state was saved without DropGrad.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._step_count_dropgrad = step
+        if self.drop_rate_scheduler is not None:
+            self.drop_rate_scheduler.last_step = step
+
     # -- rates ---------------------------------------------------------------------------------
 
     def _all_params(self) -> Iterator[torch.Tensor]:
@@ -282,6 +296,20 @@ class DropGrad(Optimizer):
             rate = self._rate_of(p)
             if rate is not None:
                 out[self._names.get(p, index)] = rate
+        return out
+
+    def rate_groups(self) -> dict[str, float]:
+        """Current rate by where it came from: ``{"default": r}`` for ``drop_rate``, the pattern
+        for name-pattern rates, ``"params"`` for ``{parameter: rate}`` entries (their largest
+        rate). What the Trainer layer logs.
+        """
+        out: dict[str, float] = {}
+        for p in self._all_params():
+            rate = self._rate_of(p)
+            if rate is None:
+                continue
+            label = self._patterns.get(p) or ("params" if p in self._rates else "default")
+            out[label] = max(rate, out.get(label, 0.0))
         return out
 
     def describe(self) -> str:

@@ -1,0 +1,322 @@
+"""The Transformers layer: DropGradTrainer, DropGradSeq2SeqTrainer, DropGradCallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_dropgrad import (  # noqa: E402
+    DropGrad,
+    DropGradCallback,
+    DropGradSeq2SeqTrainer,
+    DropGradSeq2SeqTrainingArguments,
+    DropGradTrainer,
+    DropGradTrainingArguments,
+    get_dropgrad,
+)
+from hf_dropgrad import functional as F  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.1,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def seq2seq_data(n: int = 32) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (n,), generator=g)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for length in lengths.tolist():
+        ids = torch.randint(3, 60, (length,), generator=g).tolist()
+        rows["input_ids"].append(ids + [0] * (8 - length))
+        rows["attention_mask"].append([1] * length + [0] * (8 - length))
+        rows["labels"].append(ids[::-1] + [-100] * (8 - length))
+    return datasets.Dataset.from_dict(rows)
+
+
+def classification_data(n: int = 32) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 60, (n, 8), generator=g)
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "labels": (ids[:, 0] % 3).tolist()}
+    )
+
+
+def common(tmp_path: Path, **kw) -> dict:
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=2, report_to="none", use_cpu=True, save_strategy="no", seed=7,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return base
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_seq2seq_with_module_rates_logs_rates_and_prints_the_table(tmp_path, capsys) -> None:
+    args = DropGradSeq2SeqTrainingArguments(
+        **common(tmp_path, max_steps=4), dropgrad_module_rates="encoder=0.1,decoder=0.2"
+    )
+    trainer = DropGradSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "DropGrad rates" in out and "encoder" in out and "decoder" in out
+    dropgrad = get_dropgrad(trainer)
+    assert isinstance(dropgrad, DropGrad) and dropgrad.step_count == 4
+    rates = dropgrad.current_rates()
+    for name, rate in rates.items():
+        if name.startswith("decoder."):
+            assert rate == 0.2, name
+        elif name.startswith("encoder."):
+            assert rate == 0.1, name
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(train_logs) == 2
+    for entry in train_logs:
+        assert entry["dropgrad_rate/encoder"] == 0.1
+        assert entry["dropgrad_rate/decoder"] == 0.2
+
+
+def test_schedule_length_defaults_to_the_run_and_is_logged(tmp_path) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=4, logging_steps=1),
+        dropgrad_rate=0.4, dropgrad_scheduler="linear", dropgrad_final_rate=0.0,
+    )
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    )
+    trainer.train()
+    logged = [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e]
+    # logs are written after step k, so they show the rate of the next step
+    assert logged == pytest.approx([0.3, 0.2, 0.1, 0.0])
+    assert get_dropgrad(trainer).drop_rate_scheduler.num_steps == 4
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("use_callback", [False, True])
+def test_resume_is_bit_identical(tmp_path, use_callback: bool) -> None:
+    settings = dict(dropgrad_rate=0.3, dropgrad_scheduler="cosine", dropgrad_final_rate=0.05)
+
+    def make(out: Path, callbacks=()) -> Trainer:
+        kw = common(out, max_steps=6, logging_steps=1, save_strategy="steps", save_steps=100)
+        if use_callback:
+            trainer = Trainer(
+                model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data(),
+                callbacks=list(callbacks),
+            )
+            trainer.add_callback(DropGradCallback(
+                drop_rate=0.3, scheduler="cosine", final_rate=0.05
+            ))
+            return trainer
+        args = DropGradTrainingArguments(**kw, **settings)
+        return DropGradTrainer(
+            model=tiny_t5(), args=args, train_dataset=seq2seq_data(), callbacks=list(callbacks)
+        )
+
+    full = make(tmp_path / "full")
+    full.train()
+    half = make(tmp_path / "half", callbacks=[StopAt(3)])
+    half.train()
+    assert half.state.global_step == 3
+    resumed = make(tmp_path / "half")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-3"))
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    losses = lambda t: [(e["step"], e["loss"], e["dropgrad_rate"]) for e in t.state.log_history
+                        if "loss" in e]
+    assert losses(resumed)[-3:] == losses(full)[-3:]
+    # the checkpoint is plain data: what Trainer loads with weights_only=True
+    state = torch.load(tmp_path / "half" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert state["dropgrad"]["step"] == 3
+
+
+class CustomLossTrainer(Trainer):
+    """A user's Trainer subclass the package does not know."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss * 1.0
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
+    kw = common(tmp_path, max_steps=3)
+    ref = DropGradTrainer(
+        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data(),
+        dropgrad_module_rates={"encoder": 0.3, "decoder": 0.5},
+    )
+    ref.train()
+    custom = CustomLossTrainer(
+        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
+    )
+    callback = DropGradCallback(module_rates="encoder=0.3,decoder=0.5")
+    custom.add_callback(callback)
+    custom.train()
+    assert custom.callback_handler.callbacks[0] is callback  # runs before the reporters
+    assert callback.dropgrad is get_dropgrad(custom)
+    assert any("dropgrad_rate/decoder" in e for e in custom.state.log_history)
+    for a, b in zip(ref.model.parameters(), custom.model.parameters()):
+        assert torch.equal(a, b)
+    plain = CustomLossTrainer(
+        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
+    )
+    plain.train()
+    assert not all(
+        torch.equal(a, b) for a, b in zip(plain.model.parameters(), custom.model.parameters())
+    )
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
+def test_wraps_the_optimizer_the_trainer_builds(tmp_path, optim: str) -> None:
+    kw = common(tmp_path, max_steps=2, optim=optim)
+    args = DropGradTrainingArguments(**kw, dropgrad_rate=0.2)
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    )
+    trainer.train()
+    dropgrad = get_dropgrad(trainer)
+    assert dropgrad.step_count == 2
+    expected = {"sgd": "SGD", "adafactor": "Adafactor"}.get(optim, "AdamW")
+    assert type(dropgrad.optimizer).__name__ == expected
+    assert all(r == 0.2 for r in dropgrad.current_rates().values())
+
+
+def test_wraps_an_optimizer_passed_through_optimizers(tmp_path) -> None:
+    model = tiny_bert_classifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    trainer = DropGradTrainer(
+        model=model, args=TrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(), optimizers=(opt, sched), dropgrad_rate=0.1,
+    )
+    trainer.train()
+    assert get_dropgrad(trainer).optimizer is opt
+
+
+def test_one_mask_per_optimizer_step_over_the_accumulated_gradient(tmp_path) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=3, gradient_accumulation_steps=2, max_grad_norm=0.05),
+        dropgrad_rate=0.5, optim="sgd",
+    )
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data(64)
+    )
+    seen: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            dropgrad = get_dropgrad(optimizer)
+            params = [p for g in dropgrad.param_groups for p in g["params"]]
+            before: list[torch.Tensor] = []
+            dropgrad.register_step_pre_hook(
+                lambda *a: before.__setitem__(slice(None), [p.grad.clone() for p in params])
+            )
+            dropgrad.optimizer.register_step_pre_hook(
+                lambda *a: seen.append((dropgrad.step_count, list(before),
+                                        [p.grad.clone() for p in params]))
+            )
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert [s[0] for s in seen] == [0, 1, 2]  # one masking per optimizer step
+    t = F.drop_threshold(0.5)
+    for step, accumulated, masked in seen:
+        # clipping ran before the mask: the unmasked accumulated gradient has norm <= 0.05
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in accumulated]))
+        assert norm <= 0.05 + 1e-6
+        for index, (g, m) in enumerate(zip(accumulated, masked)):
+            expected = g.clone()
+            F.mask_reference_(expected, F.derive_key(7, step, index), t, F.keep_scale(t))
+            assert torch.equal(expected, m)
+
+
+def test_peft_lora_only_trainable_parameters_get_masks(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_t5(), peft.LoraConfig(r=2, target_modules=["q", "v"], lora_alpha=4)
+    )
+    args = DropGradSeq2SeqTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_module_rates="encoder=0.1,decoder=0.2"
+    )
+    trainer = DropGradSeq2SeqTrainer(model=model, args=args, train_dataset=seq2seq_data())
+    trainer.train()
+    rates = get_dropgrad(trainer).current_rates()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(rates) == trainable and rates
+    for name, rate in rates.items():
+        assert "lora_" in name and name.startswith("base_model.model.")
+        assert rate == (0.1 if ".encoder." in name else 0.2)
+
+
+def test_bad_settings_fail_before_training(tmp_path) -> None:
+    args = DropGradSeq2SeqTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_module_rates="encodr=0.1"
+    )
+    with pytest.raises(ValueError, match="dropgrad_module_rates") as info:
+        DropGradSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
+    assert "encoder" in str(info.value)  # the closest real name is suggested
+    with pytest.raises(ValueError, match="drop_rate"):
+        DropGradCallback(drop_rate=1.5)
+    with pytest.raises(ValueError, match="drop_rate must be a number in"):
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
+            dropgrad_rate="high",
+        )
+
+
+def test_checkpoint_and_arguments_are_saved(tmp_path) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        dropgrad_module_rates="bert=0.1",
+    )
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    )
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["log_history"][0]["dropgrad_rate/bert"] == 0.1
+    saved = torch.load(ckpt / "training_args.bin", weights_only=False)
+    assert saved.dropgrad_module_rates == {"bert": 0.1}
