@@ -112,6 +112,7 @@ _BUILDERS: dict[str, Callable[[], nn.Module]] = {
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
+    """A cache of the tiny models, each built on first use (keeps the run light)."""
     torch.manual_seed(0)
     return {}
 
@@ -269,86 +270,64 @@ def test_t5_result_keys_are_tensors_with_canonical_names(models: dict[str, nn.Mo
 
 
 @pytest.mark.parametrize(
-    ("model_key", "patterns", "tied", "expected"),
+    ("model_key", "patterns", "expected"),
     [
         # T5: shared.weight = encoder/decoder.embed_tokens.weight = lm_head.weight.
-        ("t5", {"encoder": 0.1, "decoder": 0.2}, "shared", (0.1, "shared.weight", "encoder")),
-        ("t5", {"decoder": 0.2, "encoder": 0.1}, "shared", (0.1, "shared.weight", "encoder")),
-        (
-            "t5",
-            {"shared": 0.0, "encoder": 0.1, "decoder": 0.2},
-            "shared",
-            (0.0, "shared.weight", "shared"),
-        ),
-        ("t5", {"decoder.embed_tokens": 0.3}, "shared", (0.3, "shared.weight", "decoder.embed_tokens")),
+        ("t5", {"encoder": 0.1, "decoder": 0.2}, (0.1, "shared.weight", "encoder")),
+        ("t5", {"decoder": 0.2, "encoder": 0.1}, (0.1, "shared.weight", "encoder")),
+        ("t5", {"shared": 0.0, "encoder": 0.1, "decoder": 0.2}, (0.0, "shared.weight", "shared")),
+        ("t5", {"decoder.embed_tokens": 0.3}, (0.3, "shared.weight", "decoder.embed_tokens")),
         (
             "t5",
             {"encoder": 0.1, "decoder.embed_tokens": 0.3},
-            "shared",
             (0.3, "shared.weight", "decoder.embed_tokens"),
         ),
-        ("t5", {"lm_head": 0.4}, "shared", (0.4, "shared.weight", "lm_head")),
-        ("t5", {"decoder": 0.2, "lm_head": 0.5}, "shared", (0.5, "shared.weight", "lm_head")),
+        ("t5", {"lm_head": 0.4}, (0.4, "shared.weight", "lm_head")),
+        # Same depth (0): the first alias decides (decoder.embed_tokens comes before lm_head).
+        ("t5", {"lm_head": 0.5, "decoder": 0.2}, (0.2, "shared.weight", "decoder")),
         # Two aliases with equally specific patterns: the first alias (encoder.*) decides,
         # whatever the mapping order.
         (
             "t5",
             {"encoder.embed_tokens": 0.1, "decoder.embed_tokens": 0.2},
-            "shared",
             (0.1, "shared.weight", "encoder.embed_tokens"),
         ),
         (
             "t5",
             {"decoder.embed_tokens": 0.2, "encoder.embed_tokens": 0.1},
-            "shared",
             (0.1, "shared.weight", "encoder.embed_tokens"),
         ),
-        (
-            "t5",
-            {".*decoder.*": 0.2, ".*encoder.*": 0.1},
-            "shared",
-            (0.1, "shared.weight", ".*encoder.*"),
-        ),
+        ("t5", {".*decoder.*": 0.2, ".*encoder.*": 0.1}, (0.1, "shared.weight", ".*encoder.*")),
         # A regex on one alias beats a plain name on another.
-        (
-            "t5",
-            {"shared": 0.0, r"lm_head\..*": 0.7},
-            "shared",
-            (0.7, "shared.weight", r"lm_head\..*"),
-        ),
+        ("t5", {"shared": 0.0, r"lm_head\..*": 0.7}, (0.7, "shared.weight", r"lm_head\..*")),
         # BART: model.shared.weight = model.encoder/decoder.embed_tokens.weight = lm_head.weight.
-        ("bart", {"encoder": 0.1, "decoder": 0.2}, "bart", (0.1, "model.shared.weight", "encoder")),
+        ("bart", {"encoder": 0.1, "decoder": 0.2}, (0.1, "model.shared.weight", "encoder")),
         (
             "bart",
             {"model.shared": 0.0, "encoder": 0.1, "decoder": 0.2},
-            "bart",
             (0.0, "model.shared.weight", "model.shared"),
         ),
-        ("bart", {"lm_head": 0.4}, "bart", (0.4, "model.shared.weight", "lm_head")),
+        ("bart", {"lm_head": 0.4}, (0.4, "model.shared.weight", "lm_head")),
         (
             "bart",
             {"decoder.embed_tokens": 0.3},
-            "bart",
             (0.3, "model.shared.weight", "decoder.embed_tokens"),
         ),
         # bert2bert: the decoder's word embeddings are tied to its LM head (cls...decoder).
         (
             "bert2bert",
             {"decoder": 0.2, "cls": 0.3},
-            "bert2bert",
             (0.3, "decoder.bert.embeddings.word_embeddings.weight", "cls"),
         ),
         (
             "bert2bert",
             {"decoder": 0.2},
-            "bert2bert",
             (0.2, "decoder.bert.embeddings.word_embeddings.weight", "decoder"),
         ),
         # LoRA: the frozen tied embedding is still resolved (the optimizer ignores it).
         (
             "lora_t5",
             {"encoder": 0.1, "decoder": 0.2},
-            "lora_shared",
             (0.1, "base_model.model.shared.weight", "encoder"),
         ),
     ],
@@ -357,16 +336,9 @@ def test_tied_parameters_get_one_rate(
     models: dict[str, nn.Module],
     model_key: str,
     patterns: dict[str, float],
-    tied: str,
     expected: tuple[float, str, str],
 ) -> None:
-    model = _model(models, model_key)
-    tensor = {
-        "shared": lambda: model.shared.weight,
-        "bart": lambda: model.model.shared.weight,
-        "bert2bert": lambda: model.decoder.bert.embeddings.word_embeddings.weight,
-        "lora_shared": lambda: model.base_model.model.shared.weight,
-    }[tied]()
+    tensor = _model(models, model_key).get_parameter(expected[1])  # the canonical name
     named = _named(models, model_key)
     aliases = [name for name, p in named if p is tensor]
     assert len(aliases) >= 2  # really tied
@@ -397,7 +369,9 @@ _LORA_TIED = {
 }
 
 
-def _by_prefix(*pairs: tuple[str, float], tied: set[str] = frozenset(), tied_rate=None):  # noqa: ANN001, ANN202
+def _by_prefix(
+    *pairs: tuple[str, float], tied: frozenset[str] | set[str] = frozenset(), tied_rate: float = 0.0
+) -> Callable[[str], float | None]:
     """Expected rate: ``tied_rate`` for the tied names, else that of the first matching prefix."""
 
     def expected(name: str) -> float | None:
@@ -408,26 +382,51 @@ def _by_prefix(*pairs: tuple[str, float], tied: set[str] = frozenset(), tied_rat
     return expected
 
 
+_T5_TIED = {
+    "shared.weight",
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "lm_head.weight",
+}
+
+
+def _t5_three_way(name: str) -> float | None:
+    """``{"SelfAttention": 0.1, "q": 0.3, "encoder": 0.05}``: depth 5 > 4 > 0."""
+    if name.endswith(".q.weight"):  # SelfAttention.q and EncDecAttention.q
+        return 0.3
+    if ".SelfAttention." in name:
+        return 0.1
+    if name.startswith("encoder.") or name in _T5_TIED:
+        return 0.05
+    return None
+
+
 PER_NAME_CASES = [
     # --- BART -------------------------------------------------------------------------------
     pytest.param(
         "bart",
         {"encoder": 0.1, "decoder": 0.2},
-        _by_prefix(("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.1),
+        _by_prefix(
+            ("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.1
+        ),
         id="bart-enc-dec",
     ),
     pytest.param(
         "bart",
         {"model.shared": 0.0, "encoder": 0.1, "decoder": 0.2},
-        _by_prefix(("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.0),
+        _by_prefix(
+            ("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.0
+        ),
         id="bart-shared-override",
     ),
     pytest.param(
         "bart",
         {"decoder": 0.2, r".*_proj\.bias": 0.0},
-        lambda n: 0.0
-        if n.endswith("_proj.bias")
-        else (0.2 if n.startswith("model.decoder.") or n in _BART_TIED else None),
+        lambda n: (
+            0.0
+            if n.endswith("_proj.bias")
+            else (0.2 if n.startswith("model.decoder.") or n in _BART_TIED else None)
+        ),
         id="bart-regex-beats-plain",
     ),
     pytest.param(
@@ -439,9 +438,13 @@ PER_NAME_CASES = [
     pytest.param(
         "bart",
         {"encoder": 0.1, "decoder": 0.2, "layers.0.fc1": 0.5},
-        lambda n: 0.5
-        if ".layers.0.fc1." in n
-        else _by_prefix(("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.1)(n),
+        lambda n: (
+            0.5
+            if ".layers.0.fc1." in n
+            else _by_prefix(
+                ("model.encoder.", 0.1), ("model.decoder.", 0.2), tied=_BART_TIED, tied_rate=0.1
+            )(n)
+        ),
         id="bart-more-components",
     ),
     # --- bert2bert: the decoder contains a submodule named ``encoder`` -----------------------
@@ -502,35 +505,35 @@ PER_NAME_CASES = [
     pytest.param(
         "lora_t5",
         {"encoder": 0.1, ".*lora_B.*": 0.5},
-        lambda n: 0.5
-        if ".lora_B." in n
-        else (0.1 if n.startswith("base_model.model.encoder.") or n in _LORA_TIED else None),
+        lambda n: (
+            0.5
+            if ".lora_B." in n
+            else (0.1 if n.startswith("base_model.model.encoder.") or n in _LORA_TIED else None)
+        ),
         id="lora-regex-beats-plain",
     ),
     pytest.param(
+        # 3 components beat 2: the full PEFT path outranks SelfAttention.q inside the decoder.
         "lora_t5",
         {"base_model.model.decoder": 0.2, "SelfAttention.q": 0.3},
-        lambda n: 0.3
-        if ".SelfAttention.q." in n
-        else (0.2 if n.startswith("base_model.model.decoder.") or n in _LORA_TIED else None),
+        lambda n: (
+            0.2
+            if n.startswith("base_model.model.decoder.") or n in _LORA_TIED
+            else (0.3 if ".SelfAttention.q." in n else None)
+        ),
         id="lora-full-prefix",
     ),
-    # --- T5 equal counts: ``block`` and ``layer`` match the same tensors; nearer root wins --
+    # --- T5: equal components, the name living deeper in the model wins ---------------------
     pytest.param(
         "t5",
-        {"layer": 0.2, "block": 0.1},
-        lambda n: 0.1 if ".block." in n else None,
-        id="t5-count-tie-nearer-root",
+        {"block": 0.1, "layer": 0.2},
+        lambda n: 0.2 if ".block." in n else None,
+        id="t5-deeper-name-wins",
     ),
     pytest.param(
         "t5",
         {"SelfAttention": 0.1, "q": 0.3, "encoder": 0.05},
-        lambda n: 0.3
-        if n.endswith("SelfAttention.q.weight")
-        else (0.1 if ".SelfAttention." in n else (0.05 if n.startswith("encoder.") else None))
-        if n not in {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-                     "lm_head.weight"}
-        else 0.05,
+        _t5_three_way,
         id="t5-three-way",
     ),
     # --- plain torch: component boundaries ---------------------------------------------------
@@ -546,9 +549,7 @@ PER_NAME_CASES = [
         _by_prefix(("encoder.block.0.", 0.3)),
         id="toy-block0-not-block01",
     ),
-    pytest.param(
-        "toy", {"block.0": 0.3}, _by_prefix(("encoder.block.0.", 0.3)), id="toy-mid-name"
-    ),
+    pytest.param("toy", {"block.0": 0.3}, _by_prefix(("encoder.block.0.", 0.3)), id="toy-mid-name"),
     pytest.param(
         "toy",
         {"scale": 0.5, "bias": 0.0},
@@ -558,25 +559,44 @@ PER_NAME_CASES = [
     pytest.param(
         "toy",
         {"encoder": 0.1, "encoder.block.1.weight": 0.9},
-        lambda n: 0.9
-        if n in {"encoder.block.1.weight", "head.weight"}
-        else (0.1 if n.startswith(("encoder.", "model.encoder.")) else None),
+        lambda n: (
+            0.9
+            if n in {"encoder.block.1.weight", "head.weight"}
+            else (0.1 if n.startswith(("encoder.", "model.encoder.")) else None)
+        ),
         id="toy-exact-parameter",
     ),
     pytest.param(
+        # encoder.block.1.weight is head.weight; both names live at depth 0: the first alias.
         "toy",
-        {"encoder": 0.1, "head": 0.7},
-        lambda n: 0.7
-        if n in {"encoder.block.1.weight", "head.weight", "head.bias"}
-        else (0.1 if n.startswith(("encoder.", "model.encoder.")) else None),
-        id="toy-tied-narrower-alias",
+        {"head": 0.7, "encoder": 0.1},
+        lambda n: (
+            0.7
+            if n == "head.bias"
+            else (0.1 if n.startswith(("encoder.", "model.encoder.", "head.weight")) else None)
+        ),
+        id="toy-tied-first-alias",
+    ),
+    pytest.param(
+        # model.encoder: ``encoder`` also lives at depth 0, so the enclosing ``model`` wins.
+        "toy",
+        {"encoder": 0.1, "model": 0.2},
+        lambda n: (
+            0.2
+            if n.startswith("model.")
+            else (0.1 if n.startswith(("encoder.", "head.weight")) else None)
+        ),
+        id="toy-equal-depth-nearer-root",
     ),
     pytest.param(
         "toy",
         {"encoder": 0.1, r"encoder\.block\.0.*": 0.2},
-        lambda n: 0.2
-        if n.startswith(("encoder.block.0.", "encoder.block.01."))  # a regex is not component-wise
-        else (0.1 if n.startswith(("encoder.", "model.encoder.", "head.weight")) else None),
+        # A regex is not component-wise: encoder.block.01 matches too.
+        lambda n: (
+            0.2
+            if n.startswith(("encoder.block.0.", "encoder.block.01."))
+            else (0.1 if n.startswith(("encoder.", "model.encoder.", "head.weight")) else None)
+        ),
         id="toy-regex-no-boundaries",
     ),
 ]
@@ -640,7 +660,13 @@ def test_empty_patterns_and_generator_input(models: dict[str, nn.Module]) -> Non
 
 ERROR_CASES = [
     # (model, patterns, argument, exception, substrings the message must contain)
-    ("t5", {"encodr": 0.1}, "params", ValueError, ["params", "'encodr'", "'encoder'", "plain name"]),
+    (
+        "t5",
+        {"encodr": 0.1},
+        "params",
+        ValueError,
+        ["params", "'encodr'", "'encoder'", "plain name"],
+    ),
     (
         "t5",
         {"SelfAtention": 0.1},
@@ -648,7 +674,13 @@ ERROR_CASES = [
         ValueError,
         ["dropgrad_module_rates", "'SelfAtention'", "'SelfAttention'"],
     ),
-    ("t5", {".*SelfAtention.*": 0.1}, "params", ValueError, ["'.*SelfAtention.*'", "'SelfAttention'"]),
+    (
+        "t5",
+        {".*SelfAtention.*": 0.1},
+        "params",
+        ValueError,
+        ["'.*SelfAtention.*'", "'SelfAttention'"],
+    ),
     (
         "t5",
         {".*SelfAttention": 0.1},
@@ -673,7 +705,13 @@ ERROR_CASES = [
         ValueError,
         ["2 patterns", "'encodr'", "'decodr'", "'encoder'", "'decoder'"],
     ),
-    ("toy", {"encoder.block.00": 0.1}, "params", ValueError, ["'encoder.block.00'", "'encoder.block.0'"]),
+    (
+        "toy",
+        {"encoder.block.00": 0.1},
+        "params",
+        ValueError,
+        ["'encoder.block.00'", "'encoder.block.0'"],
+    ),
     ("toy", {"pre_encode": 0.1}, "params", ValueError, ["'pre_encode'", "'pre_encoder'"]),
     ("lora_t5", {"encodr": 0.1}, "params", ValueError, ["'encodr'", "'encoder'"]),
     ("lora_t5", {"lora_a": 0.1}, "params", ValueError, ["'lora_a'", "'lora_A'"]),
@@ -729,7 +767,13 @@ ERROR_CASES = [
     ("t5", {"encoder.": 0.1}, "params", ValueError, ["params", "'encoder.'", "empty"]),
     ("t5", {"": 0.1}, "params", ValueError, ["params", "empty pattern"]),
     ("t5", {3: 0.1}, "params", TypeError, ["params", "str", "int"]),
-    ("t5", {("encoder",): 0.1}, "dropgrad_module_rates", TypeError, ["dropgrad_module_rates", "tuple"]),
+    (
+        "t5",
+        {("encoder",): 0.1},
+        "dropgrad_module_rates",
+        TypeError,
+        ["dropgrad_module_rates", "tuple"],
+    ),
 ]
 
 
@@ -753,7 +797,9 @@ def test_error_messages(
 
 def test_parameter_key_is_a_type_error_without_tensor_dump(models: dict[str, nn.Module]) -> None:
     t5 = _model(models, "t5")
-    with pytest.raises(TypeError, match=r"^params: pattern keys must be str, got Parameter") as info:
+    with pytest.raises(
+        TypeError, match=r"^params: pattern keys must be str, got Parameter"
+    ) as info:
         resolve_pattern_rates(_named(models, "t5"), {t5.shared.weight: 0.1})
     assert "tensor(" not in str(info.value)
 
