@@ -424,3 +424,57 @@ def test_drop_in_for_the_dropgrad_package_usage() -> None:
     sched = LinearDropRateScheduler(0.1, 0.0, 100)
     opt = DropGrad(torch.optim.Adam(params, lr=1e-3), drop_rate_scheduler=sched)
     assert sched.get_drop_rate() == 0.1 and opt.drop_rate == 0.1
+
+
+def _tiny_t5():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+    )
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def test_readme_module_rates_example_runs_as_written() -> None:
+    model = _tiny_t5()
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    optimizer = DropGrad(optimizer, params={"encoder": 0.1, "decoder": 0.2})
+    rates = optimizer.current_rates()
+    # param_names hold each tensor once: the tied embedding is only "shared.weight", which
+    # neither pattern names, so it is left alone (model= would let its aliases count).
+    assert set(rates) == {n for n, _ in model.named_parameters()} - {"shared.weight"}
+    for name, rate in rates.items():
+        assert rate == (0.2 if name.startswith("decoder.") else 0.1), name
+    with_model = DropGrad(
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        params={"encoder": 0.1, "decoder": 0.2},
+        model=model,
+    )
+    assert with_model.current_rates() == {**rates, "shared.weight": 0.1}
+    ids = torch.randint(1, 64, (2, 5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    dec = model.decoder.block[0].layer[0].SelfAttention.q.weight.grad
+    enc = model.encoder.block[0].layer[0].SelfAttention.q.weight.grad
+    assert 0.05 < (dec == 0).float().mean().item() and (enc == 0).float().mean().item() < 0.2
+
+
+def test_patterns_with_model_reach_tied_aliases_and_explain_missing_names() -> None:
+    model = _tiny_t5()
+    opt = DropGrad(
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        params={"decoder.embed_tokens": 0.3, model.lm_head.weight: 0.3},
+        model=model,
+    )
+    assert opt.current_rates() == {"shared.weight": 0.3}
+    assert "shared.weight" in opt.describe()
+    with pytest.raises(ValueError, match="pass model=<your model>"):
+        DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-3), params={"encoder": 0.1})
+    with pytest.raises(ValueError, match="encodr") as info:
+        DropGrad(
+            torch.optim.AdamW(model.named_parameters(), lr=1e-3), params={"encodr": 0.1}
+        )
+    assert "encoder" in str(info.value)
+    with pytest.raises(ValueError, match=r"params\['encoder'\] must be in \[0, 1\]"):
+        DropGrad(torch.optim.AdamW(model.named_parameters(), lr=1e-3), params={"encoder": 3})
