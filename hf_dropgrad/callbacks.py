@@ -74,6 +74,14 @@ def install_dropgrad(
     # the outermost one) working: they reach param_groups and step() through it.
     dropgrad = DropGrad(parent.optimizer, model=model, **kwargs)
     parent.optimizer = dropgrad
+    if hasattr(parent, "_optimizer_patched_step_method"):
+        # Under fp16, AcceleratedOptimizer swaps in a step method it captured from the old
+        # optimizer when it was built; without re-capturing, GradScaler would call the
+        # inner optimizer's step and skip the masks.
+        from accelerate.optimizer import patch_optimizer_step
+
+        parent._optimizer_original_step_method = dropgrad.step
+        parent._optimizer_patched_step_method = patch_optimizer_step(parent, dropgrad.step)
     return dropgrad
 
 

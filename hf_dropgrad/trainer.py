@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Seq2SeqTrainer, Trainer
 
-from hf_dropgrad.callbacks import DropGradCallback
+from hf_dropgrad.callbacks import DropGradCallback, install_dropgrad
 from hf_dropgrad.training_args import _ARG_NAMES
 
 __all__ = ["DropGradSeq2SeqTrainer", "DropGradTrainer"]
@@ -28,6 +29,21 @@ class _DropGradMixin:
         self.dropgrad_callback = DropGradCallback(**settings)
         self.dropgrad_callback.validate(self.model, self.args)  # bad patterns fail here
         self.callback_handler.callbacks.insert(0, self.dropgrad_callback)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """Build the optimizer as `Trainer` does, then wrap it in a [`DropGrad`].
+
+        Wrapping here, before `accelerator.prepare`, lets Accelerate see the `DropGrad`;
+        `state.max_steps` is already the run's total number of optimizer steps.
+        """
+        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        if isinstance(optimizer, torch.optim.Optimizer):  # not DeepSpeed's DummyOptim
+            config = self.dropgrad_callback.config(self.args)  # type: ignore[attr-defined]
+            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            steps = self.state.max_steps or None  # type: ignore[attr-defined]
+            optimizer = install_dropgrad(optimizer, opt_model, config, steps)
+            self.optimizer = optimizer
+        return optimizer
 
 
 class DropGradTrainer(_DropGradMixin, Trainer):

@@ -320,3 +320,29 @@ def test_checkpoint_and_arguments_are_saved(tmp_path) -> None:
     assert state["log_history"][0]["dropgrad_rate/bert"] == 0.1
     saved = torch.load(ckpt / "training_args.bin", weights_only=False)
     assert saved.dropgrad_module_rates == {"bert": 0.1}
+
+
+def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_masking() -> None:
+    """The callback path swaps DropGrad in after prepare: under fp16 Accelerate's captured
+    step method must be re-captured, or GradScaler would step the bare optimizer."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from hf_dropgrad.callbacks import install_dropgrad
+    from hf_dropgrad.training_args import DropGradConfig
+
+    Accelerator(cpu=True)
+    model = torch.nn.Linear(64, 64)
+    inner = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    dropgrad = install_dropgrad(accelerated, model, DropGradConfig(drop_rate=0.5, seed=0), 10)
+    assert accelerated.optimizer is dropgrad and dropgrad.optimizer is inner
+    scaler.scale(model(torch.ones(2, 64)).sum()).backward()
+    accelerated.step()
+    assert dropgrad.step_count == 1 and not accelerated.step_was_skipped
+    frac = (model.weight.grad == 0).float().mean().item()
+    assert 0.4 < frac < 0.6  # the masks were applied
+    model.weight.grad[0, 0] = float("inf")
+    accelerated.step()
+    assert accelerated.step_was_skipped and dropgrad.step_count == 1
