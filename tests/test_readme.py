@@ -1,0 +1,30 @@
+"""The README stays true: its flags table is generated from the dataclass help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_flags_table_is_up_to_date() -> None:
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_flags_table.py", "--check"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_flag_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for flag in [
+        "dropgrad_rate", "dropgrad_module_rates", "dropgrad_scheduler", "dropgrad_final_rate",
+        "dropgrad_scheduler_steps", "dropgrad_step_size", "dropgrad_gamma",
+        "dropgrad_full_update_drop", "dropgrad_seed",
+    ]:
+        assert f"`--{flag}`" in readme, flag
