@@ -33,7 +33,8 @@ def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> N
     in its config never calls ``create_optimizer``); FSDP shards gradients. In both the
     masks would not be those of a 1-process run, so they are refused with a clear error.
     """
-    distributed_type = str(getattr(getattr(accelerator, "state", None), "distributed_type", ""))
+    state = getattr(accelerator, "state", accelerator)  # an Accelerator or its AcceleratorState
+    distributed_type = str(getattr(state, "distributed_type", ""))
     if getattr(args, "deepspeed", None) or "DEEPSPEED" in distributed_type:
         raise ValueError(
             "DropGrad does not support DeepSpeed: ZeRO steps its own partitioned optimizer (and "

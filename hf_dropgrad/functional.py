@@ -179,7 +179,13 @@ def _kernel() -> Any:
 
 
 def _use_kernel(grad: torch.Tensor) -> bool:
-    return grad.device.type == "cpu" and grad.dtype in _FAST_DTYPES and grad.is_contiguous()
+    # Exact type: tensor subclasses (DTensor, ...) do not own plain contiguous CPU storage.
+    return (
+        type(grad) is torch.Tensor
+        and grad.device.type == "cpu"
+        and grad.dtype in _FAST_DTYPES
+        and grad.is_contiguous()
+    )
 
 
 def mask_(

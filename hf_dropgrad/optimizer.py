@@ -346,6 +346,12 @@ class DropGrad(Optimizer):
                 "DropGrad does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
                 "use dense gradients or leave that parameter without a rate"
             )
+        if type(grad).__name__ == "DTensor":
+            raise RuntimeError(
+                "DropGrad does not support sharded (DTensor) gradients (FSDP2, tensor "
+                "parallel): each process holds a shard, and masks drawn per shard would not be "
+                "those of the full parameter. Use DDP (accelerate launch --multi_gpu) instead."
+            )
         if not grad.is_floating_point():
             raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
 
@@ -385,6 +391,9 @@ class DropGrad(Optimizer):
         targets = self._targets()
         saved = []
         if self.full_update_drop and targets:
+            for p, *_ in targets:  # refuse bad gradients before touching parameters
+                if p.grad is not None:
+                    self._check_grad(p)
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
                 live = [t for t in targets if closure is not None or t[0].grad is not None]
