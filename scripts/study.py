@@ -1,0 +1,286 @@
+"""Multi-seed study: does DropGrad help low-resource fine-tuning on the flagship task?
+
+Trains the flagship example (bert2bert MiniLM on CMUdict grapheme-to-phoneme, offline) on a
+small training subset with and without DropGrad — several rates, encoder-only vs
+decoder-only vs both, with and without full update drop — over several seeds, and optionally
+the classification example. Every run is the unchanged example script in a subprocess; this
+script only chooses the flags, then collects `eval_results.json` and `trainer_state.json`.
+
+Writes into `--out` (default `docs/study`): `results.csv` / `results.json` (one row per run),
+`summary.md` (mean ± std per configuration), `metric_vs_rate.png` and `learning_curves.png`.
+Finished runs are reused, so an interrupted study resumes where it stopped.
+
+    python scripts/study.py                       # the documented study (~1 h on 2 cores)
+    python scripts/study.py --seeds 2 --max_steps 20 --out /tmp/study   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    """One arm of the study: a name, the DropGrad flags, and what to plot it against."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    rate: float = 0.0
+    where: str = "none"
+    full_update_drop: bool = False
+
+
+SEQ2SEQ_CONFIGS = [
+    Config("baseline"),
+    Config("both p=0.1", ("--dropgrad_module_rates", "encoder=0.1,decoder=0.1"), 0.1, "both"),
+    Config("both p=0.3", ("--dropgrad_module_rates", "encoder=0.3,decoder=0.3"), 0.3, "both"),
+    Config("both p=0.5", ("--dropgrad_module_rates", "encoder=0.5,decoder=0.5"), 0.5, "both"),
+    Config("encoder p=0.3", ("--dropgrad_module_rates", "encoder=0.3"), 0.3, "encoder"),
+    Config("decoder p=0.3", ("--dropgrad_module_rates", "decoder=0.3"), 0.3, "decoder"),
+    Config(
+        "both p=0.3 full",
+        ("--dropgrad_module_rates", "encoder=0.3,decoder=0.3", "--dropgrad_full_update_drop"),
+        0.3,
+        "both",
+        True,
+    ),
+]
+CLASSIFICATION_CONFIGS = [
+    Config("baseline"),
+    Config("all p=0.1", ("--dropgrad_rate", "0.1"), 0.1, "all"),
+    Config("all p=0.3", ("--dropgrad_rate", "0.3"), 0.3, "all"),
+]
+
+
+@dataclass
+class Task:
+    name: str
+    script: str
+    configs: list[Config]
+    metrics: tuple[str, ...]  # first one is the headline metric
+    lower_is_better: tuple[bool, ...]
+    extra: list[str] = field(default_factory=list)
+
+
+TASKS = {
+    "seq2seq": Task(
+        "seq2seq", "examples/run_seq2seq.py", SEQ2SEQ_CONFIGS,
+        ("eval_token_error_rate", "eval_exact_match", "eval_loss"), (True, False, True),
+    ),
+    "classification": Task(
+        "classification", "examples/run_classification.py", CLASSIFICATION_CONFIGS,
+        ("eval_accuracy", "eval_loss"), (False, True),
+    ),
+}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    """Train one (task, config, seed) in a subprocess, or reuse its finished results."""
+    run_dir = out / "runs" / task.name / slug(config.name) / f"seed{seed}"
+    done = run_dir / "study_row.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
+    cmd = [
+        sys.executable, str(ROOT / task.script),
+        "--output_dir", str(run_dir),
+        "--seed", str(seed), "--max_steps", str(args.max_steps),
+        "--max_train_samples", str(args.max_train_samples),
+        "--max_eval_samples", str(args.max_eval_samples),
+        "--logging_steps", str(max(1, args.max_steps // 15)),
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        *task.extra, *config.flags,
+    ]
+    start = time.time()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{tail}")
+    metrics = json.loads((run_dir / "eval_results.json").read_text())
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    curve = [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
+    row = {
+        "task": task.name, "config": config.name, "seed": seed, "rate": config.rate,
+        "where": config.where, "full_update_drop": config.full_update_drop,
+        "seconds": round(time.time() - start, 1), "curve": curve,
+        **{m: metrics.get(m) for m in task.metrics},
+    }
+    done.write_text(json.dumps(row))
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_table(task: Task, rows: list[dict]) -> str:
+    """Markdown: mean ± std per configuration, and the difference to the baseline."""
+    head = task.metrics
+    lines = [
+        "| configuration | runs | " + " | ".join(f"{m} (mean ± std)" for m in head)
+        + f" | Δ {head[0]} vs baseline |",
+        "| --- | --- | " + " | ".join("---" for _ in head) + " | --- |",
+    ]
+    base = [r[head[0]] for r in rows if r["config"] == "baseline" and r[head[0]] is not None]
+    base_mean, base_std = mean_std(base)
+    for config in task.configs:
+        mine = [r for r in rows if r["config"] == config.name]
+        if not mine:
+            continue
+        cells = []
+        for metric in head:
+            m, s = mean_std([r[metric] for r in mine if r[metric] is not None])
+            cells.append(f"{m:.4f} ± {s:.4f}")
+        values = [r[head[0]] for r in mine if r[head[0]] is not None]
+        m, s = mean_std(values)
+        if config.name == "baseline" or not base:
+            delta = "—"
+        else:
+            # Welch-style standard error of the difference of two means
+            se = math.sqrt(s**2 / len(values) + base_std**2 / len(base))
+            delta = f"{m - base_mean:+.4f} (± {se:.4f} s.e.)"
+        lines.append(f"| {config.name} | {len(mine)} | " + " | ".join(cells) + f" | {delta} |")
+    return "\n".join(lines)
+
+
+def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = task.metrics[0]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[tuple[str, bool], dict[float, list[float]]] = {}
+    for r in rows:
+        if r[metric] is None:
+            continue
+        where = "both" if r["where"] in ("both", "all") else r["where"]
+        keys = [(where, r["full_update_drop"])]
+        if r["config"] == "baseline":  # rate 0 anchors every line
+            keys = list({(c.where, c.full_update_drop) for c in task.configs if c.where != "none"})
+        for key in keys:
+            groups.setdefault(key, {}).setdefault(r["rate"], []).append(r[metric])
+    for (where, full), by_rate in sorted(groups.items()):
+        rates = sorted(by_rate)
+        if len(rates) < 2:
+            continue
+        means = [statistics.fmean(by_rate[p]) for p in rates]
+        stds = [statistics.stdev(by_rate[p]) if len(by_rate[p]) > 1 else 0 for p in rates]
+        label = where + (" + full update drop" if full else "")
+        ax.errorbar(rates, means, yerr=stds, marker="o", capsize=4, label=label)
+    ax.set_xlabel("drop rate p")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{task.name}: {metric} vs drop rate (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / f"{task.name}_metric_vs_rate.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config in task.configs:
+        curves = [r["curve"] for r in rows if r["config"] == config.name and r["curve"]]
+        if not curves:
+            continue
+        steps = [s for s, _ in curves[0]]
+        n = min(len(c) for c in curves)
+        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+        ax.plot(steps[:n], mean, label=config.name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_title(f"{task.name}: learning curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{task.name}_learning_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--tasks", nargs="+", default=["seq2seq"], choices=sorted(TASKS))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--max_steps", type=int, default=120)
+    parser.add_argument("--max_train_samples", type=int, default=2000)
+    parser.add_argument("--max_eval_samples", type=int, default=200)
+    parser.add_argument("--budget_minutes", type=float, default=75.0,
+                        help="launch no new run after this; finished runs are kept")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="only these configurations (names as in the tables)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows: list[dict] = []
+    stopped = False
+    for task_name in args.tasks:
+        task = TASKS[task_name]
+        if args.configs:
+            task.configs = [c for c in task.configs if c.name in args.configs]
+        for seed in range(args.seeds):  # seed-major: a cut-short study stays balanced
+            for config in task.configs:
+                if (time.time() - start) / 60 > args.budget_minutes:
+                    stopped = True
+                    break
+                row = run_one(task, config, seed, args, args.out)
+                rows.append(row)
+                head = task.metrics[0]
+                print(f"[{(time.time() - start) / 60:5.1f} min] {task.name} {config.name:>18} "
+                      f"seed {seed}: {head} = {row[head]:.4f} ({row['seconds']:.0f} s)", flush=True)
+    with open(args.out / "results.csv", "w", newline="") as f:
+        keys = [k for k in rows[0] if k != "curve"] if rows else []
+        all_keys = sorted({k for r in rows for k in r if k != "curve"}, key=lambda k: (
+            keys.index(k) if k in keys else len(keys), k))
+        writer = csv.DictWriter(f, fieldnames=all_keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    parts = [
+        "# Study results (generated by scripts/study.py)\n",
+        f"Command: `python scripts/study.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+        f"Settings: {args.seeds} seeds, {args.max_steps} optimizer steps, "
+        f"{args.max_train_samples} training examples, {args.max_eval_samples} evaluation "
+        f"examples; total {(time.time() - start) / 60:.1f} min"
+        + (" (stopped at the time budget)" if stopped else "") + ".\n",
+    ]
+    for task_name in args.tasks:
+        task = TASKS[task_name]
+        mine = [r for r in rows if r["task"] == task_name]
+        if not mine:
+            continue
+        parts.append(f"## {task_name}\n\n{summary_table(task, mine)}\n")
+        for path in plots(task, mine, args.out):
+            parts.append(f"![{path.stem}]({path.name})\n")
+    (args.out / "summary.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

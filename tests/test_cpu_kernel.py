@@ -1,0 +1,298 @@
+"""The fused CPU masking kernel (hf_dropgrad/_cpu_kernel.py) against the stream's definition."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hf_dropgrad import _cpu_kernel as K
+
+if K.load() is None:
+    pytest.skip("the C++ kernel cannot be built here", allow_module_level=True)
+
+GOLDEN = 0x9E3779B97F4A7C15
+M1 = 0xBF58476D1CE4E5B9
+M2 = 0x94D049BB133111EB
+MASK64 = (1 << 64) - 1
+
+NUMELS = [1, 1023, 4096, 4097, 100003]
+KEYS = [0, 7, 2**63 - 1, 2**63, 2**64 - 1, 0xDEADBEEF_CAFEF00D]
+THRESHOLDS = [0, 1, 6554, 32768, 65535, 65536]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _scale(t: int) -> float:
+    return 0.0 if t >= 65536 else 65536 / (65536 - t)
+
+
+# ----------------------------------------------------------------------------- oracles
+def _python_bits(key: int, e: int) -> int:
+    """The 16 random bits of element ``e``, straight from the definition (pure Python)."""
+    c, r = divmod(e, 4096)
+    j, b = divmod(r, 1024)
+    z = (key + (c * 1024 + b + 1) * GOLDEN) & MASK64
+    z = ((z ^ (z >> 30)) * M1) & MASK64
+    z = ((z ^ (z >> 27)) * M2) & MASK64
+    z ^= z >> 31
+    return (z >> (16 * j)) & 0xFFFF
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_bits(key: int, numel: int) -> np.ndarray:
+    """The same bits for elements ``0 .. numel - 1`` (numpy, uint64 arithmetic wraps)."""
+    e = np.arange(numel, dtype=np.uint64)
+    c, r = e // np.uint64(4096), e % np.uint64(4096)
+    j, b = r // np.uint64(1024), r % np.uint64(1024)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (c * np.uint64(1024) + b + np.uint64(1)) * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(M1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(M2)
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> (np.uint64(16) * j)) & np.uint64(0xFFFF)).astype(np.int64)
+
+
+def _bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _f32_to_bf16_bits(f: np.ndarray) -> np.ndarray:
+    """c10::BFloat16(float): round to nearest even; NaNs are compared separately."""
+    u = f.view(np.uint32).astype(np.uint64)
+    return ((u + ((u >> np.uint64(16)) & np.uint64(1)) + np.uint64(0x7FFF)) >> np.uint64(16)) & (
+        np.uint64(0xFFFF)
+    )
+
+
+def _expected(g: torch.Tensor, key: int, t: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bit pattern, NaN mask) of ``g`` masked by the definition."""
+    factor = np.where(_numpy_bits(key, g.numel()) >= t, np.float32(scale), np.float32(0.0))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and fp16 overflow are intended
+        return _expected_bits(g, factor)
+
+
+def _expected_bits(g: torch.Tensor, factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if g.dtype == torch.float32:
+        out = g.numpy() * factor
+        return out.view(np.uint32).astype(np.uint64), np.isnan(out)
+    if g.dtype == torch.bfloat16:
+        out = _bf16_bits_to_f32(g.view(torch.int16).numpy().view(np.uint16)) * factor
+        return _f32_to_bf16_bits(out), np.isnan(out)
+    out = (g.numpy().astype(np.float32) * factor).astype(np.float16)  # IEEE round to nearest even
+    return out.view(np.uint16).astype(np.uint64), np.isnan(out)
+
+
+def _bits(g: torch.Tensor) -> np.ndarray:
+    if g.dtype == torch.float32:
+        return g.view(torch.int32).numpy().view(np.uint32).astype(np.uint64)
+    return g.view(torch.int16).numpy().view(np.uint16).astype(np.uint64)
+
+
+def _grad(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Values over many magnitudes (subnormal to overflowing fp16), plus inf/NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = torch.pow(10.0, torch.empty(numel).uniform_(-9, 6, generator=gen))
+    g = (torch.randn(numel, generator=gen) * mag).to(dtype)
+    special = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0]
+    for i, v in enumerate(special):
+        if numel > 5 * i + 3:
+            g[5 * i + 3] = v
+    return g
+
+
+def _assert_matches(got: torch.Tensor, want: tuple[np.ndarray, np.ndarray], msg: str) -> None:
+    bits, nan = want
+    got_nan = torch.isnan(got).numpy()
+    assert np.array_equal(got_nan, nan), msg
+    assert np.array_equal(_bits(got)[~nan], bits[~nan]), msg
+
+
+# ----------------------------------------------------------------------------- tests
+def test_numpy_oracle_matches_the_python_definition() -> None:
+    rng = np.random.default_rng(0)
+    for key in KEYS:
+        bits = _numpy_bits(key, 3 * 4096 + 5)
+        for e in [0, 1, 1023, 1024, 4095, 4096, *rng.integers(0, bits.size, 50).tolist()]:
+            assert bits[e] == _python_bits(key, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", NUMELS)
+def test_mask_matches_the_definition(numel: int, dtype: torch.dtype) -> None:
+    base = _grad(numel, dtype)
+    for key in KEYS:
+        for t in THRESHOLDS:
+            g = base.clone()
+            want = _expected(g, key, t, _scale(t))
+            K.mask_([g], [key], [t], [_scale(t)])
+            _assert_matches(g, want, f"key={key} t={t}")
+
+
+@pytest.mark.parametrize("numel", NUMELS)
+def test_keep_mask_matches_the_definition(numel: int) -> None:
+    for key in KEYS:
+        bits = _numpy_bits(key, numel)
+        for t in THRESHOLDS:
+            got = K.keep_mask(numel, key, t)
+            assert got.dtype == torch.bool and got.shape == (numel,)
+            assert np.array_equal(got.numpy(), bits >= t), (key, t)
+
+
+def test_keep_mask_fills_out() -> None:
+    out = torch.ones(50, 100, dtype=torch.bool)
+    assert K.keep_mask(5000, 9, 32768, out=out) is out
+    assert torch.equal(out.view(-1), K.keep_mask(5000, 9, 32768))
+    with pytest.raises(ValueError, match="bool CPU tensor of 5000"):
+        K.keep_mask(5000, 9, 32768, out=torch.ones(4999, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool CPU tensor"):
+        K.keep_mask(5000, 9, 32768, out=torch.ones(5000, dtype=torch.uint8))
+
+
+def test_threshold_zero_scale_one_leaves_the_tensor_untouched() -> None:
+    # NaN payloads included (a multiply by 1.0 would canonicalise bf16/fp16 NaNs).
+    for dtype, itype in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16)]:
+        g = torch.full((5000,), -1, dtype=itype).view(dtype)
+        before = g.clone()
+        K.mask_([g], [3], [0], [1.0])
+        assert torch.equal(g.view(itype), before.view(itype))
+
+
+def test_a_list_equals_one_call_per_tensor_and_any_thread_count() -> None:
+    specs = [(1, torch.float32), (70000, torch.bfloat16), (4097, torch.float16), (0, torch.float32)]
+    specs += [(33 * 4096 + 11, torch.float32), (5, torch.bfloat16), (200000, torch.float32)]
+    keys = [2**64 - 1 - 977 * i for i in range(len(specs))]
+    thresholds = [6554, 32768, 100, 1, 65535, 65536, 6554]
+    scales = [_scale(t) for t in thresholds]
+    grads = [_grad(n, dt, seed=i) for i, (n, dt) in enumerate(specs)]
+    singles = [g.clone() for g in grads]
+    for g, k, t, s in zip(singles, keys, thresholds, scales, strict=True):
+        K.mask_([g], [k], [t], [s])
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in sorted({1, 2, threads}):
+            torch.set_num_threads(n_threads)
+            batch = [g.clone() for g in grads]
+            K.mask_(batch, keys, thresholds, scales)
+            for a, b in zip(batch, singles, strict=True):
+                assert torch.equal(a.isnan(), b.isnan())
+                assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_multidimensional_tensors_use_the_row_major_index() -> None:
+    g = _grad(3 * 5000, torch.float32).view(3, 50, 100)
+    flat = g.clone().view(-1)
+    K.mask_([g], [11], [6554], [_scale(6554)])
+    K.mask_([flat], [11], [6554], [_scale(6554)])
+    assert torch.equal(torch.nan_to_num(g.view(-1)), torch.nan_to_num(flat))
+
+
+def test_the_portable_path_gives_the_same_bits_as_the_avx2_path() -> None:
+    if K.isa() != "avx2":
+        pytest.skip("no AVX2 on this CPU: only the portable path exists")
+    grads = [_grad(n, dt, seed=n) for n in (4097, 100003) for dt in DTYPES]
+    fast = [g.clone() for g in grads]
+    slow = [g.clone() for g in grads]
+    args = ([2**63 + 1] * len(grads), [6554] * len(grads), [_scale(6554)] * len(grads))
+    K.mask_(fast, *args)
+    keep_fast = K.keep_mask(100003, 5, 6554)
+    try:
+        assert K._set_isa(False) is False
+        assert K.isa() == "portable"
+        K.mask_(slow, *args)
+        keep_slow = K.keep_mask(100003, 5, 6554)
+    finally:
+        K._set_isa(True)
+    assert torch.equal(keep_fast, keep_slow)
+    for a, b in zip(fast, slow, strict=True):  # bit for bit, NaNs included
+        itype = torch.int32 if a.dtype == torch.float32 else torch.int16
+        assert torch.equal(a.view(itype), b.view(itype))
+
+
+def test_realised_drop_rate_and_unbiasedness() -> None:
+    n = 1 << 20
+    t = 6554  # p = 0.1
+    g = torch.ones(n)
+    K.mask_([g], [123], [t], [_scale(t)])
+    dropped = (g == 0).float().mean().item()
+    assert abs(dropped - t / 65536) < 5 * (0.1 * 0.9 / n) ** 0.5
+    assert g[g != 0].unique().tolist() == [pytest.approx(65536 / (65536 - t), rel=1e-7)]
+
+
+def test_different_keys_give_different_masks() -> None:
+    a, b = K.keep_mask(100000, 1, 32768), K.keep_mask(100000, 2, 32768)
+    assert 0.45 < (a != b).float().mean().item() < 0.55
+
+
+@pytest.mark.parametrize(
+    ("grads", "thresholds", "match"),
+    [
+        ([torch.ones(4, dtype=torch.float64)], [1], "float32/bfloat16/float16"),
+        ([torch.ones(4, 4).t()], [1], "contiguous"),
+        ([torch.ones(4)], [65537], "threshold"),
+        ([torch.ones(4)], [-1], "threshold"),
+    ],
+)
+def test_bad_input_is_rejected(
+    grads: list[torch.Tensor], thresholds: list[int], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        K.mask_(grads, [0], thresholds, [1.0])
+
+
+def test_length_mismatch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        K.mask_([torch.ones(3), torch.ones(3)], [0], [1, 1], [1.0, 1.0])
+
+
+def test_environment_variable_disables_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DROPGRAD_DISABLE_EXTENSION", "1")
+    assert K.load() is None
+    with pytest.raises(RuntimeError, match="unavailable"):
+        K.mask_([torch.ones(3)], [0], [1], [1.0])
+    monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
+    assert K.load() is not None
+
+
+def test_a_failed_build_warns_once_and_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise RuntimeError("no C++ compiler found (looked for 'c++'; set CXX)")
+
+    monkeypatch.setattr(K, "_lib", None)
+    monkeypatch.setattr(K, "_error", None)
+    monkeypatch.setattr(K, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert K.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.load() is None
+
+
+# ----------------------------------------------------------------------------- vs functional.py
+try:
+    from hf_dropgrad import functional as F
+except ImportError:  # written in parallel; compare once it exists
+    F = None
+
+
+@pytest.mark.skipif(
+    not hasattr(F, "mask_reference_") or not hasattr(F, "keep_mask_reference"),
+    reason="functional.py has no pure-torch reference",
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_matches_the_pure_torch_reference(dtype: torch.dtype) -> None:
+    for numel in NUMELS:
+        for key in (5, 2**63 + 12345):
+            for t in (1, 6554, 65535, 65536):
+                g = _grad(numel, dtype, seed=numel + t)
+                ref = g.clone()
+                K.mask_([g], [key], [t], [_scale(t)])
+                F.mask_reference_(ref, key, t, _scale(t))
+                assert torch.equal(g.isnan(), ref.isnan()), (numel, key, t)
+                assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(ref)), (numel, key, t)
+                want = F.keep_mask_reference(numel, key, t)
+                assert torch.equal(K.keep_mask(numel, key, t), want)
