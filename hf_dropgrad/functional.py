@@ -136,10 +136,17 @@ def random_bits(
 
 
 def keep_mask_reference(
-    numel: int, key: int, threshold: int, device: torch.device | str | None = None
+    numel: int,
+    key: int,
+    threshold: int,
+    device: torch.device | str | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean keep decisions of ``numel`` elements (pure torch)."""
-    out = torch.empty(numel, dtype=torch.bool, device=device)
+    """Boolean keep decisions of ``numel`` elements (pure torch), into ``out`` if given."""
+    if out is None:
+        out = torch.empty(numel, dtype=torch.bool, device=device)
+    out = out.view(-1)
     for start in range(0, numel, _SPAN):
         count = min(_SPAN, numel - start)
         torch.ge(random_bits(key, start, count, device), threshold, out=out[start : start + count])
@@ -219,11 +226,19 @@ def mask_(
 
 
 def keep_mask(
-    numel: int, key: int, threshold: int, device: torch.device | str | None = None
+    numel: int,
+    key: int,
+    threshold: int,
+    device: torch.device | str | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean keep decisions of ``numel`` elements on ``device`` (compiled on CPU if possible)."""
+    """Boolean keep decisions of ``numel`` elements on ``device`` (compiled on CPU if possible).
+
+    ``out``: a contiguous bool tensor of ``numel`` elements to fill instead of a new one.
+    """
     if torch.device(device or "cpu").type == "cpu":
         kernel = _kernel()
         if kernel is not None:
-            return kernel.keep_mask(numel, key, threshold)
-    return keep_mask_reference(numel, key, threshold, device)
+            return kernel.keep_mask(numel, key, threshold, out=out)
+    return keep_mask_reference(numel, key, threshold, device, out=out)

@@ -366,19 +366,39 @@ class DropGrad(Optimizer):
             [t[3] for t in live],
         )
 
+    @staticmethod
+    def _dropped_masks(
+        items: list[tuple[torch.Tensor, int, int]],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(param, dropped)`` for each ``(param, key, threshold)``, recomputed from the stream.
+
+        One bool buffer per device, sized for the largest parameter, is reused: the masks of
+        full update drop cost 1 byte per element of the largest parameter, not of all of them.
+        """
+        buffers: dict[torch.device, torch.Tensor] = {}
+        for p, *_ in items:
+            buf = buffers.get(p.device)
+            if buf is None or buf.numel() < p.numel():
+                buffers[p.device] = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
+        for p, key, threshold in items:
+            mask = buffers[p.device][: p.numel()]
+            F.keep_mask(p.numel(), key, threshold, p.device, out=mask)
+            torch.logical_not(mask, out=mask)
+            yield p, mask.view_as(p)
+
     def _snapshot_dropped(
         self, targets: list[tuple[torch.Tensor, int, int, float]]
     ) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
-        saved = []
-        for p, key, threshold, _ in targets:
-            dropped = ~F.keep_mask(p.numel(), key, threshold, p.device).view_as(p)
-            saved.append((p, p.detach().masked_select(dropped), key, threshold))
-        return saved
+        items = [(p, key, threshold) for p, key, threshold, _ in targets]
+        return [
+            (p, p.detach().masked_select(dropped), key, threshold)
+            for (p, dropped), (_, key, threshold) in zip(self._dropped_masks(items), items)
+        ]
 
-    @staticmethod
-    def _restore_dropped(saved: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
-        for p, values, key, threshold in saved:
-            dropped = ~F.keep_mask(p.numel(), key, threshold, p.device).view_as(p)
+    @classmethod
+    def _restore_dropped(cls, saved: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
+        items = [(p, key, threshold) for p, _, key, threshold in saved]
+        for (p, dropped), (_, values, *_) in zip(cls._dropped_masks(items), saved):
             p.detach().masked_scatter_(dropped, values)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
