@@ -3,21 +3,34 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint bench
+.PHONY: install data demo test lint bench study
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev,examples]"
 
-demo: install
-	$(PYTHON) examples/basic_usage.py
+# WordNet (the classification example's data) is a Debian package; best effort, the example
+# says what to install when it is missing.
+data:
+	@test -d /usr/share/wordnet || ( command -v apt-get >/dev/null && \
+		(apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1)) \
+		|| echo "note: wordnet-base not installed; the classification example will say so" )
 
-test: install
+# The flagship: bert2bert MiniLM fine-tuned on CMUdict grapheme-to-phoneme, offline, ~10 min.
+demo: install
+	HF_HUB_OFFLINE=1 $(PYTHON) examples/run_seq2seq.py
+
+test: install data
 	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts
-	$(PYTHON) -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -ra
 
 lint:
 	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts
 
 bench: install
 	$(PYTHON) scripts/bench_overhead.py
+	$(PYTHON) scripts/bench_trainer_step.py
+
+study: install data
+	$(PYTHON) scripts/study.py
