@@ -107,7 +107,16 @@ class ConstantDropRateScheduler(DropRateScheduler):
         return self.initial_drop_rate
 
 
-class LinearDropRateScheduler(DropRateScheduler):
+class _RampDropRateScheduler(DropRateScheduler):
+    """Shared arguments of the schedules that go from one rate to another in ``num_steps``."""
+
+    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
+        super().__init__(initial_drop_rate)
+        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
+        self.num_steps = _check_positive_int(num_steps, "num_steps")
+
+
+class LinearDropRateScheduler(_RampDropRateScheduler):
     """Linear interpolation from ``initial_drop_rate`` (step 0) to ``final_drop_rate``.
 
     The rate reaches ``final_drop_rate`` exactly at step ``num_steps`` and stays there
@@ -119,11 +128,6 @@ class LinearDropRateScheduler(DropRateScheduler):
         num_steps: length of the ramp in optimizer steps.
     """
 
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__(initial_drop_rate)
-        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
-        self.num_steps = _check_positive_int(num_steps, "num_steps")
-
     def rate_at(self, step: int) -> float:
         if step >= self.num_steps:
             return self.final_drop_rate
@@ -131,7 +135,7 @@ class LinearDropRateScheduler(DropRateScheduler):
         return self.initial_drop_rate + (self.final_drop_rate - self.initial_drop_rate) * frac
 
 
-class CosineAnnealingDropRateScheduler(DropRateScheduler):
+class CosineAnnealingDropRateScheduler(_RampDropRateScheduler):
     """Half-cosine from ``initial_drop_rate`` (step 0) to ``final_drop_rate`` (step ``num_steps``).
 
     Args:
@@ -139,11 +143,6 @@ class CosineAnnealingDropRateScheduler(DropRateScheduler):
         final_drop_rate: rate from step ``num_steps`` on.
         num_steps: length of the annealing in optimizer steps.
     """
-
-    def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
-        super().__init__(initial_drop_rate)
-        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
-        self.num_steps = _check_positive_int(num_steps, "num_steps")
 
     def rate_at(self, step: int) -> float:
         if step >= self.num_steps:
