@@ -8,6 +8,7 @@ drop rates in its log history). The flagship also runs once under ``accelerate l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -29,8 +30,6 @@ TIMEOUT = 900
 
 
 def _has_package(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
