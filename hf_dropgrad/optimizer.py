@@ -355,10 +355,17 @@ class DropGrad(Optimizer):
         if not grad.is_floating_point():
             raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
 
-    def _mask(self, targets: list[tuple[torch.Tensor, int, int, float]]) -> None:
+    def _live(
+        self, targets: list[tuple[torch.Tensor, int, int, float]]
+    ) -> list[tuple[torch.Tensor, int, int, float]]:
+        """The targets that have a gradient, each checked by :meth:`_check_grad`."""
         live = [t for t in targets if t[0].grad is not None]
         for p, *_ in live:
             self._check_grad(p)
+        return live
+
+    def _mask(self, targets: list[tuple[torch.Tensor, int, int, float]]) -> None:
+        live = self._live(targets)
         F.mask_(
             [p.grad for p, *_ in live],  # type: ignore[misc]
             [t[1] for t in live],
@@ -411,9 +418,7 @@ class DropGrad(Optimizer):
         targets = self._targets()
         saved = []
         if self.full_update_drop and targets:
-            for p, *_ in targets:  # refuse bad gradients before touching parameters
-                if p.grad is not None:
-                    self._check_grad(p)
+            self._live(targets)  # refuse bad gradients before touching parameters
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
                 live = [t for t in targets if closure is not None or t[0].grad is not None]

@@ -321,8 +321,8 @@ def test_settings_unused_by_the_schedule_warn(base, kwargs, ignored) -> None:
 
 
 def test_consistent_settings_do_not_warn(base) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         DropGradTrainingArguments(
             **base,
             dropgrad_rate=0.2,
@@ -331,6 +331,7 @@ def test_consistent_settings_do_not_warn(base) -> None:
             dropgrad_gamma=0.9,
         )
         DropGradTrainingArguments(**base, dropgrad_scheduler="cosine", dropgrad_final_rate=0.1)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
 
 
 # -- saving and reloading ---------------------------------------------------------------------
