@@ -43,8 +43,10 @@ class Config:
     full_update_drop: bool = False
 
 
+# The examples' own defaults apply DropGrad (the flagship: encoder=0.1,decoder=0.2; the
+# classifier: 0.1), so the baselines switch it off explicitly; `check_rates` verifies every run.
 SEQ2SEQ_CONFIGS = [
-    Config("baseline"),
+    Config("baseline", ("--dropgrad_rate", "0", "--dropgrad_module_rates", "")),
     Config("both p=0.1", ("--dropgrad_module_rates", "encoder=0.1,decoder=0.1"), 0.1, "both"),
     Config("both p=0.3", ("--dropgrad_module_rates", "encoder=0.3,decoder=0.3"), 0.3, "both"),
     Config("both p=0.5", ("--dropgrad_module_rates", "encoder=0.5,decoder=0.5"), 0.5, "both"),
@@ -59,7 +61,7 @@ SEQ2SEQ_CONFIGS = [
     ),
 ]
 CLASSIFICATION_CONFIGS = [
-    Config("baseline"),
+    Config("baseline", ("--dropgrad_rate", "0")),
     Config("all p=0.1", ("--dropgrad_rate", "0.1"), 0.1, "all"),
     Config("all p=0.3", ("--dropgrad_rate", "0.3"), 0.3, "all"),
 ]
@@ -92,6 +94,38 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def expected_rate_logs(config: Config) -> dict[str, float]:
+    """The `dropgrad_rate*` entries the DropGrad callback must log for this configuration."""
+    from hf_dropgrad.training_args import parse_module_rates
+
+    flags = {
+        flag: value
+        for flag, value in zip(config.flags, [*config.flags[1:], "--"])
+        if flag.startswith("--") and not value.startswith("--")
+    }
+    module_rates = parse_module_rates(flags.get("--dropgrad_module_rates"))
+    if module_rates:
+        return {f"dropgrad_rate/{name}": rate for name, rate in module_rates.items() if rate}
+    rate = float(flags.get("--dropgrad_rate", "nan"))
+    return {"dropgrad_rate": rate} if rate else {}
+
+
+def check_rates(config: Config, log_history: list[dict], run_dir: Path) -> None:
+    """Fail loudly when a run trained with other drop rates than its configuration says."""
+    logged: dict[str, set[float]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("dropgrad_rate"):
+                logged.setdefault(key, set()).add(value)
+    logged = {key: values for key, values in logged.items() if values != {0.0}}  # p=0: a no-op
+    expected = expected_rate_logs(config)
+    if logged != {key: {rate} for key, rate in expected.items()}:
+        raise RuntimeError(
+            f"{run_dir}: configuration {config.name!r} expects the logged drop rates "
+            f"{expected or 'to be absent (no DropGrad)'}, the run logged {logged}"
+        )
+
+
 def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """Train one (task, config, seed) in a subprocess, or reuse its finished results."""
     run_dir = out / "runs" / task.name / slug(config.name) / f"seed{seed}"
@@ -117,6 +151,7 @@ def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out
         raise RuntimeError(f"run failed: {' '.join(cmd)}\n{tail}")
     metrics = json.loads((run_dir / "eval_results.json").read_text())
     state = json.loads((run_dir / "trainer_state.json").read_text())
+    check_rates(config, state["log_history"], run_dir)
     curve = [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
     row = {
         "task": task.name, "config": config.name, "seed": seed, "rate": config.rate,
@@ -130,6 +165,12 @@ def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out
     return row
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
@@ -137,15 +178,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_table(task: Task, rows: list[dict]) -> str:
-    """Markdown: mean ± std per configuration, and the difference to the baseline."""
+    """Markdown: mean ± std per configuration, and the paired difference to the baseline.
+
+    Every configuration runs the same seeds, and a seed fixes the data order, the model's
+    dropout and the initialisation in every arm (DropGrad draws its masks from its own
+    counter-based stream, not from torch's global generator), so the difference to the
+    baseline is taken seed by seed: mean ± standard error of the per-seed differences, and
+    in how many seeds the configuration beat the baseline.
+    """
     head = task.metrics
+    better_low = task.lower_is_better[0]
     lines = [
         "| configuration | runs | " + " | ".join(f"{m} (mean ± std)" for m in head)
-        + f" | Δ {head[0]} vs baseline |",
-        "| --- | --- | " + " | ".join("---" for _ in head) + " | --- |",
+        + f" | paired Δ {head[0]} vs baseline (± s.e.) | seeds better than baseline |",
+        "| --- | --- | " + " | ".join("---" for _ in head) + " | --- | --- |",
     ]
-    base = [r[head[0]] for r in rows if r["config"] == "baseline" and r[head[0]] is not None]
-    base_mean, base_std = mean_std(base)
+    base = {r["seed"]: r[head[0]] for r in rows
+            if r["config"] == "baseline" and r[head[0]] is not None}
     for config in task.configs:
         mine = [r for r in rows if r["config"] == config.name]
         if not mine:
@@ -154,15 +203,17 @@ def summary_table(task: Task, rows: list[dict]) -> str:
         for metric in head:
             m, s = mean_std([r[metric] for r in mine if r[metric] is not None])
             cells.append(f"{m:.4f} ± {s:.4f}")
-        values = [r[head[0]] for r in mine if r[head[0]] is not None]
-        m, s = mean_std(values)
-        if config.name == "baseline" or not base:
-            delta = "—"
+        diffs = [r[head[0]] - base[r["seed"]] for r in mine
+                 if r[head[0]] is not None and r["seed"] in base]
+        if config.name == "baseline" or not diffs:
+            delta, wins = "—", "—"
         else:
-            # Welch-style standard error of the difference of two means
-            se = math.sqrt(s**2 / len(values) + base_std**2 / len(base))
-            delta = f"{m - base_mean:+.4f} (± {se:.4f} s.e.)"
-        lines.append(f"| {config.name} | {len(mine)} | " + " | ".join(cells) + f" | {delta} |")
+            m, s = mean_std(diffs)
+            delta = f"{m:+.4f} (± {s / math.sqrt(len(diffs)):.4f})"
+            won = sum(1 for d in diffs if (d < 0 if better_low else d > 0))
+            wins = f"{won}/{len(diffs)}"
+        lines.append(f"| {config.name} | {len(mine)} | " + " | ".join(cells)
+                     + f" | {delta} | {wins} |")
     return "\n".join(lines)
 
 
@@ -270,7 +321,9 @@ def main() -> None:
         f"Command: `python scripts/study.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
         f"Settings: {args.seeds} seeds, {args.max_steps} optimizer steps, "
         f"{args.max_train_samples} training examples, {args.max_eval_samples} evaluation "
-        f"examples; total {(time.time() - start) / 60:.1f} min"
+        f"examples; {len(rows)} runs, {sum(r['seconds'] for r in rows) / 60:.1f} min of "
+        f"training and evaluation in all (torch {torch_version()}, "
+        f"{os.cpu_count()} CPU cores)"
         + (" (stopped at the time budget)" if stopped else "") + ".\n",
     ]
     for task_name in args.tasks:
