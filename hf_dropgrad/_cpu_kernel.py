@@ -31,6 +31,11 @@ Threads: one ``at::parallel_for`` (so ``torch.set_num_threads`` applies) over th
 tensors of a call, at least 8 chunks per task; calls with fewer than 64K elements in all run on
 the calling thread. Python overhead is about 1 us per tensor.
 
+Full update drop uses two more entry points, :func:`gather_dropped` and :func:`scatter_dropped`:
+they regenerate the keep decisions chunk by chunk and pack (or put back) the values of the dropped
+elements, copying raw bits of any 1/2/4/8-byte dtype; per-chunk counts and their prefix sums let
+both run in parallel with no full-size mask.
+
 Set ``HF_DROPGRAD_DISABLE_EXTENSION=1`` to skip the kernel (``load()`` then returns ``None``).
 """
 
@@ -50,7 +55,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["isa", "keep_mask", "load", "mask_"]
+__all__ = ["gather_dropped", "isa", "keep_mask", "load", "mask_", "scatter_dropped"]
 
 _RESOLUTION = 1 << 16
 _MASK64 = (1 << 64) - 1
@@ -277,31 +282,126 @@ HFDG_INLINE void mask_chunks(const Seg& s, int64_t c0, int64_t c1) {
   }
 }
 
+// Keep decisions of chunk `c` (of a stream of n elements) into dst[0, len).
+template <bool kAvx2>
+HFDG_INLINE void keep_chunk(uint8_t* __restrict dst, int64_t n, uint64_t key, uint32_t t,
+                            int64_t c, uint32_t* __restrict lo, uint32_t* __restrict hi) {
+  const uint64_t base = key + (static_cast<uint64_t>(c) * kW + 1) * kGolden;
+  const int64_t len = std::min(kChunk, n - c * kChunk);
+  const int64_t nb_total = std::min(kW, len);
+  for (int64_t b0 = 0; b0 < nb_total; b0 += kSub) {
+    const int64_t nb = std::min(kSub, nb_total - b0);
+    hash_block(base, b0, nb, lo, hi);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t cnt = std::min(nb, len - j * kW - b0);
+      if (cnt <= 0) break;
+      apply_keep(dst + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, cnt, t);
+    }
+  }
+}
+
 template <bool kAvx2>
 HFDG_INLINE void keep_chunks(uint8_t* out, int64_t n, uint64_t key, uint32_t t, int64_t c0,
                              int64_t c1) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
   for (int64_t c = c0; c < c1; ++c) {
-    const uint64_t base = key + (static_cast<uint64_t>(c) * kW + 1) * kGolden;
-    const int64_t start = c * kChunk;
-    const int64_t len = std::min(kChunk, n - start);
-    const int64_t nb_total = std::min(kW, len);
-    for (int64_t b0 = 0; b0 < nb_total; b0 += kSub) {
-      const int64_t nb = std::min(kSub, nb_total - b0);
-      hash_block(base, b0, nb, lo, hi);
-      for (int j = 0; j < 4; ++j) {
-        const int64_t cnt = std::min(nb, len - j * kW - b0);
-        if (cnt <= 0) break;
-        apply_keep(out + start + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, cnt, t);
+    keep_chunk<kAvx2>(out + c * kChunk, n, key, t, c, lo, hi);
+  }
+}
+
+// Full update drop: the values of the *dropped* elements of a tensor, packed in stream order.
+// counts[c] = dropped elements of chunk c; offsets (their exclusive prefix sums) say where each
+// chunk's values start, so chunks are gathered and scattered in parallel. Within a chunk the
+// copy is branchless through a chunk-sized stack buffer (random keep decisions would defeat the
+// branch predictor; writing straight into `values` would run past the chunk's slots).
+template <bool kAvx2>
+HFDG_INLINE void count_chunks(int64_t n, uint64_t key, uint32_t t, int64_t c0, int64_t c1,
+                              int64_t* counts) {
+  alignas(64) uint32_t lo[kSub];
+  alignas(64) uint32_t hi[kSub];
+  alignas(64) uint8_t keep[kChunk];
+  for (int64_t c = c0; c < c1; ++c) {
+    keep_chunk<kAvx2>(keep, n, key, t, c, lo, hi);
+    const int64_t len = std::min(kChunk, n - c * kChunk);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < len; ++i) kept += keep[i];
+    counts[c] = len - kept;
+  }
+}
+
+template <typename T, bool kGather, bool kAvx2>
+HFDG_INLINE void move_chunks(T* __restrict data, T* __restrict values, int64_t n, uint64_t key,
+                             uint32_t t, const int64_t* offsets, int64_t c0, int64_t c1) {
+  alignas(64) uint32_t lo[kSub];
+  alignas(64) uint32_t hi[kSub];
+  alignas(64) uint8_t keep[kChunk];
+  alignas(64) T packed[kChunk + 1];
+  for (int64_t c = c0; c < c1; ++c) {
+    keep_chunk<kAvx2>(keep, n, key, t, c, lo, hi);
+    const int64_t len = std::min(kChunk, n - c * kChunk);
+    T* chunk = data + c * kChunk;
+    T* slots = values + offsets[c];
+    if (kGather) {
+      int64_t k = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        packed[k] = chunk[i];
+        k += 1 - keep[i];
+      }
+      std::memcpy(slots, packed, k * sizeof(T));
+    } else {
+      const int64_t count = offsets[c + 1] - offsets[c];
+      std::memcpy(packed, slots, count * sizeof(T));
+      packed[count] = T(0);  // read (and discarded) when the chunk's last elements are kept
+      int64_t k = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const T drop = static_cast<T>(1 - keep[i]);
+        const T select = static_cast<T>(T(0) - drop);  // all ones where dropped
+        chunk[i] = static_cast<T>((chunk[i] & static_cast<T>(~select)) | (packed[k] & select));
+        k += drop;
       }
     }
+  }
+}
+
+template <bool kGather, bool kAvx2>
+HFDG_INLINE void move_chunks_any(void* data, void* values, int32_t esize, int64_t n, uint64_t key,
+                                 uint32_t t, const int64_t* offsets, int64_t c0, int64_t c1) {
+  switch (esize) {
+    case 1:
+      move_chunks<uint8_t, kGather, kAvx2>(static_cast<uint8_t*>(data),
+                                           static_cast<uint8_t*>(values), n, key, t, offsets,
+                                           c0, c1);
+      break;
+    case 2:
+      move_chunks<uint16_t, kGather, kAvx2>(static_cast<uint16_t*>(data),
+                                            static_cast<uint16_t*>(values), n, key, t, offsets,
+                                            c0, c1);
+      break;
+    case 4:
+      move_chunks<uint32_t, kGather, kAvx2>(static_cast<uint32_t*>(data),
+                                            static_cast<uint32_t*>(values), n, key, t, offsets,
+                                            c0, c1);
+      break;
+    default:
+      move_chunks<uint64_t, kGather, kAvx2>(static_cast<uint64_t*>(data),
+                                            static_cast<uint64_t*>(values), n, key, t, offsets,
+                                            c0, c1);
   }
 }
 
 void mask_chunks_base(const Seg& s, int64_t c0, int64_t c1) { mask_chunks<false>(s, c0, c1); }
 void keep_chunks_base(uint8_t* out, int64_t n, uint64_t key, uint32_t t, int64_t c0, int64_t c1) {
   keep_chunks<false>(out, n, key, t, c0, c1);
+}
+void count_chunks_base(int64_t n, uint64_t key, uint32_t t, int64_t c0, int64_t c1,
+                       int64_t* counts) {
+  count_chunks<false>(n, key, t, c0, c1, counts);
+}
+template <bool kGather>
+void move_chunks_base(void* data, void* values, int32_t esize, int64_t n, uint64_t key, uint32_t t,
+                      const int64_t* offsets, int64_t c0, int64_t c1) {
+  move_chunks_any<kGather, false>(data, values, esize, n, key, t, offsets, c0, c1);
 }
 
 #ifdef HFDG_X86
@@ -311,6 +411,18 @@ __attribute__((target("avx2,f16c"))) void mask_chunks_avx2(const Seg& s, int64_t
 __attribute__((target("avx2,f16c"))) void keep_chunks_avx2(uint8_t* out, int64_t n, uint64_t key,
                                                            uint32_t t, int64_t c0, int64_t c1) {
   keep_chunks<true>(out, n, key, t, c0, c1);
+}
+__attribute__((target("avx2,f16c"))) void count_chunks_avx2(int64_t n, uint64_t key, uint32_t t,
+                                                            int64_t c0, int64_t c1,
+                                                            int64_t* counts) {
+  count_chunks<true>(n, key, t, c0, c1, counts);
+}
+template <bool kGather>
+__attribute__((target("avx2,f16c"))) void move_chunks_avx2(void* data, void* values, int32_t esize,
+                                                           int64_t n, uint64_t key, uint32_t t,
+                                                           const int64_t* offsets, int64_t c0,
+                                                           int64_t c1) {
+  move_chunks_any<kGather, true>(data, values, esize, n, key, t, offsets, c0, c1);
 }
 
 bool cpu_has_avx2() {
@@ -323,6 +435,25 @@ int g_isa = 0;
 #endif
 
 HFDG_INLINE int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+HFDG_INLINE int64_t grain_of(int64_t n) {
+  return n < kMinParallelElements ? num_chunks(n) : kGrainChunks;
+}
+
+template <bool kGather>
+void move_dropped(void* data, void* values, int32_t esize, int64_t n, uint64_t key, uint32_t t,
+                  const int64_t* offsets) {
+  const int isa = g_isa;
+  at::parallel_for(0, num_chunks(n), grain_of(n), [&](int64_t c0, int64_t c1) {
+#ifdef HFDG_X86
+    if (isa) {
+      move_chunks_avx2<kGather>(data, values, esize, n, key, t, offsets, c0, c1);
+      return;
+    }
+#endif
+    move_chunks_base<kGather>(data, values, esize, n, key, t, offsets, c0, c1);
+  });
+}
 
 }  // namespace
 
@@ -397,6 +528,37 @@ void hfdg_keep_mask(uint8_t* out, int64_t n, uint64_t key, uint32_t threshold) {
   });
 }
 
+// offsets[0, chunks] = exclusive prefix sums of the dropped elements per chunk (offsets[chunks]
+// is their total, which is returned); chunks = ceil(n / 4096).
+int64_t hfdg_count_dropped(int64_t n, uint64_t key, uint32_t threshold, int64_t* offsets) {
+  const int64_t chunks = num_chunks(n);
+  const int isa = g_isa;
+  at::parallel_for(0, chunks, grain_of(n), [&](int64_t c0, int64_t c1) {
+#ifdef HFDG_X86
+    if (isa) {
+      count_chunks_avx2(n, key, threshold, c0, c1, offsets + 1);
+      return;
+    }
+#endif
+    count_chunks_base(n, key, threshold, c0, c1, offsets + 1);
+  });
+  offsets[0] = 0;
+  for (int64_t c = 0; c < chunks; ++c) offsets[c + 1] += offsets[c];
+  return offsets[chunks];
+}
+
+// values[offsets[c]...] = the dropped elements of chunk c of data (esize bytes each), in order.
+void hfdg_gather_dropped(const void* data, int64_t n, int32_t esize, uint64_t key,
+                         uint32_t threshold, const int64_t* offsets, void* values) {
+  move_dropped<true>(const_cast<void*>(data), values, esize, n, key, threshold, offsets);
+}
+
+// The inverse: the dropped elements of data are overwritten with values; kept ones are untouched.
+void hfdg_scatter_dropped(void* data, int64_t n, int32_t esize, uint64_t key, uint32_t threshold,
+                          const int64_t* offsets, const void* values) {
+  move_dropped<false>(data, const_cast<void*>(values), esize, n, key, threshold, offsets);
+}
+
 }  // extern "C"
 """
 
@@ -461,6 +623,12 @@ def _build() -> ctypes.CDLL:
     lib.hfdg_mask.restype = None
     lib.hfdg_keep_mask.argtypes = [ptr, i64, u64, u32]
     lib.hfdg_keep_mask.restype = None
+    lib.hfdg_count_dropped.argtypes = [i64, u64, u32, ptr]
+    lib.hfdg_count_dropped.restype = i64
+    lib.hfdg_gather_dropped.argtypes = [ptr, i64, ctypes.c_int32, u64, u32, ptr, ptr]
+    lib.hfdg_gather_dropped.restype = None
+    lib.hfdg_scatter_dropped.argtypes = [ptr, i64, ctypes.c_int32, u64, u32, ptr, ptr]
+    lib.hfdg_scatter_dropped.restype = None
     lib.hfdg_isa.argtypes = []
     lib.hfdg_isa.restype = ctypes.c_int
     lib.hfdg_set_isa.argtypes = [ctypes.c_int]
@@ -616,3 +784,75 @@ def keep_mask(
     if numel:
         lib.hfdg_keep_mask(out.data_ptr(), numel, int(key) & _MASK64, t)
     return out
+
+
+def _check_dense(tensor: torch.Tensor, name: str) -> None:
+    if not (
+        type(tensor) is torch.Tensor
+        and tensor.is_cpu
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and tensor.element_size() in (1, 2, 4, 8)
+    ):
+        raise ValueError(
+            f"{name} must be a plain contiguous dense CPU tensor with 1-, 2-, 4- or 8-byte "
+            f"elements, got {type(tensor).__name__} {tensor.dtype} {tensor.layout} on "
+            f"{tensor.device}"
+        )
+
+
+def gather_dropped(
+    tensor: torch.Tensor, key: int, threshold: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of ``tensor`` the stream drops, packed in order, with their chunk offsets.
+
+    Returns ``(values, offsets)``: ``values`` is a 1-D tensor of ``tensor.dtype`` equal to
+    ``tensor.flatten()[~keep_mask(...)]``; ``offsets`` (int64, one per 4096-element chunk plus
+    one) locate each chunk's values and are what :func:`scatter_dropped` needs to put them back.
+    Made without a full-size mask: the keep decisions are regenerated chunk by chunk.
+    """
+    lib = _require()
+    _check_dense(tensor, "tensor")
+    t = _check_threshold(threshold)
+    n = tensor.numel()
+    key = int(key) & _MASK64
+    offsets = torch.empty(-(-n // 4096) + 1, dtype=torch.int64)
+    total = lib.hfdg_count_dropped(n, key, t, offsets.data_ptr()) if n else 0
+    if not n:
+        offsets.zero_()
+    values = torch.empty(total, dtype=tensor.dtype)
+    if total:
+        lib.hfdg_gather_dropped(
+            tensor.data_ptr(), n, tensor.element_size(), key, t, offsets.data_ptr(),
+            values.data_ptr(),
+        )
+    return values, offsets
+
+
+def scatter_dropped(
+    tensor: torch.Tensor, key: int, threshold: int, values: torch.Tensor, offsets: torch.Tensor
+) -> None:
+    """Write ``values`` back into the dropped elements of ``tensor`` (see :func:`gather_dropped`).
+
+    Kept elements are not touched. ``values`` and ``offsets`` must come from
+    :func:`gather_dropped` with the same ``key``, ``threshold`` and number of elements.
+    """
+    lib = _require()
+    _check_dense(tensor, "tensor")
+    t = _check_threshold(threshold)
+    n = tensor.numel()
+    chunks = -(-n // 4096)
+    if offsets.dtype != torch.int64 or not offsets.is_contiguous() or offsets.numel() != chunks + 1:
+        raise ValueError(f"offsets must be a contiguous int64 tensor of {chunks + 1} elements")
+    if values.dtype != tensor.dtype or not values.is_contiguous() or not values.is_cpu or (
+        values.numel() != int(offsets[-1])
+    ):
+        raise ValueError(
+            f"values must be a contiguous CPU {tensor.dtype} tensor of {int(offsets[-1])} "
+            f"elements, got {values.dtype} {tuple(values.shape)} on {values.device}"
+        )
+    if values.numel():
+        lib.hfdg_scatter_dropped(
+            tensor.data_ptr(), n, tensor.element_size(), int(key) & _MASK64, t,
+            offsets.data_ptr(), values.data_ptr(),
+        )

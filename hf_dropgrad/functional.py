@@ -242,3 +242,87 @@ def keep_mask(
         if kernel is not None:
             return kernel.keep_mask(numel, key, threshold, out=out)
     return keep_mask_reference(numel, key, threshold, device, out=out)
+
+
+def _packable(tensor: torch.Tensor) -> bool:
+    # Values are moved as raw bits, so any 1/2/4/8-byte dtype works; see `_use_kernel`.
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.device.type == "cpu"
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and tensor.element_size() in (1, 2, 4, 8)
+    )
+
+
+class DroppedValues:
+    """The values of a tensor's dropped elements, saved by :func:`save_dropped`.
+
+    Holds ``p * numel`` values of the tensor's dtype (plus, on the compiled path, one int64
+    offset per 4096 elements); :meth:`restore` writes them back.
+    """
+
+    __slots__ = ("_key", "_offsets", "_tensor", "_threshold", "_values")
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        key: int,
+        threshold: int,
+        values: torch.Tensor,
+        offsets: torch.Tensor | None,
+    ) -> None:
+        self._tensor, self._key, self._threshold = tensor, key, threshold
+        self._values, self._offsets = values, offsets
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor the values belong to."""
+        return self._tensor
+
+    def restore(self, buffer: torch.Tensor | None = None) -> None:
+        """Write the saved values back into the dropped elements; kept elements are untouched.
+
+        ``buffer``: a bool tensor of at least ``numel`` elements on the tensor's device, reused
+        for the mask on the pure-torch path (the compiled path needs none).
+        """
+        if self._offsets is not None:
+            _kernel().scatter_dropped(
+                self._tensor, self._key, self._threshold, self._values, self._offsets
+            )
+            return
+        dropped = _dropped_mask(self._tensor, self._key, self._threshold, buffer)
+        self._tensor.masked_scatter_(dropped, self._values)
+
+
+def _dropped_mask(
+    tensor: torch.Tensor, key: int, threshold: int, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    n = tensor.numel()
+    out = None if buffer is None else buffer[:n]
+    mask = keep_mask(n, key, threshold, tensor.device, out=out)
+    return torch.logical_not(mask, out=mask).view_as(tensor)
+
+
+def needs_mask_buffer(tensor: torch.Tensor) -> bool:
+    """Whether :func:`save_dropped` / :meth:`DroppedValues.restore` build a full-size mask."""
+    return not (_packable(tensor) and _kernel() is not None)
+
+
+def save_dropped(
+    tensor: torch.Tensor, key: int, threshold: int, buffer: torch.Tensor | None = None
+) -> DroppedValues:
+    """Save the values of the elements of ``tensor`` that the stream ``(key, threshold)`` drops.
+
+    Full update drop's memory: only the dropped values are kept (``p`` times the tensor's bytes).
+    Dense contiguous CPU tensors go through the compiled kernel, which regenerates the keep
+    decisions chunk by chunk and packs the dropped values in parallel, with no full-size mask;
+    anything else builds the mask (into ``buffer`` when given, see
+    :meth:`DroppedValues.restore`) and uses ``masked_select``.
+    """
+    kernel = _kernel() if _packable(tensor) else None
+    if kernel is not None:
+        values, offsets = kernel.gather_dropped(tensor, key, threshold)
+        return DroppedValues(tensor, key, threshold, values, offsets)
+    dropped = _dropped_mask(tensor, key, threshold, buffer)
+    return DroppedValues(tensor, key, threshold, tensor.masked_select(dropped), None)

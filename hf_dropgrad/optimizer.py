@@ -48,7 +48,8 @@ class DropGrad(Optimizer):
             does (momentum, weight decay, ...). The inner optimizer's *state* for a
             dropped element evolves as it would for a zero gradient (e.g. Adam's moments
             decay). Memory: the values of the dropped elements (``p`` times the parameter
-            bytes) plus a 1-byte-per-element mask of one parameter at a time.
+            bytes); off the compiled CPU path (GPU, non-contiguous parameters, no
+            compiler) also a 1-byte-per-element mask of one parameter at a time.
         seed: seed of the masks; default ``torch.initial_seed()`` at construction. The
             mask of a step depends only on ``(seed, step, parameter position)``.
 
@@ -374,39 +375,37 @@ class DropGrad(Optimizer):
         )
 
     @staticmethod
-    def _dropped_masks(
-        items: list[tuple[torch.Tensor, int, int]],
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(param, dropped)`` for each ``(param, key, threshold)``, recomputed from the stream.
+    def _mask_buffers(params: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+        """One bool buffer per device, sized for the largest parameter the compiled path skips.
 
-        One bool buffer per device, sized for the largest parameter, is reused: the masks of
-        full update drop cost 1 byte per element of the largest parameter, not of all of them.
+        The pure-torch path of full update drop (GPU, non-contiguous, tensor subclasses, no
+        compiler) needs a full-size mask per parameter; reusing one buffer makes that 1 byte per
+        element of the largest parameter, not of all of them.
         """
-        buffers: dict[torch.device, torch.Tensor] = {}
-        for p, *_ in items:
-            buf = buffers.get(p.device)
-            if buf is None or buf.numel() < p.numel():
-                buffers[p.device] = torch.empty(p.numel(), dtype=torch.bool, device=p.device)
-        for p, key, threshold in items:
-            mask = buffers[p.device][: p.numel()]
-            F.keep_mask(p.numel(), key, threshold, p.device, out=mask)
-            torch.logical_not(mask, out=mask)
-            yield p, mask.view_as(p)
+        sizes: dict[torch.device, int] = {}
+        for p in params:
+            if F.needs_mask_buffer(p):
+                sizes[p.device] = max(sizes.get(p.device, 0), p.numel())
+        return {
+            device: torch.empty(size, dtype=torch.bool, device=device)
+            for device, size in sizes.items()
+        }
 
     def _snapshot_dropped(
         self, targets: list[tuple[torch.Tensor, int, int, float]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
-        items = [(p, key, threshold) for p, key, threshold, _ in targets]
+    ) -> list[F.DroppedValues]:
+        params = [p.detach() for p, *_ in targets]
+        buffers = self._mask_buffers(params)
         return [
-            (p, p.detach().masked_select(dropped), key, threshold)
-            for (p, dropped), (_, key, threshold) in zip(self._dropped_masks(items), items)
+            F.save_dropped(p, key, threshold, buffers.get(p.device))
+            for p, (_, key, threshold, _) in zip(params, targets)
         ]
 
     @classmethod
-    def _restore_dropped(cls, saved: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
-        items = [(p, key, threshold) for p, _, key, threshold in saved]
-        for (p, dropped), (_, values, *_) in zip(cls._dropped_masks(items), saved):
-            p.detach().masked_scatter_(dropped, values)
+    def _restore_dropped(cls, saved: list[F.DroppedValues]) -> None:
+        buffers = cls._mask_buffers([s.tensor for s in saved])
+        for s in saved:
+            s.restore(buffers.get(s.tensor.device))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask the gradients, then take the inner optimizer's step.

@@ -296,3 +296,74 @@ def test_kernel_matches_the_pure_torch_reference(dtype: torch.dtype) -> None:
                 assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(ref)), (numel, key, t)
                 want = F.keep_mask_reference(numel, key, t)
                 assert torch.equal(K.keep_mask(numel, key, t), want)
+
+
+# ------------------------------------------------------- full update drop: pack / unpack
+PACK_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8]
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bits of ``t`` as integers, so NaN payloads compare exactly."""
+    itype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(itype)
+
+
+def _filled(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-128, 128, (numel * torch.empty((), dtype=dtype).element_size(),),
+                         dtype=torch.int8, generator=gen)
+    return bits.view(dtype)  # every bit pattern, NaNs and infs included
+
+
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+@pytest.mark.parametrize("numel", [0, *NUMELS, 3 * 4096 + 5])
+def test_gather_and_scatter_dropped_match_the_definition(numel: int, dtype: torch.dtype) -> None:
+    for key in (7, 2**63, 2**64 - 1):
+        bits = torch.from_numpy(_numpy_bits(key, numel))
+        for t in THRESHOLDS:
+            x = _filled(numel, dtype, seed=t)
+            dropped = bits < t
+            values, offsets = K.gather_dropped(x, key, t)
+            assert values.dtype == dtype and offsets.numel() == -(-numel // 4096) + 1
+            assert torch.equal(_raw(values), _raw(x)[dropped]), (key, t)
+            target = _filled(numel, dtype, seed=t + 1)
+            want = torch.where(dropped, _raw(x), _raw(target))
+            K.scatter_dropped(target, key, t, values, offsets)
+            assert torch.equal(_raw(target), want), (key, t)
+
+
+def test_gather_and_scatter_dropped_agree_across_threads_and_code_paths() -> None:
+    x = _filled(70 * 4096 + 3, torch.float32, seed=3).view(70 * 4096 + 3)
+    reference, offsets = K.gather_dropped(x, 11, 19661)
+    threads = torch.get_num_threads()
+    paths = [True, False] if K.isa() == "avx2" else [False]
+    try:
+        for avx2 in paths:
+            K._set_isa(avx2)
+            for n_threads in sorted({1, 2, threads}):
+                torch.set_num_threads(n_threads)
+                values, offs = K.gather_dropped(x, 11, 19661)
+                assert torch.equal(_raw(values), _raw(reference)) and torch.equal(offs, offsets)
+                y = torch.zeros_like(x)
+                K.scatter_dropped(y, 11, 19661, values, offs)
+                keep = K.keep_mask(x.numel(), 11, 19661)
+                assert torch.equal(_raw(y)[~keep], _raw(x)[~keep])
+                assert not _raw(y)[keep].any()
+    finally:
+        torch.set_num_threads(threads)
+        K._set_isa(True)
+
+
+def test_gather_and_scatter_dropped_reject_bad_input() -> None:
+    x = torch.randn(100, 50)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gather_dropped(x.t(), 1, 6554)
+    with pytest.raises(ValueError, match="threshold"):
+        K.gather_dropped(x, 1, 65537)
+    values, offsets = K.gather_dropped(x, 1, 6554)
+    with pytest.raises(ValueError, match="offsets"):
+        K.scatter_dropped(x, 1, 6554, values, offsets[:-1])
+    with pytest.raises(ValueError, match="values"):
+        K.scatter_dropped(x, 1, 6554, values[:-1], offsets)
+    with pytest.raises(ValueError, match="values"):
+        K.scatter_dropped(x, 1, 6554, values.double(), offsets)

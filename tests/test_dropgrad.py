@@ -335,6 +335,61 @@ def test_full_update_drop_freezes_dropped_elements(make_inner) -> None:
                 assert torch.equal(p[keep], q[keep])
 
 
+def _mixed_layout_model() -> torch.nn.Module:
+    """tiny_mlp plus a non-contiguous (transposed) weight and a bf16 parameter."""
+    model = tiny_mlp()
+    model[2].weight = torch.nn.Parameter(model[2].weight.detach().t().contiguous().t())
+    model.register_parameter("bf16", torch.nn.Parameter(torch.randn(50_000, dtype=torch.bfloat16)))
+    assert not model[2].weight.is_contiguous()
+    return model
+
+
+def _train_full_update_drop(model: torch.nn.Module, steps: int) -> list[list[torch.Tensor]]:
+    opt = DropGrad(
+        torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1),
+        drop_rate=0.3, seed=5, full_update_drop=True,
+    )
+    history = []
+    for k in range(steps):
+        backward(model, k)
+        model.bf16.grad = torch.ones_like(model.bf16)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        for i, (b, p) in enumerate(zip(before, model.parameters())):
+            keep = F.keep_mask(p.numel(), F.derive_key(5, k, i), F.drop_threshold(0.3))
+            assert torch.equal(p.reshape(-1)[~keep], b.reshape(-1)[~keep])  # frozen
+            assert not torch.equal(p.reshape(-1)[keep], b.reshape(-1)[keep])  # moved
+        history.append([p.detach().clone() for p in model.parameters()])
+    return history
+
+
+def test_full_update_drop_compiled_and_pure_torch_paths_agree(monkeypatch) -> None:
+    """The kernel's packed save/restore equals the masked_select path, layouts mixed."""
+    if F._kernel() is None:
+        pytest.skip("the C++ kernel cannot be built here")
+    compiled = _train_full_update_drop(_mixed_layout_model(), 3)
+    monkeypatch.setattr(F, "_kernel", lambda: None)
+    assert F.needs_mask_buffer(torch.zeros(3))
+    pure = _train_full_update_drop(_mixed_layout_model(), 3)
+    for a, b in zip(compiled, pure):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_save_dropped_keeps_only_the_dropped_values() -> None:
+    x = torch.randn(300, 70)
+    t = F.drop_threshold(0.25)
+    saved = F.save_dropped(x, 42, t)
+    keep = F.keep_mask(x.numel(), 42, t).view_as(x)
+    assert torch.equal(saved._values, x[~keep])
+    y = torch.zeros_like(x)
+    F.save_dropped(y, 42, t)  # a different tensor, same stream
+    saved_y = F.DroppedValues(y, 42, t, saved._values, saved._offsets)
+    saved_y.restore()
+    assert torch.equal(y, torch.where(keep, torch.zeros_like(x), x))
+
+
 def test_closure_is_masked_each_time_it_is_evaluated() -> None:
     model = tiny_mlp()
     opt = DropGrad(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), drop_rate=0.2)
