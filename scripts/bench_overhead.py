@@ -22,7 +22,9 @@ up, the resident-set high-water mark is reset (``echo 5 > /proc/self/clear_refs`
 called once, and peak extra memory = ``VmHWM - VmRSS`` before the call, in bytes per element. This
 counts every page the call touches (temporaries, thread stacks), at page granularity; a naive
 ``bernoulli(full_like(g))`` mask is measured the same way to show the probe sees full-size
-temporaries. Linux only.
+temporaries. ``full_update_drop`` saves and restores the dropped values as full update drop does
+around the inner step (compiled path; ``full_update_drop_reference``: the ``masked_select`` path
+that GPUs and non-contiguous parameters take). Linux only.
 
 Usage: ``python scripts/bench_overhead.py [--threads 2] [--repeats 15] [--json out.json]
 [--sections kernel,dropgrad,memory]``.
@@ -199,6 +201,18 @@ def memory_probe(method: str, numel: int, dtype_name: str) -> dict:
 
         def call() -> None:
             functional.mask_reference_(g, 12345, threshold, scale)
+    elif method in ("full_update_drop", "full_update_drop_reference"):
+        # what DropGrad(full_update_drop=True) adds around the inner step: save the dropped
+        # values, put them back (p = 0.1: 0.4 B/element of fp32 values are the floor)
+        from hf_dropgrad import functional
+
+        buffer = None
+        if method == "full_update_drop_reference":
+            functional._kernel = lambda: None  # the masked_select path, with its reused mask
+            buffer = torch.empty(numel, dtype=torch.bool)
+
+        def call() -> None:
+            functional.save_dropped(g, 12345, threshold, buffer).restore(buffer)
     elif method == "naive":  # PyPI dropgrad 0.1.0
 
         def call() -> None:
@@ -226,6 +240,8 @@ def memory_section(numel: int) -> dict:
         ("kernel", "bfloat16"),
         ("keep_mask", "float32"),
         ("reference", "float32"),
+        ("full_update_drop", "float32"),
+        ("full_update_drop_reference", "float32"),
         ("naive", "float32"),
     ]:
         cmd = [sys.executable, __file__, "--memory-probe", method, str(numel), dtype]
