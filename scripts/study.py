@@ -12,7 +12,7 @@ Writes into `--out` (default `docs/study`): `results.csv` / `results.json` (one 
 `<task>_metric_vs_rate.png` and `<task>_learning_curves.png`.
 Finished runs are reused, so an interrupted study resumes where it stopped.
 
-    python scripts/study.py                       # the documented study (~80 min on 2 cores)
+    python scripts/study.py                       # the documented study (~90 min on 2 cores)
     python scripts/study.py --seeds 2 --max_steps 20 --out /tmp/study   # a quick smoke run
 """
 
