@@ -55,9 +55,12 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gather_dropped", "isa", "keep_mask", "load", "mask_", "scatter_dropped"]
+__all__ = [
+    "gather_dropped", "isa", "keep_mask", "load", "mask_", "packable", "scatter_dropped"
+]
 
 _RESOLUTION = 1 << 16
+_CHUNK = 4096  # elements per chunk, kChunk in the C++ source
 _MASK64 = (1 << 64) - 1
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DISABLE_ENV = "HF_DROPGRAD_DISABLE_EXTENSION"
@@ -786,19 +789,32 @@ def keep_mask(
     return out
 
 
-def _check_dense(tensor: torch.Tensor, name: str) -> None:
-    if not (
+def packable(tensor: torch.Tensor) -> bool:
+    """Whether :func:`gather_dropped` / :func:`scatter_dropped` take ``tensor``.
+
+    A plain (exact-type: subclasses such as DTensor do not own plain storage) contiguous dense
+    CPU tensor with 1-, 2-, 4- or 8-byte elements; the values are moved as raw bits.
+    """
+    return (
         type(tensor) is torch.Tensor
         and tensor.is_cpu
         and tensor.layout is torch.strided
         and tensor.is_contiguous()
         and tensor.element_size() in (1, 2, 4, 8)
-    ):
+    )
+
+
+def _check_packable(tensor: torch.Tensor) -> None:
+    if not packable(tensor):
         raise ValueError(
-            f"{name} must be a plain contiguous dense CPU tensor with 1-, 2-, 4- or 8-byte "
+            f"tensor must be a plain contiguous dense CPU tensor with 1-, 2-, 4- or 8-byte "
             f"elements, got {type(tensor).__name__} {tensor.dtype} {tensor.layout} on "
             f"{tensor.device}"
         )
+
+
+def _num_chunks(numel: int) -> int:
+    return -(-numel // _CHUNK)
 
 
 def gather_dropped(
@@ -812,14 +828,12 @@ def gather_dropped(
     Made without a full-size mask: the keep decisions are regenerated chunk by chunk.
     """
     lib = _require()
-    _check_dense(tensor, "tensor")
+    _check_packable(tensor)
     t = _check_threshold(threshold)
     n = tensor.numel()
     key = int(key) & _MASK64
-    offsets = torch.empty(-(-n // 4096) + 1, dtype=torch.int64)
-    total = lib.hfdg_count_dropped(n, key, t, offsets.data_ptr()) if n else 0
-    if not n:
-        offsets.zero_()
+    offsets = torch.empty(_num_chunks(n) + 1, dtype=torch.int64)
+    total = lib.hfdg_count_dropped(n, key, t, offsets.data_ptr())
     values = torch.empty(total, dtype=tensor.dtype)
     if total:
         lib.hfdg_gather_dropped(
@@ -838,10 +852,10 @@ def scatter_dropped(
     :func:`gather_dropped` with the same ``key``, ``threshold`` and number of elements.
     """
     lib = _require()
-    _check_dense(tensor, "tensor")
+    _check_packable(tensor)
     t = _check_threshold(threshold)
     n = tensor.numel()
-    chunks = -(-n // 4096)
+    chunks = _num_chunks(n)
     if offsets.dtype != torch.int64 or not offsets.is_contiguous() or offsets.numel() != chunks + 1:
         raise ValueError(f"offsets must be a contiguous int64 tensor of {chunks + 1} elements")
     if values.dtype != tensor.dtype or not values.is_contiguous() or not values.is_cpu or (

@@ -245,14 +245,9 @@ def keep_mask(
 
 
 def _packable(tensor: torch.Tensor) -> bool:
-    # Values are moved as raw bits, so any 1/2/4/8-byte dtype works; see `_use_kernel`.
-    return (
-        type(tensor) is torch.Tensor
-        and tensor.device.type == "cpu"
-        and tensor.layout is torch.strided
-        and tensor.is_contiguous()
-        and tensor.element_size() in (1, 2, 4, 8)
-    )
+    from hf_dropgrad import _cpu_kernel
+
+    return _cpu_kernel.packable(tensor)
 
 
 class DroppedValues:
