@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_dropgrad import _cpu_kernel
+from hf_dropgrad.kernels import cpp as _cpu_kernel
 
 RESOLUTION = 1 << 16
 
@@ -208,7 +208,7 @@ def memory_probe(method: str, numel: int, dtype_name: str) -> dict:
 
         buffer = None
         if method == "full_update_drop_reference":
-            functional._kernel = lambda: None  # the masked_select path, with its reused mask
+            os.environ["HF_DROPGRAD_BACKEND"] = "torch"  # masked_select, with its reused mask
             buffer = torch.empty(numel, dtype=torch.bool)
 
         def call() -> None:

@@ -1,4 +1,4 @@
-"""The fused CPU masking kernel (hf_dropgrad/_cpu_kernel.py) against the stream's definition."""
+"""The fused CPU kernel (hf_dropgrad/kernels/cpp.py, csrc/mask_cpu.cpp) against the stream."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_dropgrad import _cpu_kernel as K
+from hf_dropgrad.kernels import cpp as K
 
 if K.load() is None:
     pytest.skip("the C++ kernel cannot be built here", allow_module_level=True)
