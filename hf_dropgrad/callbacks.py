@@ -15,6 +15,7 @@ from transformers.trainer_callback import CallbackHandler, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
+from hf_dropgrad import engines
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.training_args import DropGradConfig
 
@@ -27,27 +28,12 @@ LOG_KEY = "dropgrad_rate"
 
 
 def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> None:
-    """Refuse the setups where DropGrad would silently train wrong, before training starts.
+    """Refuse the setups where DropGrad cannot be exact, before training starts.
 
-    DeepSpeed ZeRO steps its own flat-partition optimizer (and with an ``optimizer`` block
-    in its config never calls ``create_optimizer``); FSDP shards gradients. In both the
-    masks would not be those of a 1-process run, so they are refused with a clear error.
+    FSDP2 and DeepSpeed ZeRO-1/2/3 are exact; FSDP1 and DeepSpeed's fp16/bf16 optimizer
+    without ZeRO are refused. See [`hf_dropgrad.engines.check_supported_setup`].
     """
-    state = getattr(accelerator, "state", accelerator)  # an Accelerator or its AcceleratorState
-    distributed_type = str(getattr(state, "distributed_type", ""))
-    if getattr(args, "deepspeed", None) or "DEEPSPEED" in distributed_type:
-        raise ValueError(
-            "DropGrad does not support DeepSpeed: ZeRO steps its own partitioned optimizer (and "
-            "a DeepSpeed config with an `optimizer` block bypasses the Trainer's optimizer), so "
-            "DropGrad's masks would be silently missing or differ from a 1-process run. Use "
-            "DDP (`accelerate launch --multi_gpu`) or remove `deepspeed=` / the DropGrad flags."
-        )
-    if getattr(args, "fsdp", None) or "FSDP" in distributed_type:
-        raise ValueError(
-            "DropGrad does not support FSDP: gradients are sharded across processes, so masks "
-            "drawn per full parameter cannot be applied consistently. Use DDP "
-            "(`accelerate launch --multi_gpu`) or remove `--fsdp` / the DropGrad flags."
-        )
+    engines.check_supported_setup(args, accelerator)
 
 
 def install_dropgrad(
@@ -63,9 +49,14 @@ def install_dropgrad(
     or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
     """
     found = get_dropgrad(holder)
+    kwargs = config.dropgrad_kwargs(num_training_steps)
+    zero = engines.zero_optimizer(holder)
+    if zero is not None:  # DeepSpeed ZeRO: DropGrad must be (or wrap) the optimizer ZeRO steps
+        return engines.install_under_deepspeed(
+            zero, found, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
+        )
     if found is not None:
         return found
-    kwargs = config.dropgrad_kwargs(num_training_steps)
     if not hasattr(holder, "optimizer"):
         return DropGrad(holder, model=model, **kwargs)
     parent = holder
@@ -119,6 +110,7 @@ class DropGradCallback(TrainerCallback):
         DropGradConfig(**settings)  # validate now, not at the first step
         self._settings = settings
         self.dropgrad: DropGrad | None = None
+        self._engine_steps = False
 
     @classmethod
     def from_args(cls, args: TrainingArguments) -> DropGradCallback:
@@ -152,15 +144,26 @@ class DropGradCallback(TrainerCallback):
         self.dropgrad = install_dropgrad(
             optimizer, kwargs.get("model"), self.config(args), state.max_steps or None
         )
+        engines.check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
+        # DeepSpeed steps inside backward(), before on_pre_optimizer_step fires.
+        self._engine_steps = engines.zero_optimizer(optimizer) is not None
         self.dropgrad.set_step(state.global_step)
         if state.is_world_process_zero:
             print(f"DropGrad rates (step {state.global_step}):\n{self.dropgrad.describe()}")
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # Under DeepSpeed the step happens inside backward(): the key must be set before it.
+        if self.dropgrad is not None:
+            self.dropgrad.set_step(state.global_step)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # Gradients are clipped before this event, so max_grad_norm sees unmasked gradients.
-        if self.dropgrad is not None:
+        # Under DeepSpeed the step is already done (and counted) by now.
+        if self.dropgrad is not None and not self._engine_steps:
             self.dropgrad.set_step(state.global_step)
 
     def on_log(

@@ -37,9 +37,11 @@ __all__ = [
     "attach_deepspeed",
     "check_param",
     "dtensor_offset",
-    "find_zero_optimizer",
     "local_target",
     "offset_of",
+    "zero_layout",
+    "zero_param_groups",
+    "zero_stage",
 ]
 
 
@@ -207,29 +209,24 @@ def _narrow_grad(flat: torch.Tensor, start: int, numel: int) -> Callable[[], tor
     return grad_of
 
 
-def find_zero_optimizer(holder: Any, dropgrad: Any) -> Any:
-    """The DeepSpeed ZeRO optimizer whose client optimizer is ``dropgrad``, or ``None``.
-
-    ``holder`` is any chain of ``.optimizer`` wrappers (Accelerate's, DeepSpeed's engine
-    optimizer, ...) around ``dropgrad``.
-    """
-    seen: set[int] = set()
-    obj = holder
-    while obj is not None and id(obj) not in seen:
-        seen.add(id(obj))
-        inner = getattr(obj, "optimizer", None)
-        if inner is dropgrad:
-            return obj if _zero_stage(obj) else None
-        obj = inner
-    return None
-
-
-def _zero_stage(zero: Any) -> int:
+def zero_stage(zero: Any) -> int:
+    """DeepSpeed ZeRO stage of the optimizer ``zero`` (1, 2 or 3), 0 if it is none of them."""
     if hasattr(zero, "fp32_partitioned_groups_flat") and hasattr(zero, "fp16_groups"):
         return 3
     if hasattr(zero, "single_partition_of_fp32_groups") and hasattr(zero, "bit16_groups"):
         return 2 if getattr(zero, "partition_gradients", False) else 1
     return 0
+
+
+def zero_param_groups(zero: Any) -> list[list[torch.Tensor]]:
+    """The model parameters of each of the client optimizer's groups, as ZeRO partitioned them."""
+    stage = zero_stage(zero)
+    if stage in (1, 2):
+        return [list(group) for group in zero.bit16_groups]
+    groups: dict[int, list[torch.Tensor]] = {}
+    for sub_group, params in enumerate(zero.fp16_groups):
+        groups.setdefault(zero.sub_group_to_group_id[sub_group], []).extend(params)
+    return [groups.get(i, []) for i in range(len(zero.optimizer.param_groups))]
 
 
 def _positions(groups: list[list[torch.Tensor]], num_params: int, stage: int) -> dict[int, int]:
@@ -249,7 +246,7 @@ def zero_layout(zero: Any, num_params: int) -> ZeroLayout:
     """Map DeepSpeed ZeRO's flat fp32 partitions of this rank back to parameter elements."""
     import torch.distributed as dist
 
-    stage = _zero_stage(zero)
+    stage = zero_stage(zero)
     segments: dict[int, list[tuple[int, int, int, int]]] = {}
     if stage in (1, 2):
         position = _positions(zero.bit16_groups, num_params, stage)
@@ -289,7 +286,7 @@ def attach_deepspeed(zero: Any, dropgrad: Any) -> ZeroLayout:
     if getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False):
         # The offloaded partitions live on the CPU, which is fine, but ZeRO-3 may also step a
         # GPU backup optimizer that DropGrad does not wrap.
-        if _zero_stage(zero) == 3:
+        if zero_stage(zero) == 3:
             raise ValueError(
                 "DropGrad does not support DeepSpeed ZeRO-3 with offload_optimizer: ZeRO then "
                 "steps some partitions with a second optimizer DropGrad does not wrap"

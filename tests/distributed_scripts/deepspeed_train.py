@@ -1,0 +1,187 @@
+"""DeepSpeed ZeRO runs through the ``Trainer``, launched by ``tests/test_deepspeed.py``.
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 \\
+        tests/distributed_scripts/deepspeed_train.py OUT RUN [RUN ...]     # 2 gloo processes
+    python tests/distributed_scripts/deepspeed_train.py OUT single  # 1 process, no DeepSpeed
+
+Every run trains a tiny T5 (built from a config, dropout off) for 4 optimizer steps of SGD
+without momentum (``--optim sgd``, constant LR, no clipping) on the same global batches: 8
+sequences of one length per step (4 per process with 2 processes), so the mean of the two
+processes' mean losses is the 1-process mean loss (``average_tokens_across_devices=False``:
+with the default, DeepSpeed's loss would be scaled by the world size). DropGrad runs with
+``{"encoder": 0.1, "decoder": 0.3}`` (0.2 for the rest) scaled by a linear schedule
+0.2 -> 0.05.
+
+A RUN is ``zero<stage>[-<variant>]``:
+
+- ``zero1``, ``zero2``, ``zero3``: a ``DropGradTrainer`` with a DeepSpeed config of that stage
+  and "auto" fields, no ``optimizer`` block: DeepSpeed steps the ``DropGrad`` the Trainer
+  built. ``zero2`` also saves a checkpoint at step 2.
+- ``zero2-callback``: a plain ``Trainer`` plus ``DropGradCallback``, and an ``optimizer`` block
+  in the DeepSpeed config (DeepSpeed builds its own SGD): DropGrad wraps it after DeepSpeed's
+  initialisation.
+- ``zero2-resume``: resumes from ``zero2``'s checkpoint at step 2 and trains to step 4.
+- ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
+  bug the offsets prevent): the negative control.
+- ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step.
+
+Each process writes ``OUT/<RUN>.rank<r>.pt``: the full parameters before training and after
+every step (gathered under ZeRO-3), the DropGrad step and per-parameter rates of every
+masking, and the positions whose gradient was zero before masking (1 process only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+MAX_STEPS = 4
+PER_DEVICE = 4
+LENGTH = 8
+LR = 0.5
+SETTINGS = dict(
+    dropgrad_rate=0.2, dropgrad_module_rates={"encoder": 0.1, "decoder": 0.3},
+    dropgrad_scheduler="linear", dropgrad_final_rate=0.05, dropgrad_seed=7,
+)
+
+
+def tiny_t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def rows() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (MAX_STEPS * 2 * PER_DEVICE, LENGTH), generator=g)
+    return [{"input_ids": r, "labels": r.flip(0)} for r in ids]
+
+
+def deepspeed_config(stage: int, optimizer_block: bool) -> dict:
+    config = {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+    }
+    if optimizer_block:
+        config["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+def gathered(model: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    params = list(model.named_parameters())
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: p.detach().clone() for n, p in params}
+
+
+def run(name: str, out: Path, rank: int) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_dropgrad import DropGradCallback, DropGradTrainer, get_dropgrad, sharding
+
+    kind, *variant = name.split("-")
+    stage = int(kind[4:]) if kind.startswith("zero") else None
+    model = tiny_t5()  # before the arguments, so ZeRO-3 does not build it partitioned
+    record: dict = {"params": [], "zero_grads": [], "maskings": []}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            dropgrad = get_dropgrad(optimizer)
+            record["initial"] = gathered(model, stage)
+            record["names"] = [n for n, _ in model.named_parameters()]
+
+            def hook(*_):
+                record["maskings"].append({
+                    "step": dropgrad.step_count, "rates": dropgrad.rate_groups(),
+                    "per_parameter": dropgrad.current_rates(),
+                })
+
+            dropgrad.optimizer.register_step_pre_hook(hook)
+            if stage is None:  # positions whose gradient is zero before any mask
+                dropgrad.register_step_pre_hook(lambda *_: record["zero_grads"].append(
+                    {n: (p.grad == 0).clone() for n, p in model.named_parameters()}
+                ))
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            record["params"].append(gathered(model, stage))
+
+    resume = "resume" in variant
+    args = TrainingArguments(
+        output_dir=str(out / (f"{kind}-ckpt" if kind == "zero2" else name)),
+        per_device_train_batch_size=PER_DEVICE * (2 if stage is None else 1),
+        max_steps=MAX_STEPS, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
+        max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True,
+        report_to="none", seed=7, logging_steps=1, disable_tqdm=True,
+        save_strategy="steps" if name == "zero2" else "no", save_steps=2,
+        save_only_model=False, average_tokens_across_devices=False,
+        deepspeed=None if stage is None else deepspeed_config(stage, "callback" in variant),
+    )
+    if "nooffset" in variant:
+        real = sharding.zero_layout
+
+        def no_offsets(zero, num_params):  # the bug the offsets prevent
+            layout = real(zero, num_params)
+            for runs in layout.segments.values():
+                runs[:] = [(start, numel, index, 0) for start, numel, index, _ in runs]
+            return layout
+
+        sharding.zero_layout = no_offsets
+    common = dict(model=model, args=args, train_dataset=rows(), callbacks=[Record()])
+    try:
+        if "callback" in variant:
+            trainer = Trainer(**common)
+            trainer.add_callback(DropGradCallback(**{
+                ("drop_rate" if k == "dropgrad_rate" else k[len("dropgrad_"):]): v
+                for k, v in SETTINGS.items()
+            }))
+        else:
+            trainer = DropGradTrainer(**common, **SETTINGS)
+        checkpoint = str(out / "zero2-ckpt" / "checkpoint-2") if resume else None
+        trainer.train(resume_from_checkpoint=checkpoint)
+        dropgrad = get_dropgrad(trainer)
+        record["step_count"] = dropgrad.step_count
+        record["global_step"] = trainer.state.global_step
+        record["inner"] = type(dropgrad.optimizer).__name__
+        record["engine"] = type(getattr(trainer.optimizer, "optimizer", None)).__name__
+        record["logged_rates"] = [
+            {k: v for k, v in log.items() if k.startswith("dropgrad_rate")}
+            for log in trainer.state.log_history if "loss" in log
+        ]
+    finally:
+        if "nooffset" in variant:
+            sharding.zero_layout = real
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return record
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    for name in sys.argv[2:]:
+        torch.save(run(name, out, rank), out / f"{name}.rank{rank}.pt")
+        print(f"[rank {rank}] {name} done", flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
