@@ -89,8 +89,8 @@ def unchanged(run: dict, step: int) -> dict[str, torch.Tensor]:
 def oracle_dropped(run: dict, step: int) -> dict[str, torch.Tensor]:
     """The full-parameter masks of a step, drawn by the reference for each parameter."""
     out = {}
-    rates = run["maskings"][step]["per_parameter"]
-    for index, name in run["names"].items():
+    rates = run["maskings"][step]["per_parameter"]  # every parameter has a rate, in position order
+    for index, name in enumerate(rates):
         shape = run["initial"][name].shape
         threshold = F.drop_threshold(rates[name])
         keep = F.keep_mask_reference(shape.numel(), F.derive_key(SEED, step, index), threshold)

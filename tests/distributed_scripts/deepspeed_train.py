@@ -23,7 +23,12 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-resume``: resumes from ``zero2``'s checkpoint at step 2 and trains to step 4.
 - ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
   bug the offsets prevent): the negative control.
-- ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step.
+- ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step;
+  ``single-callback``: a plain ``Trainer`` with ``DropGradCallback`` and an SGD over
+  ``model.parameters()`` (one group, model order, as DeepSpeed's optimizer block builds it:
+  the masks are keyed by parameter position in the optimizer).
+
+``zero2`` and ``zero2-resume`` use the shipped ``examples/accelerate_configs/ds_zero2.json``.
 
 Each process writes ``OUT/<RUN>.rank<r>.pt``: the full parameters before training and after
 every step (gathered under ZeRO-3), the DropGrad step and per-parameter rates of every
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+DEEPSPEED_JSON = Path(__file__).parents[2] / "examples" / "accelerate_configs" / "ds_zero2.json"
 MAX_STEPS = 4
 PER_DEVICE = 4
 LENGTH = 8
@@ -94,6 +100,10 @@ def run(name: str, out: Path, rank: int) -> dict:
 
     kind, *variant = name.split("-")
     stage = int(kind[4:]) if kind.startswith("zero") else None
+    if stage == 2 and "callback" not in variant:
+        config: dict | str = str(DEEPSPEED_JSON)  # the shipped example, "auto" fields and all
+    else:
+        config = deepspeed_config(stage or 0, "callback" in variant)
     model = tiny_t5()  # before the arguments, so ZeRO-3 does not build it partitioned
     record: dict = {"params": [], "zero_grads": [], "maskings": []}
 
@@ -101,7 +111,10 @@ def run(name: str, out: Path, rank: int) -> dict:
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             dropgrad = get_dropgrad(optimizer)
             record["initial"] = gathered(model, stage)
-            record["names"] = [n for n, _ in model.named_parameters()]
+            layout = dropgrad._layout  # (start in partition, numel, position, offset) runs
+            record["segments"] = [] if layout is None else [
+                run for runs in layout.segments.values() for run in runs
+            ]
 
             def hook(*_):
                 record["maskings"].append({
@@ -127,7 +140,7 @@ def run(name: str, out: Path, rank: int) -> dict:
         report_to="none", seed=7, logging_steps=1, disable_tqdm=True,
         save_strategy="steps" if name == "zero2" else "no", save_steps=2,
         save_only_model=False, average_tokens_across_devices=False,
-        deepspeed=None if stage is None else deepspeed_config(stage, "callback" in variant),
+        deepspeed=None if stage is None else config,
     )
     if "nooffset" in variant:
         real = sharding.zero_layout
@@ -139,16 +152,21 @@ def run(name: str, out: Path, rank: int) -> dict:
             return layout
 
         sharding.zero_layout = no_offsets
-    common = dict(model=model, args=args, train_dataset=rows(), callbacks=[Record()])
+    common = dict(model=model, args=args, train_dataset=rows())
     try:
         if "callback" in variant:
-            trainer = Trainer(**common)
-            trainer.add_callback(DropGradCallback(**{
+            callback = DropGradCallback(**{
                 ("drop_rate" if k == "dropgrad_rate" else k[len("dropgrad_"):]): v
                 for k, v in SETTINGS.items()
-            }))
+            })
+            # DeepSpeed's optimizer block holds the parameters in model order, in one group;
+            # the 1-process reference does the same (positions key the masks)
+            optimizers = (None, None)
+            if stage is None:
+                optimizers = (torch.optim.SGD(model.parameters(), lr=LR), None)
+            trainer = Trainer(**common, callbacks=[callback, Record()], optimizers=optimizers)
         else:
-            trainer = DropGradTrainer(**common, **SETTINGS)
+            trainer = DropGradTrainer(**common, callbacks=[Record()], **SETTINGS)
         checkpoint = str(out / "zero2-ckpt" / "checkpoint-2") if resume else None
         trainer.train(resume_from_checkpoint=checkpoint)
         dropgrad = get_dropgrad(trainer)

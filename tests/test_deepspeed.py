@@ -1,0 +1,143 @@
+"""Exact DropGrad under DeepSpeed ZeRO-1/2/3 through the ``Trainer``: 2 gloo processes.
+
+One ``torchrun`` launch of ``tests/distributed_scripts/deepspeed_train.py`` runs every
+2-process case (``DS_ACCELERATOR=cpu``; the first DeepSpeed run on a machine builds a C++ op,
+about 90 s) and one plain ``python`` run the 1-process reference without DeepSpeed (see the
+script for the setup). What is compared, and why:
+
+- SGD without momentum updates an element by ``-lr * masked gradient``: the elements whose
+  value did not change at a step are the dropped ones plus those whose gradient was zero anyway.
+  Under every stage that set is *identical* to the 1-process run's at every step, and equal to
+  the oracle (the full-parameter masks drawn by the pure-torch reference with each parameter's
+  scheduled rate, plus the 1-process zero gradients); the parameters agree to float tolerance
+  (only the order of the gradient sums differs) and the two ranks hold the same parameters.
+- ZeRO calls the client optimizer once per parameter group, inside ``backward()``: every
+  optimizer step's maskings carry that step's number, and the logged rates follow the schedule.
+- The negative control masks ZeRO-3's partitions as if each started at element 0: rank 1's
+  dropped set is then wrong and the comparison fails.
+- A DeepSpeed config with an ``optimizer`` block and a plain ``Trainer`` with
+  ``DropGradCallback``: DropGrad wraps DeepSpeed's own optimizer after its initialisation and
+  is exact too.
+- Resume: a run resumed from the ZeRO-2 checkpoint at step 2 ends bit-identical to the
+  uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("deepspeed")
+
+from tests.test_distributed import ROOT
+from tests.test_fsdp2 import FACTORS, Runs, launch, oracle_dropped, unchanged
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = ROOT / "tests" / "distributed_scripts" / "deepspeed_train.py"
+# zero2 first: zero2-resume resumes from its checkpoint
+TWO = ["zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset"]
+EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, monkeypatch_module) -> Runs:
+    out = tmp_path_factory.mktemp("deepspeed_two")
+    launch([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", "{port}", str(SCRIPT), str(out), *TWO,
+    ], timeout=900)
+    return Runs(out)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Runs:
+    out = tmp_path_factory.mktemp("deepspeed_one")
+    launch([sys.executable, str(SCRIPT), str(out), "single", "single-callback"])
+    return Runs(out)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_dropped_elements_equal_the_one_process_run_and_the_oracle(
+    two: Runs, one: Runs, name: str
+) -> None:
+    single, run = one("single-callback" if "callback" in name else "single"), two(name)
+    assert run["engine"] == "DeepSpeedZeroOptimizer" + ("_Stage3" if "zero3" in name else "")
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        oracle = oracle_dropped(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (name, step, n)
+            assert torch.equal(want[n], oracle[n] | single["zero_grads"][step][n]), (step, n)
+        for n, value in single["params"][step].items():
+            torch.testing.assert_close(run["params"][step][n], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_partitions_start_inside_parameters(two: Runs, name: str) -> None:
+    """The hard case happened: rank 1's share of some parameter starts past its element 0
+    (ZeRO-1/2: a parameter straddles the two ranks' partitions; ZeRO-3: every parameter)."""
+    segments = two(name, 1)["segments"]
+    assert segments
+    offsets = [offset for _, _, _, offset in segments]
+    if name == "zero3":
+        assert all(offset > 0 for offset in offsets)
+    else:
+        assert any(offset > 0 for offset in offsets)
+        assert sum(1 for o in offsets if o > 0) <= 2  # one straddling parameter per group
+
+
+@pytest.mark.parametrize("name", TWO)
+def test_ranks_agree(two: Runs, name: str) -> None:
+    r0, r1 = two(name, 0), two(name, 1)
+    for step, params in enumerate(r0["params"]):
+        for n, value in params.items():
+            assert torch.equal(value, r1["params"][step][n]), (name, step, n)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_one_step_key_per_optimizer_step_and_scheduled_module_rates(two: Runs, name: str) -> None:
+    run = two(name)
+    assert run["global_step"] == run["step_count"] == 4
+    steps = [m["step"] for m in run["maskings"]]
+    # one masking per parameter group (the Trainer makes two: with and without weight decay)
+    assert sorted(set(steps)) == [0, 1, 2, 3] and steps == sorted(steps)
+    for masking in run["maskings"]:
+        factor = FACTORS[masking["step"]]
+        assert masking["rates"] == pytest.approx({"encoder": 0.1 * factor, "decoder": 0.3 * factor})
+    # what the Trainer logged after each step: the next step's rates
+    logged = [r["dropgrad_rate/encoder"] for r in run["logged_rates"]]
+    assert logged == pytest.approx([0.1 * f for f in [*FACTORS[1:], 0.25]])
+
+
+def test_an_optimizer_block_is_wrapped_after_deepspeed_built_it(two: Runs) -> None:
+    run = two("zero2-callback")
+    assert run["inner"] == "SGD"  # DeepSpeed's own, built from the config's optimizer block
+
+
+def test_negative_control_masking_partitions_without_their_offset_is_caught(
+    two: Runs, one: Runs
+) -> None:
+    single, wrong = one("single"), two("zero3-nooffset")
+    differing = sum(
+        (unchanged(single, 0)[n] != unchanged(wrong, 0)[n]).sum().item() for n in single["initial"]
+    )
+    assert differing > 100
+
+
+def test_resume_from_a_zero2_checkpoint_ends_where_the_uninterrupted_run_does(two: Runs) -> None:
+    resumed, straight = two("zero2-resume"), two("zero2")
+    assert resumed["global_step"] == 4 and len(resumed["params"]) == 2
+    assert next(m["step"] for m in resumed["maskings"]) == 2
+    for n, value in straight["params"][-1].items():
+        assert torch.equal(resumed["params"][-1][n], value), n
