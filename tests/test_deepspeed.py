@@ -1,6 +1,6 @@
 """Exact DropGrad under DeepSpeed ZeRO-1/2/3 through the ``Trainer``: 2 gloo processes.
 
-One ``torchrun`` launch of ``tests/distributed_scripts/deepspeed_train.py`` runs every
+One ``torchrun`` launch of ``tests/distributed_scripts/sharded_trainer.py`` runs every
 2-process case (``DS_ACCELERATOR=cpu``; the first DeepSpeed run on a machine builds a C++ op,
 about 90 s) and one plain ``python`` run the 1-process reference without DeepSpeed (see the
 script for the setup). What is compared, and why:
@@ -24,47 +24,39 @@ script for the setup). What is compared, and why:
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from tests.test_distributed import ROOT
-from tests.test_fsdp2 import FACTORS, Runs, launch, oracle_dropped, unchanged
+from tests.sharded_helpers import (
+    FACTORS,
+    TRAINER_SCRIPT,
+    Runs,
+    launch,
+    oracle_dropped,
+    torchrun,
+    unchanged,
+)
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = ROOT / "tests" / "distributed_scripts" / "deepspeed_train.py"
 # zero2 first: zero2-resume resumes from its checkpoint
 TWO = ["zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset"]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, monkeypatch_module) -> Runs:
+def two(tmp_path_factory) -> Runs:
     out = tmp_path_factory.mktemp("deepspeed_two")
-    launch([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", "{port}", str(SCRIPT), str(out), *TWO,
-    ], timeout=900)
+    launch(torchrun(TRAINER_SCRIPT, out, *TWO), timeout=900, DS_ACCELERATOR="cpu")
     return Runs(out)
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DS_ACCELERATOR", "cpu")
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def one(tmp_path_factory) -> Runs:
-    out = tmp_path_factory.mktemp("deepspeed_one")
-    launch([sys.executable, str(SCRIPT), str(out), "single", "single-callback"])
-    return Runs(out)
+def one(trainer_one_process) -> Runs:
+    return trainer_one_process
 
 
 @pytest.mark.parametrize("name", EXACT)

@@ -14,6 +14,10 @@ compared, and why:
   is then wrong, and the same comparison fails.
 - Full update drop with AdamW (momentum and weight decay move every element): the frozen
   elements are the dropped ones, the same in 1 and 2 processes.
+- Through the ``Trainer``: a ``DropGradTrainer`` under FSDP2 prepared by Accelerate (forced
+  on this CPU machine, see ``tests/distributed_scripts/sharded_trainer.py``), which replaces the
+  parameters in the optimizer's ``param_groups`` by their shards after DropGrad resolved the
+  per-module rates: the dropped elements equal those of a 1-process ``DropGradTrainer`` run.
 - Resume: 2 steps, a checkpoint of the full parameters and ``DropGrad.state_dict()``, a new
   model sharded again and a new ``DropGrad`` with another seed, 2 more steps: bit-identical to
   the uninterrupted run.
@@ -21,55 +25,35 @@ compared, and why:
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from hf_dropgrad import functional as F
-from tests.test_distributed import ROOT, free_port, subprocess_env
+from tests.sharded_helpers import (
+    FACTORS,
+    ROOT,
+    TRAINER_SCRIPT,
+    Runs,
+    launch,
+    oracle_dropped,
+    torchrun,
+    unchanged,
+)
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = ROOT / "tests" / "distributed_scripts" / "fsdp2_train.py"
 TWO = ["sgd", "sgd-nooffset", "adamw-fud", "sgd-resume"]
 ONE = ["sgd", "adamw-fud"]
-SEED = 7
-# linear schedule 0.2 -> 0.05 over 4 steps: each module's rate times r(k) / r(0)
-FACTORS = [1.0, 0.8125, 0.625, 0.4375]
-
-
-def launch(cmd: list[str], timeout: int = 600) -> None:
-    env = subprocess_env()
-    for _ in range(2):  # a second try only if another job took the port in between
-        proc = subprocess.run(
-            [arg.replace("{port}", str(free_port())) for arg in cmd], cwd=ROOT, env=env,
-            capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
-class Runs:
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def __call__(self, name: str, rank: int = 0) -> dict:
-        return torch.load(self.out / f"{name}.rank{rank}.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Runs:
     out = tmp_path_factory.mktemp("fsdp2_two")
-    launch([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", "{port}", str(SCRIPT), str(out), *TWO,
-    ])
+    launch(torchrun(SCRIPT, out, *TWO))
     return Runs(out)
 
 
@@ -78,24 +62,6 @@ def one(tmp_path_factory) -> Runs:
     out = tmp_path_factory.mktemp("fsdp2_one")
     launch([sys.executable, str(SCRIPT), str(out), *ONE])
     return Runs(out)
-
-
-def unchanged(run: dict, step: int) -> dict[str, torch.Tensor]:
-    """Per parameter, where its value did not change at ``step``."""
-    before = run["initial"] if step == 0 else run["params"][step - 1]
-    return {n: run["params"][step][n] == before[n] for n in before}
-
-
-def oracle_dropped(run: dict, step: int) -> dict[str, torch.Tensor]:
-    """The full-parameter masks of a step, drawn by the reference for each parameter."""
-    out = {}
-    rates = run["maskings"][step]["per_parameter"]  # every parameter has a rate, in position order
-    for index, name in enumerate(rates):
-        shape = run["initial"][name].shape
-        threshold = F.drop_threshold(rates[name])
-        keep = F.keep_mask_reference(shape.numel(), F.derive_key(SEED, step, index), threshold)
-        out[name] = ~keep.view(shape)
-    return out
 
 
 def test_the_two_process_run_is_really_sharded(two: Runs) -> None:
@@ -179,3 +145,34 @@ def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_does(two: Run
     for step in range(4):
         for name, value in straight["params"][step].items():
             assert torch.equal(resumed["params"][step][name], value), (step, name)
+
+
+@pytest.fixture(scope="module")
+def trainer_two(tmp_path_factory) -> Runs:
+    out = tmp_path_factory.mktemp("fsdp2_trainer")
+    launch(torchrun(TRAINER_SCRIPT, out, "fsdp2"))
+    return Runs(out)
+
+
+def test_trainer_under_accelerate_fsdp2_equals_the_one_process_trainer(
+    trainer_two: Runs, trainer_one_process: Runs
+) -> None:
+    run, single = trainer_two("fsdp2"), trainer_one_process("single")
+    # Accelerate really sharded, and swapped the DTensor shards into the optimizer in place
+    assert run["placements"]["shared.weight"] == "(Shard(dim=0),)"
+    assert run["optimizer_params"] == ["DTensor"]
+    assert run["global_step"] == run["step_count"] == 4
+    assert [m["step"] for m in run["maskings"]] == [0, 1, 2, 3]
+    for masking, factor in zip(run["maskings"], FACTORS):
+        assert masking["rates"] == pytest.approx({"encoder": 0.1 * factor, "decoder": 0.3 * factor})
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        oracle = oracle_dropped(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (step, n)
+            assert torch.equal(want[n], oracle[n] | single["zero_grads"][step][n]), (step, n)
+        for n, value in single["params"][step].items():
+            torch.testing.assert_close(run["params"][step][n], value, atol=1e-6, rtol=0)
+    r1 = trainer_two("fsdp2", 1)
+    for n, value in run["params"][-1].items():
+        assert torch.equal(value, r1["params"][-1][n]), n

@@ -1,8 +1,9 @@
-"""DeepSpeed ZeRO runs through the ``Trainer``, launched by ``tests/test_deepspeed.py``.
+"""DeepSpeed ZeRO and FSDP2 runs through the ``Trainer``, launched by ``tests/test_deepspeed.py``
+and ``tests/test_fsdp2.py``.
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 \\
-        tests/distributed_scripts/deepspeed_train.py OUT RUN [RUN ...]     # 2 gloo processes
-    python tests/distributed_scripts/deepspeed_train.py OUT single  # 1 process, no DeepSpeed
+        tests/distributed_scripts/sharded_trainer.py OUT RUN [RUN ...]     # 2 gloo processes
+    python tests/distributed_scripts/sharded_trainer.py OUT single  # 1 process, no DeepSpeed
 
 Every run trains a tiny T5 (built from a config, dropout off) for 4 optimizer steps of SGD
 without momentum (``--optim sgd``, constant LR, no clipping) on the same global batches: 8
@@ -23,6 +24,12 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-resume``: resumes from ``zero2``'s checkpoint at step 2 and trains to step 4.
 - ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
   bug the offsets prevent): the negative control.
+- ``fsdp2`` (a launch of its own): a ``DropGradTrainer`` under FSDP2 through Accelerate
+  (``fsdp_config={"version": 2}``). Accelerate never picks FSDP on a CPU-only machine (it
+  silently runs DDP), so the run forces the choice (``PartialState._prepare_backend`` returns
+  gloo and ``MULTI_GPU``; ``ACCELERATE_TORCH_DEVICE=cpu``), and ties T5's embeddings as
+  module attributes so ``fully_shard`` shards one tensor. Accelerate then replaces the
+  parameters inside the optimizer's ``param_groups`` with their ``DTensor`` shards.
 - ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step;
   ``single-callback``: a plain ``Trainer`` with ``DropGradCallback`` and an SGD over
   ``model.parameters()`` (one group, model order, as DeepSpeed's optimizer block builds it:
@@ -83,8 +90,19 @@ def deepspeed_config(stage: int, optimizer_block: bool) -> dict:
     return config
 
 
-def gathered(model: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
+def force_fsdp_on_cpu() -> None:
+    """Make Accelerate choose FSDP on a CPU-only machine (it would silently run DDP)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    PartialState._prepare_backend = lambda self, *a, **k: ("gloo", DistributedType.MULTI_GPU)
+
+
+def gathered(model: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
     params = list(model.named_parameters())
+    if any(hasattr(p, "full_tensor") for _, p in params):  # FSDP2
+        return {n: p.full_tensor().detach().clone() for n, p in params}
     if stage == 3:
         import deepspeed
 
@@ -100,17 +118,32 @@ def run(name: str, out: Path, rank: int) -> dict:
 
     kind, *variant = name.split("-")
     stage = int(kind[4:]) if kind.startswith("zero") else None
+    fsdp: dict = {}
+    if kind == "fsdp2":
+        force_fsdp_on_cpu()
+        fsdp = dict(fsdp="full_shard", fsdp_config={
+            "version": 2, "transformer_layer_cls_to_wrap": ["T5Block"],
+        })
     if stage == 2 and "callback" not in variant:
         config: dict | str = str(DEEPSPEED_JSON)  # the shipped example, "auto" fields and all
     else:
         config = deepspeed_config(stage or 0, "callback" in variant)
     model = tiny_t5()  # before the arguments, so ZeRO-3 does not build it partitioned
+    if fsdp:  # one tied tensor for fully_shard to shard, not three module attributes
+        model.encoder.embed_tokens = model.decoder.embed_tokens = model.shared
     record: dict = {"params": [], "zero_grads": [], "maskings": []}
 
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             dropgrad = get_dropgrad(optimizer)
             record["initial"] = gathered(model, stage)
+            # what the optimizer steps: under FSDP2 Accelerate swapped in the DTensor shards
+            record["optimizer_params"] = sorted({
+                type(p).__name__ for g in dropgrad.param_groups for p in g["params"]
+            })
+            record["placements"] = {
+                n: str(getattr(p, "placements", None)) for n, p in model.named_parameters()
+            }
             layout = dropgrad._layout  # (start in partition, numel, position, offset) runs
             record["segments"] = [] if layout is None else [
                 run for runs in layout.segments.values() for run in runs
@@ -134,10 +167,10 @@ def run(name: str, out: Path, rank: int) -> dict:
     resume = "resume" in variant
     args = TrainingArguments(
         output_dir=str(out / (f"{kind}-ckpt" if kind == "zero2" else name)),
-        per_device_train_batch_size=PER_DEVICE * (2 if stage is None else 1),
+        per_device_train_batch_size=PER_DEVICE * (2 if stage is None and not fsdp else 1),
         max_steps=MAX_STEPS, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
-        max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True,
-        report_to="none", seed=7, logging_steps=1, disable_tqdm=True,
+        max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=not fsdp,
+        report_to="none", seed=7, logging_steps=1, disable_tqdm=True, **fsdp,
         save_strategy="steps" if name == "zero2" else "no", save_steps=2,
         save_only_model=False, average_tokens_across_devices=False,
         deepspeed=None if stage is None else config,

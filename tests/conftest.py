@@ -1,0 +1,19 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def trainer_one_process(tmp_path_factory):
+    """The 1-process Trainer runs (no engine) that the FSDP2 and DeepSpeed Trainer runs are
+    compared with; one launch for both test modules (see sharded_trainer.py)."""
+    pytest.importorskip("transformers")
+    from tests.sharded_helpers import TRAINER_SCRIPT, Runs, launch
+
+    out = tmp_path_factory.mktemp("trainer_one_process")
+    launch([sys.executable, str(TRAINER_SCRIPT), str(out), "single", "single-callback"])
+    return Runs(out)
