@@ -15,5 +15,6 @@ def trainer_one_process(tmp_path_factory):
     from tests.sharded_helpers import TRAINER_SCRIPT, Runs, launch
 
     out = tmp_path_factory.mktemp("trainer_one_process")
-    launch([sys.executable, str(TRAINER_SCRIPT), str(out), "single", "single-callback"])
+    runs = ["single", "single-callback", "single-fud"]
+    launch([sys.executable, str(TRAINER_SCRIPT), str(out), *runs])
     return Runs(out)

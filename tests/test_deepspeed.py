@@ -18,6 +18,8 @@ script for the setup). What is compared, and why:
 - A DeepSpeed config with an ``optimizer`` block and a plain ``Trainer`` with
   ``DropGradCallback``: DropGrad wraps DeepSpeed's own optimizer after its initialisation and
   is exact too.
+- Full update drop with AdamW (whose momentum moves every element that is not frozen): the
+  frozen elements of ZeRO-2's and ZeRO-3's fp32 partitions are those of the 1-process run.
 - Resume: a run resumed from the ZeRO-2 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
 """
@@ -43,7 +45,10 @@ from tests.sharded_helpers import (
 pytestmark = pytest.mark.slow
 
 # zero2 first: zero2-resume resumes from its checkpoint
-TWO = ["zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset"]
+TWO = [
+    "zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset", "zero2-fud",
+    "zero3-fud",
+]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
 
@@ -133,3 +138,20 @@ def test_resume_from_a_zero2_checkpoint_ends_where_the_uninterrupted_run_does(tw
     assert next(m["step"] for m in resumed["maskings"]) == 2
     for n, value in straight["params"][-1].items():
         assert torch.equal(resumed["params"][-1][n], value), n
+
+
+@pytest.mark.parametrize("name", ["zero2-fud", "zero3-fud"])
+def test_full_update_drop_freezes_the_elements_of_the_one_process_run(
+    two: Runs, one: Runs, name: str
+) -> None:
+    single, run = one("single-fud"), two(name)
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        oracle = oracle_dropped(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (name, step, n)
+            # every dropped element is frozen (others may stay put too: Adam leaves an element
+            # whose gradient has always been zero where it is)
+            assert not (oracle[n] & ~want[n]).any(), (step, n)
+    for n, value in single["params"][-1].items():
+        torch.testing.assert_close(run["params"][-1][n], value, atol=1e-4, rtol=0)

@@ -21,6 +21,9 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-callback``: a plain ``Trainer`` plus ``DropGradCallback``, and an ``optimizer`` block
   in the DeepSpeed config (DeepSpeed builds its own SGD): DropGrad wraps it after DeepSpeed's
   initialisation.
+- ``zero2-fud``, ``zero3-fud`` (and ``single-fud``): AdamW (``--optim adamw_torch``) with full
+  update drop: the frozen elements of each step are the dropped ones, whatever Adam's momentum
+  does; under ZeRO they are restored in the fp32 partitions before DeepSpeed copies them out.
 - ``zero2-resume``: resumes from ``zero2``'s checkpoint at step 2 and trains to step 4.
 - ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
   bug the offsets prevent): the negative control.
@@ -168,7 +171,8 @@ def run(name: str, out: Path, rank: int) -> dict:
     args = TrainingArguments(
         output_dir=str(out / (f"{kind}-ckpt" if kind == "zero2" else name)),
         per_device_train_batch_size=PER_DEVICE * (2 if stage is None and not fsdp else 1),
-        max_steps=MAX_STEPS, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
+        max_steps=MAX_STEPS, learning_rate=LR if "fud" not in variant else 1e-2,
+        optim="adamw_torch" if "fud" in variant else "sgd", lr_scheduler_type="constant",
         max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=not fsdp,
         report_to="none", seed=7, logging_steps=1, disable_tqdm=True, **fsdp,
         save_strategy="steps" if name == "zero2" else "no", save_steps=2,
@@ -199,7 +203,8 @@ def run(name: str, out: Path, rank: int) -> dict:
                 optimizers = (torch.optim.SGD(model.parameters(), lr=LR), None)
             trainer = Trainer(**common, callbacks=[callback, Record()], optimizers=optimizers)
         else:
-            trainer = DropGradTrainer(**common, callbacks=[Record()], **SETTINGS)
+            settings = dict(SETTINGS, dropgrad_full_update_drop="fud" in variant)
+            trainer = DropGradTrainer(**common, callbacks=[Record()], **settings)
         checkpoint = str(out / "zero2-ckpt" / "checkpoint-2") if resume else None
         trainer.train(resume_from_checkpoint=checkpoint)
         dropgrad = get_dropgrad(trainer)
