@@ -20,6 +20,11 @@ script for the setup). What is compared, and why:
   is exact too.
 - Full update drop with AdamW (whose momentum moves every element that is not frozen): the
   frozen elements of ZeRO-2's and ZeRO-3's fp32 partitions are those of the 1-process run.
+- Gradient accumulation (2 micro-batches of 2 per process): one mask per optimizer step, on
+  the accumulated partition, and the dropped elements of every step are the 1-process run's.
+  (The Trainer's update itself is then twice the 1-process one under DeepSpeed, with or
+  without DropGrad: a loss-scaling matter of Trainer + DeepSpeed, checked here so that a
+  change shows up.)
 - Resume: a run resumed from the ZeRO-2 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
 """
@@ -47,7 +52,7 @@ pytestmark = pytest.mark.slow
 # zero2 first: zero2-resume resumes from its checkpoint
 TWO = [
     "zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset", "zero2-fud",
-    "zero3-fud",
+    "zero3-fud", "zero2-ga2",
 ]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
@@ -155,3 +160,18 @@ def test_full_update_drop_freezes_the_elements_of_the_one_process_run(
             assert not (oracle[n] & ~want[n]).any(), (step, n)
     for n, value in single["params"][-1].items():
         torch.testing.assert_close(run["params"][-1][n], value, atol=1e-4, rtol=0)
+
+
+def test_gradient_accumulation_masks_once_per_optimizer_step(two: Runs, one: Runs) -> None:
+    single, run = one("single"), two("zero2-ga2")
+    assert run["global_step"] == 4
+    assert sorted({m["step"] for m in run["maskings"]}) == [0, 1, 2, 3]
+    assert len(run["maskings"]) == 8  # two groups, not two micro-batches
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (step, n)
+    name = "decoder.block.0.layer.0.SelfAttention.q.weight"
+    ours = run["params"][0][name] - run["initial"][name]
+    theirs = single["params"][0][name] - single["initial"][name]
+    torch.testing.assert_close(ours, 2 * theirs, atol=1e-6, rtol=1e-4)

@@ -170,7 +170,9 @@ def run(name: str, out: Path, rank: int) -> dict:
     resume = "resume" in variant
     args = TrainingArguments(
         output_dir=str(out / (f"{kind}-ckpt" if kind == "zero2" else name)),
-        per_device_train_batch_size=PER_DEVICE * (2 if stage is None and not fsdp else 1),
+        per_device_train_batch_size=PER_DEVICE * (2 if stage is None and not fsdp else 1)
+        // (2 if "ga2" in variant else 1),
+        gradient_accumulation_steps=2 if "ga2" in variant else 1,
         max_steps=MAX_STEPS, learning_rate=LR if "fud" not in variant else 1e-2,
         optim="adamw_torch" if "fud" in variant else "sgd", lr_scheduler_type="constant",
         max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=not fsdp,
