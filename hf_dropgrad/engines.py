@@ -27,7 +27,9 @@ from typing import Any
 
 from hf_dropgrad import sharding
 
-__all__ = ["check_supported_setup", "install_under_deepspeed", "zero_optimizer"]
+__all__ = [
+    "attach_deepspeed", "check_supported_setup", "install_under_deepspeed", "zero_optimizer",
+]
 
 
 def _deepspeed_config(args: Any, state: Any) -> dict | None:
@@ -138,6 +140,40 @@ def install_under_deepspeed(zero: Any, dropgrad: Any, build: Callable[[Any], Any
         zero.optimizer = dropgrad
     sharding.attach_deepspeed(zero, dropgrad)
     return dropgrad
+
+
+def attach_deepspeed(optimizer: Any) -> Any:
+    """Make the ``DropGrad`` inside a DeepSpeed engine's optimizer exact, in your own loop.
+
+    The ``Trainer`` layer does this by itself. In a plain DeepSpeed loop, pass a ``DropGrad``
+    as the optimizer and call this once after ``deepspeed.initialize``; ``engine.step()`` then
+    masks ZeRO's partitions at their offsets and advances DropGrad's step once per optimizer
+    step.
+
+    Args:
+        optimizer: the engine's optimizer (``engine.optimizer``), or any ``.optimizer`` chain
+            around DeepSpeed's ZeRO optimizer.
+
+    Returns:
+        The ``DropGrad``.
+
+    Example::
+
+        >>> opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-4), drop_rate=0.1)
+        >>> engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        >>> attach_deepspeed(engine.optimizer)
+    """
+    from hf_dropgrad.optimizer import get_dropgrad
+
+    zero = zero_optimizer(optimizer)
+    dropgrad = get_dropgrad(optimizer)
+    if zero is None or dropgrad is None:
+        raise ValueError(
+            "attach_deepspeed needs a DeepSpeed ZeRO (stage 1-3) optimizer whose client optimizer "
+            "is a DropGrad: pass optimizer=DropGrad(...) to deepspeed.initialize and then "
+            "engine.optimizer here"
+        )
+    return install_under_deepspeed(zero, dropgrad, build=lambda optimizer: None)
 
 
 def check_parameters(dropgrad: Any) -> None:

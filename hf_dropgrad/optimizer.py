@@ -343,7 +343,17 @@ class DropGrad(Optimizer):
         if self._layout is not None:
             yield from self._layout.pieces(self.optimizer.param_groups)
             return
-        for index, p in enumerate(self._all_params()):
+        params = list(self._all_params())
+        if len(params) != self._num_params:
+            # Positions key the masks: with other tensors in param_groups they would be wrong.
+            raise RuntimeError(
+                f"DropGrad was built over {self._num_params} parameters but its optimizer now "
+                f"holds {len(params)} tensors. An engine replaced them (DeepSpeed ZeRO steps "
+                "flat partitions): the Trainer handles that; in your own DeepSpeed loop call "
+                "hf_dropgrad.engines.attach_deepspeed(engine.optimizer) after "
+                "deepspeed.initialize. To add parameters, use DropGrad.add_param_group."
+            )
+        for index, p in enumerate(params):
             yield index, sharding.local_target(p)
 
     def _set_layout(self, layout: sharding.ZeroLayout | None) -> None:

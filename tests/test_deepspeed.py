@@ -25,6 +25,8 @@ script for the setup). What is compared, and why:
   (The Trainer's update itself is then twice the 1-process one under DeepSpeed, with or
   without DropGrad: a loss-scaling matter of Trainer + DeepSpeed, checked here so that a
   change shows up.)
+- A plain DeepSpeed loop (no Trainer) with ``hf_dropgrad.engines.attach_deepspeed``: ZeRO-2
+  and ZeRO-3 equal the 1-process run whose optimizer holds the parameters in the same order.
 - Resume: a run resumed from the ZeRO-2 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
 """
@@ -52,7 +54,7 @@ pytestmark = pytest.mark.slow
 # zero2 first: zero2-resume resumes from its checkpoint
 TWO = [
     "zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset", "zero2-fud",
-    "zero3-fud", "zero2-ga2",
+    "zero3-fud", "zero2-ga2", "loop-zero2", "loop-zero3",
 ]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
@@ -175,3 +177,16 @@ def test_gradient_accumulation_masks_once_per_optimizer_step(two: Runs, one: Run
     ours = run["params"][0][name] - run["initial"][name]
     theirs = single["params"][0][name] - single["initial"][name]
     torch.testing.assert_close(ours, 2 * theirs, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["loop-zero2", "loop-zero3"])
+def test_plain_deepspeed_loop_with_attach_deepspeed(two: Runs, one: Runs, name: str) -> None:
+    single, run = one("single-callback"), two(name)
+    assert run["step_count"] == 4  # ZeRO's step advanced it once per optimizer step
+    assert [m["step"] for m in run["maskings"]] == [0, 1, 2, 3]
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (name, step, n)
+        for n, value in single["params"][step].items():
+            torch.testing.assert_close(run["params"][step][n], value, atol=1e-6, rtol=0)

@@ -33,6 +33,9 @@ A RUN is ``zero<stage>[-<variant>]``:
   gloo and ``MULTI_GPU``; ``ACCELERATE_TORCH_DEVICE=cpu``), and ties T5's embeddings as
   module attributes so ``fully_shard`` shards one tensor. Accelerate then replaces the
   parameters inside the optimizer's ``param_groups`` with their ``DTensor`` shards.
+- ``loop-zero2``, ``loop-zero3``: a plain DeepSpeed loop (``deepspeed.initialize`` with a
+  ``DropGrad`` as its optimizer, ``hf_dropgrad.engines.attach_deepspeed``); its optimizer holds
+  the parameters in model order, like ``single-callback``.
 - ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step;
   ``single-callback``: a plain ``Trainer`` with ``DropGradCallback`` and an SGD over
   ``model.parameters()`` (one group, model order, as DeepSpeed's optimizer block builds it:
@@ -227,12 +230,55 @@ def run(name: str, out: Path, rank: int) -> dict:
     return record
 
 
+def run_loop(name: str) -> dict:
+    """``loop-zero<stage>``: a plain DeepSpeed loop (no Trainer) around a ``DropGrad`` made exact
+    by ``hf_dropgrad.engines.attach_deepspeed``; compare with ``single-callback``."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from hf_dropgrad import DropGrad, LinearDropRateScheduler
+    from hf_dropgrad.engines import attach_deepspeed
+
+    stage = int(name.split("-")[1][4:])
+    model = tiny_t5()
+    dropgrad = DropGrad(
+        torch.optim.SGD(model.parameters(), lr=LR), drop_rate=0.2,
+        params={"encoder": 0.1, "decoder": 0.3}, model=model, seed=7,
+        drop_rate_scheduler=LinearDropRateScheduler(0.2, 0.05, MAX_STEPS),
+    )
+    record: dict = {"params": [], "maskings": [], "initial": gathered(model, None)}
+    dropgrad.optimizer.register_step_pre_hook(lambda *_: record["maskings"].append({
+        "step": dropgrad.step_count, "per_parameter": dropgrad.current_rates(),
+    }))
+    config = {
+        "train_micro_batch_size_per_gpu": PER_DEVICE, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # as the Trainer runs (max_grad_norm=0)
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=dropgrad, config=config)
+    attach_deepspeed(engine.optimizer)
+    data = rows()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(MAX_STEPS):
+        # the Trainer's order: global step s takes sequences 8s .. 8s+7, 4 per process
+        batch = data[(2 * step + rank) * PER_DEVICE : (2 * step + rank + 1) * PER_DEVICE]
+        ids = torch.stack([r["input_ids"] for r in batch])
+        labels = torch.stack([r["labels"] for r in batch])
+        engine.backward(engine(input_ids=ids, labels=labels).loss)
+        engine.step()
+        record["params"].append(gathered(model, stage))
+    record["step_count"] = dropgrad.step_count
+    record["world_size"] = world
+    return record
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
     for name in sys.argv[2:]:
-        torch.save(run(name, out, rank), out / f"{name}.rank{rank}.pt")
+        record = run_loop(name) if name.startswith("loop-") else run(name, out, rank)
+        torch.save(record, out / f"{name}.rank{rank}.pt")
         print(f"[rank {rank}] {name} done", flush=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
