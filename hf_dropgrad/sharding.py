@@ -265,7 +265,10 @@ def zero_layout(zero: Any, num_params: int) -> ZeroLayout:
             start = 0
             for p in group:
                 size = p.partition_numel()
-                first = size * dist.get_rank(group=p.ds_process_group)
+                rank = getattr(p, "ds_zero_partition_rank", None)
+                if rank is None:
+                    rank = dist.get_rank(group=p.ds_process_group)
+                first = size * rank
                 held = max(0, min(size, p.ds_numel - first))  # the last partition is padded
                 if held:
                     runs.append((start, held, position[id(p)], first))
