@@ -202,8 +202,11 @@ def run_refusal(how: str) -> dict:
     args = TrainingArguments(
         output_dir=SCRATCH.name, per_device_train_batch_size=BATCH, max_steps=2,
         use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        fsdp=True, fsdp_config={"version": 1},
+        fsdp=True, fsdp_config={"version": 2},
     )
+    # FSDP1 cannot even be set up on a CPU-only machine (transformers asks for a GPU in
+    # __post_init__): switch afterwards, so the arguments DropGrad reads ask for FSDP1.
+    args.fsdp_config["version"] = 1
     common = dict(model=model, args=args, train_dataset=sequences(), data_collator=PadToLongest())
     error = None
     trainer = None
