@@ -252,6 +252,7 @@ def test_plain_loop_masks_fsdp2_shards_and_refuses_other_placements() -> None:
     )
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "FSDP2 MASKED " in proc.stdout
+    assert "HSDP MASKED (Replicate(), Shard(dim=0))" in proc.stdout
     assert proc.stdout.count("REFUSED Shard(1): ") == 2
     assert "REFUSED Partial: " in proc.stdout
 

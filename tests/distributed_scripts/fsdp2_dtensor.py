@@ -7,6 +7,7 @@ and to build other placements with ``distribute_tensor``. Prints one line per ca
 
 - ``FSDP2 MASKED <n>``: a ``fully_shard``-ed model's ``Shard(0)`` gradients are masked as the
   full parameters' (``n`` dropped elements, equal to the reference mask's count);
+- ``HSDP MASKED <placements>``: the same with a replica dimension (``Replicate``, ``Shard(0)``);
 - ``REFUSED Shard(1): <message>``: a parameter sharded on dimension 1 (tensor parallel) is
   refused by ``check_param`` and by ``step()`` before anything changes;
 - ``REFUSED Partial: <message>``: a ``Partial`` (not yet reduced) gradient is refused.
@@ -63,6 +64,20 @@ def main() -> int:
         F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
         assert torch.equal(grad.full_tensor(), want)
         print(f"FSDP2 MASKED {int((want == 0).sum())}", flush=True)
+
+        # HSDP: a replica dimension (Replicate) around the shard dimension is exact too
+        torch.manual_seed(0)
+        hsdp = torch.nn.Linear(8, 16)
+        mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+        fully_shard(hsdp, mesh=mesh2)
+        hsdp_opt = DropGrad(torch.optim.SGD(hsdp.parameters(), lr=0.1), drop_rate=0.5, seed=1)
+        hsdp(torch.randn(4, 8)).sum().backward()
+        before = hsdp.weight.grad.full_tensor().clone()
+        hsdp_opt.step()
+        want = before.clone()
+        F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
+        assert torch.equal(hsdp.weight.grad.full_tensor(), want)
+        print(f"HSDP MASKED {hsdp.weight.placements}", flush=True)
 
         ok = True
         w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
