@@ -27,7 +27,7 @@ script for the setup). What is compared, and why:
   change shows up.)
 - A plain DeepSpeed loop (no Trainer) with ``hf_dropgrad.engines.attach_deepspeed``: ZeRO-2
   and ZeRO-3 equal the 1-process run whose optimizer holds the parameters in the same order.
-- Resume: a run resumed from the ZeRO-2 checkpoint at step 2 ends bit-identical to the
+- Resume: a run resumed from the ZeRO-2 or ZeRO-3 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
 """
 
@@ -54,7 +54,7 @@ pytestmark = pytest.mark.slow
 # zero2 first: zero2-resume resumes from its checkpoint
 TWO = [
     "zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset", "zero2-fud",
-    "zero3-fud", "zero2-ga2", "loop-zero2", "loop-zero3",
+    "zero3-fud", "zero2-ga2", "loop-zero2", "loop-zero3", "zero3-resume",
 ]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
@@ -139,12 +139,16 @@ def test_negative_control_masking_partitions_without_their_offset_is_caught(
     assert differing > 100
 
 
-def test_resume_from_a_zero2_checkpoint_ends_where_the_uninterrupted_run_does(two: Runs) -> None:
-    resumed, straight = two("zero2-resume"), two("zero2")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_does(
+    two: Runs, stage: int
+) -> None:
+    resumed, straight = two(f"zero{stage}-resume"), two(f"zero{stage}")
     assert resumed["global_step"] == 4 and len(resumed["params"]) == 2
     assert next(m["step"] for m in resumed["maskings"]) == 2
-    for n, value in straight["params"][-1].items():
-        assert torch.equal(resumed["params"][-1][n], value), n
+    for step in (2, 3):
+        for n, value in straight["params"][step].items():
+            assert torch.equal(resumed["params"][step - 2][n], value), (step, n)
 
 
 @pytest.mark.parametrize("name", ["zero2-fud", "zero3-fud"])

@@ -24,7 +24,8 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-fud``, ``zero3-fud`` (and ``single-fud``): AdamW (``--optim adamw_torch``) with full
   update drop: the frozen elements of each step are the dropped ones, whatever Adam's momentum
   does; under ZeRO they are restored in the fp32 partitions before DeepSpeed copies them out.
-- ``zero2-resume``: resumes from ``zero2``'s checkpoint at step 2 and trains to step 4.
+- ``zero2-resume``, ``zero3-resume``: resume from ``zero2``'s / ``zero3``'s checkpoint at
+  step 2 (``zero2`` and ``zero3`` save one) and train to step 4.
 - ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
   bug the offsets prevent): the negative control.
 - ``fsdp2`` (a launch of its own): a ``DropGradTrainer`` under FSDP2 through Accelerate
@@ -172,7 +173,7 @@ def run(name: str, out: Path, rank: int) -> dict:
 
     resume = "resume" in variant
     args = TrainingArguments(
-        output_dir=str(out / (f"{kind}-ckpt" if kind == "zero2" else name)),
+        output_dir=str(out / (f"{kind}-ckpt" if kind in ("zero2", "zero3") else name)),
         per_device_train_batch_size=PER_DEVICE * (2 if stage is None and not fsdp else 1)
         // (2 if "ga2" in variant else 1),
         gradient_accumulation_steps=2 if "ga2" in variant else 1,
@@ -180,7 +181,7 @@ def run(name: str, out: Path, rank: int) -> dict:
         optim="adamw_torch" if "fud" in variant else "sgd", lr_scheduler_type="constant",
         max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=not fsdp,
         report_to="none", seed=7, logging_steps=1, disable_tqdm=True, **fsdp,
-        save_strategy="steps" if name == "zero2" else "no", save_steps=2,
+        save_strategy="steps" if name in ("zero2", "zero3") else "no", save_steps=2,
         save_only_model=False, average_tokens_across_devices=False,
         deepspeed=None if stage is None else config,
     )
@@ -210,7 +211,7 @@ def run(name: str, out: Path, rank: int) -> dict:
         else:
             settings = dict(SETTINGS, dropgrad_full_update_drop="fud" in variant)
             trainer = DropGradTrainer(**common, callbacks=[Record()], **settings)
-        checkpoint = str(out / "zero2-ckpt" / "checkpoint-2") if resume else None
+        checkpoint = str(out / f"{kind}-ckpt" / "checkpoint-2") if resume else None
         trainer.train(resume_from_checkpoint=checkpoint)
         dropgrad = get_dropgrad(trainer)
         record["step_count"] = dropgrad.step_count
