@@ -27,11 +27,14 @@ script for the setup). What is compared, and why:
   change shows up.)
 - A plain DeepSpeed loop (no Trainer) with ``hf_dropgrad.engines.attach_deepspeed``: ZeRO-2
   and ZeRO-3 equal the 1-process run whose optimizer holds the parameters in the same order.
+- The shipped ``examples/accelerate_configs/deepspeed_zero2.yaml`` under ``accelerate launch``.
 - Resume: a run resumed from the ZeRO-2 or ZeRO-3 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -41,6 +44,7 @@ pytest.importorskip("deepspeed")
 
 from tests.sharded_helpers import (
     FACTORS,
+    ROOT,
     TRAINER_SCRIPT,
     Runs,
     launch,
@@ -63,6 +67,18 @@ EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 def two(tmp_path_factory) -> Runs:
     out = tmp_path_factory.mktemp("deepspeed_two")
     launch(torchrun(TRAINER_SCRIPT, out, *TWO), timeout=900, DS_ACCELERATOR="cpu")
+    return Runs(out)
+
+
+@pytest.fixture(scope="module")
+def accelerate_two(tmp_path_factory) -> Runs:
+    """The shipped GPU config, as a user launches it (DeepSpeed runs on the CPU here)."""
+    out = tmp_path_factory.mktemp("deepspeed_accelerate")
+    launch([
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "examples" / "accelerate_configs" / "deepspeed_zero2.yaml"),
+        "--main_process_port", "{port}", str(TRAINER_SCRIPT), str(out), "zero2-accelerate",
+    ], timeout=900, DS_ACCELERATOR="cpu")
     return Runs(out)
 
 
@@ -194,3 +210,19 @@ def test_plain_deepspeed_loop_with_attach_deepspeed(two: Runs, one: Runs, name: 
             assert torch.equal(got[n], want[n]), (name, step, n)
         for n, value in single["params"][step].items():
             torch.testing.assert_close(run["params"][step][n], value, atol=1e-6, rtol=0)
+
+
+def test_the_shipped_accelerate_deepspeed_config_is_exact(
+    accelerate_two: Runs, one: Runs
+) -> None:
+    """``accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml``
+    (which points at ``ds_zero2.json``, "auto" fields and all) with a Trainer that names no
+    DeepSpeed config itself."""
+    single, run = one("single"), accelerate_two("zero2-accelerate")
+    assert run["engine"] == "DeepSpeedZeroOptimizer"
+    for step in range(4):
+        got, want = unchanged(run, step), unchanged(single, step)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (step, n)
+    for n, value in single["params"][-1].items():
+        torch.testing.assert_close(run["params"][-1][n], value, atol=1e-6, rtol=0)

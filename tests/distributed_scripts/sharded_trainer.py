@@ -21,6 +21,9 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-callback``: a plain ``Trainer`` plus ``DropGradCallback``, and an ``optimizer`` block
   in the DeepSpeed config (DeepSpeed builds its own SGD): DropGrad wraps it after DeepSpeed's
   initialisation.
+- ``zero2-accelerate``: no ``deepspeed=`` argument; launched with ``accelerate launch
+  --config_file examples/accelerate_configs/deepspeed_zero2.yaml``, the shipped config (and
+  its ``ds_zero2.json``) choose DeepSpeed, as for a user.
 - ``zero2-fud``, ``zero3-fud`` (and ``single-fud``): AdamW (``--optim adamw_torch``) with full
   update drop: the frozen elements of each step are the dropped ones, whatever Adam's momentum
   does; under ZeRO they are restored in the fp32 partitions before DeepSpeed copies them out.
@@ -131,7 +134,9 @@ def run(name: str, out: Path, rank: int) -> dict:
         fsdp = dict(fsdp="full_shard", fsdp_config={
             "version": 2, "transformer_layer_cls_to_wrap": ["T5Block"],
         })
-    if stage == 2 and "callback" not in variant:
+    if "accelerate" in variant:
+        config = None  # from the launcher: examples/accelerate_configs/deepspeed_zero2.yaml
+    elif stage == 2 and "callback" not in variant:
         config: dict | str = str(DEEPSPEED_JSON)  # the shipped example, "auto" fields and all
     else:
         config = deepspeed_config(stage or 0, "callback" in variant)
