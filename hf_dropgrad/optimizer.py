@@ -10,6 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
+from hf_dropgrad import kernels
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
 __all__ = ["DropGrad", "get_dropgrad"]
@@ -92,6 +93,7 @@ class DropGrad(Optimizer):
             )
         if not isinstance(full_update_drop, bool):
             raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
+        kernels.requested_backend()  # an unknown HF_DROPGRAD_BACKEND fails before training
         if seed is None:
             seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):

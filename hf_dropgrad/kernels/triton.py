@@ -5,8 +5,9 @@ counters in registers (SplitMix64 in ``uint64``), spreads the four 16-bit lanes 
 a ``[4, 1024]`` block, and loads, masks and stores the tensor's elements that fall in that chunk.
 Each gradient is read once and written once; there are no temporaries and no host-device
 synchronisation (keys, thresholds, scales and offsets are kernel arguments). One launch per
-tensor. The bits equal the C++ kernel's and the reference's; NaN results may differ in their
-payload only (the C++ kernel writes canonical NaNs).
+tensor. The bits equal the C++ kernel's and the reference's (bfloat16 is rounded in the kernel
+by c10's rule, canonical NaN included; float16 NaNs may differ from the C++ kernel's in payload
+only).
 
 Full update drop (:func:`gather_dropped`, :func:`scatter_dropped`): a counting pass writes the
 number of dropped elements of each chunk, ``torch.cumsum`` turns the counts into offsets on the
@@ -38,9 +39,16 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+# Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when this module is imported.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+
+
 def interpreting() -> bool:
-    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels run in Triton's interpreter, which takes CPU tensors.
+
+    Fixed when the module is imported: set ``TRITON_INTERPRET=1`` before that.
+    """
+    return _INTERPRETING
 
 
 def num_chunks(numel: int, offset: int = 0) -> int:
@@ -72,15 +80,25 @@ def _chunk_index(chunk, offset):
 
 
 @triton.jit(do_not_specialize=["numel", "offset", "first_chunk", "key_lo", "key_hi", "threshold"])
-def _mask_kernel(ptr, numel, offset, first_chunk, key_lo, key_hi, threshold, scale):
+def _mask_kernel(ptr, numel, offset, first_chunk, key_lo, key_hi, threshold, scale,
+                 BF16: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64) + first_chunk
     key = (key_hi.to(tl.uint64) << 32) | key_lo.to(tl.uint64)
     keep = _chunk_bits(key, chunk) >= threshold
     index = _chunk_index(chunk, offset)
     valid = (index >= 0) & (index < numel)
-    g = tl.load(ptr + index, mask=valid, other=0.0)
     factor = tl.where(keep, scale, 0.0)
-    tl.store(ptr + index, (g.to(tl.float32) * factor).to(ptr.dtype.element_ty), mask=valid)
+    if BF16:
+        # bfloat16 travels as int16 bits and is rounded here exactly as c10::BFloat16(float)
+        # (round to nearest even, NaN -> 0x7FC0), the C++ kernel's rule, on every platform.
+        raw = tl.load(ptr + index, mask=valid, other=0).to(tl.uint16).to(tl.uint32)
+        v = (raw << 16).to(tl.float32, bitcast=True) * factor
+        u = v.to(tl.uint32, bitcast=True)
+        r = tl.where(v != v, 0x7FC0, (u + ((u >> 16) & 1) + 0x7FFF) >> 16)
+        tl.store(ptr + index, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=valid)
+    else:
+        g = tl.load(ptr + index, mask=valid, other=0.0)
+        tl.store(ptr + index, (g.to(tl.float32) * factor).to(ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit(do_not_specialize=["numel", "offset", "first_chunk", "key_lo", "key_hi", "threshold"])
@@ -173,9 +191,11 @@ def mask_(
         if numel == 0 or (t == 0 and float(scale) == 1.0):
             continue
         lo, hi = _key_halves(key)
+        bf16 = g.dtype == torch.bfloat16
         with torch.device(g.device):
             _mask_kernel[_grid(numel, off)](
-                g, numel, off, off // CHUNK, lo, hi, t, float(scale), num_warps=4
+                g.view(torch.int16) if bf16 else g, numel, off, off // CHUNK, lo, hi, t,
+                float(scale), BF16=bf16, num_warps=4,
             )
 
 
