@@ -55,7 +55,7 @@ def test_cuda_masks_equal_the_cpu_kernel_bit_for_bit(dtype: torch.dtype) -> None
                 oracle.assert_matches(gpu, want, f"{numel} {offset} {key} {t}")
 
 
-def test_one_launch_per_gradient_and_no_host_synchronisation() -> None:
+def test_one_launch_for_all_gradients_and_no_host_synchronisation() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     grads = [torch.randn(n, device="cuda") for n in (1, 5000, 70000, 3_000_000)]
@@ -76,8 +76,9 @@ def test_one_launch_per_gradient_and_no_host_synchronisation() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         F.mask_(grads, *args)
         torch.cuda.synchronize()
-    kernels_run = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels_run) == len(grads), kernels_run
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("_mask_kernel" in name for name in names) == 1, names
+    assert len([n for n in names if "memcpy" not in n.lower()]) == 1, names
 
 
 def _train(device: str, full_update_drop: bool) -> list[torch.Tensor]:

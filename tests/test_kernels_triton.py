@@ -107,3 +107,18 @@ def test_cpu_tensors_are_taken_only_by_the_interpreter() -> None:
     K.mask_([g], [1], [65536], [0.0])
     assert not g.any()
     assert np.array_equal(g.numpy(), np.zeros(10, dtype=np.float32))
+
+
+def test_one_launch_finds_every_tensor_of_a_long_list() -> None:
+    """The binary search over the table: many tensors, empty and skipped ones among them."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(0, 9000, (37,), generator=gen).tolist()
+    sizes[3], sizes[20] = 0, 1
+    grads = [oracle.grad(n, torch.float32, seed=n) for n in sizes]
+    keys = [2**64 - 1 - 31 * i for i in range(len(sizes))]
+    thresholds = [0 if i % 9 == 4 else 6554 * (1 + i % 9) for i in range(len(sizes))]
+    offsets = [(4096 * i + 17 * i) % 10000 for i in range(len(sizes))]
+    batch = [_on(g.clone()) for g in grads]
+    K.mask_(batch, keys, thresholds, [oracle.scale(t) for t in thresholds], offsets)
+    for got, g, key, t, off in zip(batch, grads, keys, thresholds, offsets):
+        oracle.assert_matches(got, oracle.expected(g, key, t, oracle.scale(t), off), f"{key}")
