@@ -74,6 +74,7 @@ def test_auto_takes_cpp_on_cpu_and_the_reference_for_the_rest(
     assert kernels.choose(torch.ones(3, dtype=torch.float64)) == "torch"
     assert kernels.choose(torch.ones(3, dtype=torch.float64), "pack") == expected
     assert kernels.choose(torch.ones(3, device="meta")) == "torch"
+    assert kernels.choose(torch.ones(3, 4).t(), "pack") == "torch"  # no full-size copy
     monkeypatch.setenv(kernels.ENV, "  AUTO ")
     assert kernels.requested_backend() == "auto"
 
