@@ -26,6 +26,7 @@ the test suite checks them bit for bit on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from array import array
 from collections.abc import Sequence
@@ -177,6 +178,11 @@ def _check_device(tensor: torch.Tensor, name: str) -> None:
         )
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _key_halves(key: int) -> tuple[int, int]:
     key = int(key) & MASK64
     return key & 0xFFFFFFFF, key >> 32
@@ -239,7 +245,7 @@ def mask_(
         else:
             packed = packed.clone()  # own the memory: the array is freed on return
         rows = len(index) * _ROW
-        with torch.device(device):
+        with _on_device(device):
             _mask_kernel[(starts[-1],)](
                 packed[:rows], packed[rows:], len(index),
                 SEARCH_STEPS=max(1, len(index).bit_length()), KIND=kind, num_warps=4,
@@ -282,7 +288,7 @@ def gather_dropped(
     if chunks == 0:
         return torch.empty(0, dtype=tensor.dtype, device=tensor.device), starts
     lo, hi = _key_halves(key)
-    with torch.device(tensor.device):
+    with _on_device(tensor.device):
         _count_kernel[(chunks,)](starts[1:], n, offset, offset // CHUNK, lo, hi, t)
         torch.cumsum(starts, 0, out=starts)
         total = int(starts[-1])  # sizing the output is the one host-device synchronisation
@@ -322,7 +328,7 @@ def scatter_dropped(
     if chunks == 0 or values.numel() == 0:
         return
     lo, hi = _key_halves(key)
-    with torch.device(tensor.device):
+    with _on_device(tensor.device):
         _move_kernel[(chunks,)](
             _raw(tensor), _raw(values), starts, n, offset, offset // CHUNK, lo, hi, int(threshold),
             GATHER=False,
