@@ -1,10 +1,17 @@
-"""Fixtures shared by the test modules."""
+"""Session set-up and fixtures shared by every test module."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+import torch
+
+# Triton decides at import whether its kernels run interpreted. Without a GPU the triton backend
+# is tested on CPU tensors through the interpreter; with one, on CUDA tensors, compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ backend    module                                      runs on
 
 ``HF_DROPGRAD_BACKEND`` selects one: ``auto`` (the default) takes ``cpp`` for CPU tensors,
 ``triton`` for CUDA tensors when Triton imports, and ``torch`` for everything else (other
-devices, float64 gradients, tensor subclasses). A forced backend that cannot take a tensor raises
+devices, float64 gradients, tensor subclasses, and full update drop of a non-contiguous
+parameter). A forced backend that cannot take a tensor raises
 :class:`BackendUnavailableError` instead of falling back: asking for a backend and silently
 getting another would hide exactly what the setting is for. Every backend is bit-identical to the
 reference (NaN payloads aside).
@@ -156,6 +157,10 @@ def choose(tensor: torch.Tensor, purpose: Purpose = "mask") -> str:
         device = tensor.device.type
         candidate = "cpp" if device == "cpu" else "triton" if device == "cuda" else None
         if candidate is None or _why_not(candidate, tensor, purpose) is not None:
+            return "torch"
+        if purpose == "pack" and not tensor.is_contiguous():
+            # A fused backend would pack a contiguous copy (a full-size temporary of the
+            # parameter); the reference's 1-byte mask of it costs less.
             return "torch"
         return candidate
     reason = _why_not(requested, tensor, purpose)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 __all__ = ["MAX_OFFSET", "check_offset", "check_offsets"]
@@ -13,10 +14,10 @@ MAX_OFFSET = 1 << 62
 
 def check_offset(offset: int, name: str = "offset") -> int:
     """``offset`` as an int in ``[0, 2**62)``, or a ``TypeError`` / ``ValueError`` naming it."""
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    if not isinstance(offset, int) or isinstance(offset, bool):
         try:
-            import operator
-
+            if isinstance(offset, bool):
+                raise TypeError
             offset = operator.index(offset)  # numpy / torch integer scalars
         except TypeError:
             raise TypeError(
