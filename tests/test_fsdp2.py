@@ -68,7 +68,8 @@ def test_the_two_process_run_is_really_sharded(two: Runs) -> None:
     run = two("sgd")
     assert run["world_size"] == 2
     assert run["placements"]["shared.weight"] == "(Shard(dim=0),)"
-    assert run["local_numels"]["shared.weight"] == 64 * 16 // 2
+    assert run["local_numels"]["shared.weight"] == 32 * 16  # of 63 rows: the last shard is 31
+    assert two("sgd", 1)["local_numels"]["shared.weight"] == 31 * 16
 
 
 def test_dropped_elements_equal_the_one_process_run_and_the_oracle(two: Runs, one: Runs) -> None:

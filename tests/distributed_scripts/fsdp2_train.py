@@ -8,9 +8,9 @@ same global batches: 8 sequences of one length per step, so each of 2 processes 
 them and the mean of the two processes' mean losses is the 1-process mean loss. DropGrad
 runs with ``{"encoder": 0.1, "decoder": 0.3}`` (0.2 for the rest) scaled by a linear schedule
 0.2 -> 0.05. With 2 processes the model is ``fully_shard``-ed (each T5 block, then the root) on
-``init_device_mesh("cpu", (2,))``: parameters and gradients are ``Shard(0)`` ``DTensor``s, and
-the shards of ``shared.weight`` (64 rows) and of the 32-row matrices are unequal in neither
-process but the 48-element norms split 24/24, and vectors of odd size would be uneven too.
+``init_device_mesh("cpu", (2,))``: parameters and gradients are ``Shard(0)`` ``DTensor``s. The
+vocabulary has 63 tokens, so ``shared.weight`` (63 x 16, tied to the LM head) splits into 32
+rows on rank 0 and a shorter last shard of 31 rows on rank 1.
 
 A RUN is one of:
 
@@ -53,7 +53,7 @@ def tiny_t5() -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = T5Config(
-        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        vocab_size=63, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
         num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
     )
     return T5ForConditionalGeneration(cfg)
