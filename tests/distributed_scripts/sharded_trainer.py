@@ -5,7 +5,9 @@ and ``tests/test_fsdp2.py``.
         tests/distributed_scripts/sharded_trainer.py OUT RUN [RUN ...]     # 2 gloo processes
     python tests/distributed_scripts/sharded_trainer.py OUT single  # 1 process, no DeepSpeed
 
-Every run trains a tiny T5 (built from a config, dropout off) for 4 optimizer steps of SGD
+Every run trains a tiny T5 (built from a config, dropout off, odd sizes — 63 x 15 embedding,
+15-element layer norms — so that ZeRO-3's last partitions are padded and FSDP2's last shards
+shorter) for 4 optimizer steps of SGD
 without momentum (``--optim sgd``, constant LR, no clipping) on the same global batches: 8
 sequences of one length per step (4 per process with 2 processes), so the mean of the two
 processes' mean losses is the 1-process mean loss (``average_tokens_across_devices=False``:
@@ -76,7 +78,7 @@ def tiny_t5() -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = T5Config(
-        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        vocab_size=63, d_model=15, d_kv=8, d_ff=33, num_layers=1, num_decoder_layers=1,
         num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
     )
     return T5ForConditionalGeneration(cfg)
