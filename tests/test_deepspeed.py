@@ -27,6 +27,8 @@ script for the setup). What is compared, and why:
   change shows up.)
 - A plain DeepSpeed loop (no Trainer) with ``hf_dropgrad.engines.attach_deepspeed``: ZeRO-2
   and ZeRO-3 equal the 1-process run whose optimizer holds the parameters in the same order.
+- bf16: the fp32 master gradients are masked, so with SGD every dropped element's bf16 value
+  stays put (the oracle's drops are a subset of the unchanged elements, while most others move).
 - The shipped ``examples/accelerate_configs/deepspeed_zero2.yaml`` under ``accelerate launch``.
 - Resume: a run resumed from the ZeRO-2 or ZeRO-3 checkpoint at step 2 ends bit-identical to the
   uninterrupted run.
@@ -58,7 +60,7 @@ pytestmark = pytest.mark.slow
 # zero2 first: zero2-resume resumes from its checkpoint
 TWO = [
     "zero1", "zero2", "zero3", "zero2-callback", "zero2-resume", "zero3-nooffset", "zero2-fud",
-    "zero3-fud", "zero2-ga2", "loop-zero2", "loop-zero3", "zero3-resume",
+    "zero3-fud", "zero2-ga2", "loop-zero2", "loop-zero3", "zero3-resume", "zero2-bf16",
 ]
 EXACT = ["zero1", "zero2", "zero3", "zero2-callback"]
 
@@ -226,3 +228,15 @@ def test_the_shipped_accelerate_deepspeed_config_is_exact(
             assert torch.equal(got[n], want[n]), (step, n)
     for n, value in single["params"][-1].items():
         torch.testing.assert_close(run["params"][-1][n], value, atol=1e-6, rtol=0)
+
+
+def test_bf16_masks_the_fp32_master_gradients(two: Runs) -> None:
+    run = two("zero2-bf16")
+    assert {v.dtype for v in run["params"][0].values()} == {torch.bfloat16}
+    for step in range(4):
+        frozen = unchanged(run, step)
+        oracle = oracle_dropped(run, step)
+        moved = sum((~v).sum().item() for v in frozen.values())
+        assert moved > 0.5 * sum(v.numel() for v in frozen.values())
+        for n in frozen:
+            assert not (oracle[n] & ~frozen[n]).any(), (step, n)

@@ -29,6 +29,8 @@ A RUN is ``zero<stage>[-<variant>]``:
 - ``zero2-fud``, ``zero3-fud`` (and ``single-fud``): AdamW (``--optim adamw_torch``) with full
   update drop: the frozen elements of each step are the dropped ones, whatever Adam's momentum
   does; under ZeRO they are restored in the fp32 partitions before DeepSpeed copies them out.
+- ``zero2-bf16``: ``--bf16`` (``ds_zero2.json``'s ``"bf16": "auto"`` turns DeepSpeed's bf16 on):
+  the model trains in bf16 and DropGrad masks ZeRO's fp32 master gradients.
 - ``zero2-resume``, ``zero3-resume``: resume from ``zero2``'s / ``zero3``'s checkpoint at
   step 2 (``zero2`` and ``zero3`` save one) and train to step 4.
 - ``zero3-nooffset``: ZeRO-3 with every partition masked as if it started at element 0 (the
@@ -189,7 +191,7 @@ def run(name: str, out: Path, rank: int) -> dict:
         max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=not fsdp,
         report_to="none", seed=7, logging_steps=1, disable_tqdm=True, **fsdp,
         save_strategy="steps" if name in ("zero2", "zero3") else "no", save_steps=2,
-        save_only_model=False, average_tokens_across_devices=False,
+        save_only_model=False, average_tokens_across_devices=False, bf16="bf16" in variant,
         deepspeed=None if stage is None else config,
     )
     if "nooffset" in variant:
