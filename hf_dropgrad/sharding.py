@@ -66,13 +66,6 @@ class Piece:
     def grad(self) -> torch.Tensor | None:
         return self._grad_of()
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def numel(self) -> int:
-        return self.data.numel()
-
     def __repr__(self) -> str:
         return f"Piece(numel={self.data.numel()}, offset={self.offset})"
 

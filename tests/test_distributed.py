@@ -1,4 +1,5 @@
-"""Data parallel with real processes (SPEC §6), and the refused setups (FSDP, DeepSpeed).
+"""Data parallel with real processes, and the setups refused at the start of training (FSDP1,
+DeepSpeed without ZeRO under fp16/bf16). FSDP2 and ZeRO: tests/test_fsdp2.py, test_deepspeed.py.
 
 The multi-process tests launch ``tests/distributed_scripts/ddp_train.py`` (see its docstring
 for the setup) with ``accelerate launch --config_file examples/accelerate_configs/cpu_ddp.yaml``:
