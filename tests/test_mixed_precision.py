@@ -180,7 +180,8 @@ def test_fp16_trainer_masks_every_step_over_once_unscaled_grads(tmp_path, how: s
     if how == "optimizers":
         inner = torch.optim.SGD(model.parameters(), lr=0.1)
         dropgrad = DropGrad(inner, drop_rate=RATE, seed=SEED)
-        trainer = DropGradTrainer(**common, optimizers=(dropgrad, None), dropgrad_rate=RATE)
+        # used as it is: DropGrad settings next to it would be an error
+        trainer = DropGradTrainer(**common, optimizers=(dropgrad, None))
     elif how == "trainer":
         trainer = DropGradTrainer(**common, dropgrad_rate=RATE)
     else:

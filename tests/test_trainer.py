@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -83,17 +84,42 @@ def common(tmp_path: Path, **kw) -> dict:
     return base
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def caplog_transformers():
+    """What is logged through transformers' logging (its root logger does not propagate)."""
+    handler = _Collect()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    verbosity = transformers.logging.get_verbosity()  # Trainer sets it from --log_level
+    yield handler
+    root.removeHandler(handler)
+    transformers.logging.set_verbosity(verbosity)
+
+
 def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_seq2seq_with_module_rates_logs_rates_and_prints_the_table(tmp_path, capsys) -> None:
+def test_seq2seq_with_module_rates_logs_rates_and_the_table(tmp_path, caplog_transformers) -> None:
     args = DropGradSeq2SeqTrainingArguments(
         **common(tmp_path, max_steps=4), dropgrad_module_rates="encoder=0.1,decoder=0.2"
     )
     trainer = DropGradSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
     trainer.train()
-    out = capsys.readouterr().out
+    out = caplog_transformers.text
     assert "DropGrad rates" in out and "encoder" in out and "decoder" in out
     dropgrad = get_dropgrad(trainer)
     assert isinstance(dropgrad, DropGrad) and dropgrad.step_count == 4
@@ -120,8 +146,8 @@ def test_schedule_length_defaults_to_the_run_and_is_logged(tmp_path) -> None:
     )
     trainer.train()
     logged = [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e]
-    # logs are written after step k, so they show the rate of the next step
-    assert logged == pytest.approx([0.3, 0.2, 0.1, 0.0])
+    # each log shows the rate its step used, as learning_rate does
+    assert logged == pytest.approx([0.4, 0.3, 0.2, 0.1])
     assert get_dropgrad(trainer).drop_rate_scheduler.num_steps == 4
 
 
@@ -191,8 +217,7 @@ def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
     custom = CustomLossTrainer(
         model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
     )
-    callback = DropGradCallback(module_rates="encoder=0.3,decoder=0.5")
-    custom.add_callback(callback)
+    callback = DropGradCallback(module_rates="encoder=0.3,decoder=0.5").attach(custom)
     custom.train()
     assert custom.callback_handler.callbacks[0] is callback  # runs before the reporters
     assert callback.dropgrad is get_dropgrad(custom)
@@ -299,7 +324,7 @@ def test_bad_settings_fail_before_training(tmp_path) -> None:
     assert "encoder" in str(info.value)  # the closest real name is suggested
     with pytest.raises(ValueError, match="drop_rate"):
         DropGradCallback(drop_rate=1.5)
-    with pytest.raises(ValueError, match="drop_rate must be a number in"):
+    with pytest.raises(ValueError, match=r"dropgrad_rate=\.\.\.\): must be a number in"):
         DropGradTrainer(
             model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
             dropgrad_rate="high",
@@ -329,14 +354,14 @@ def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_maski
     from accelerate.optimizer import AcceleratedOptimizer
 
     from hf_dropgrad.callbacks import install_dropgrad
-    from hf_dropgrad.training_args import DropGradConfig
+    from hf_dropgrad.settings import DropGradSettings
 
     Accelerator(cpu=True)
     model = torch.nn.Linear(64, 64)
     inner = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
-    dropgrad = install_dropgrad(accelerated, model, DropGradConfig(drop_rate=0.5, seed=0), 10)
+    dropgrad = install_dropgrad(accelerated, model, DropGradSettings(drop_rate=0.5, seed=0), 10)
     assert accelerated.optimizer is dropgrad and dropgrad.optimizer is inner
     scaler.scale(model(torch.ones(2, 64)).sum()).backward()
     accelerated.step()
@@ -372,3 +397,207 @@ def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
     assert set(dropgrad.current_rates().values()) == {0.3}
     assert all(n.startswith("transformer.h.") for n in dropgrad.current_rates())
     assert [e["dropgrad_rate/transformer.h"] for e in trainer.state.log_history if "loss" in e]
+
+
+# -- issue 13: honest logs, no silent overrides, messages that name what the user passed --------
+
+
+class RecordLogs(TrainerCallback):
+    """Stands in for a reporting callback (console, TensorBoard, W&B): keeps what `on_log` sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
+
+
+def test_logged_rate_is_the_rate_the_logged_step_used(tmp_path) -> None:
+    # A step's learning_rate is logged as the value that step used; dropgrad_rate follows suit.
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=4, logging_steps=1),
+        dropgrad_rate=0.8, dropgrad_scheduler="linear", dropgrad_final_rate=0.0,
+    )
+    reporter = RecordLogs()
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data(),
+        callbacks=[reporter],
+    )
+    used = []
+
+    class MeasureDrop(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            used.append(get_dropgrad(trainer).drop_rate_scheduler.rate_at(state.global_step))
+
+    trainer.add_callback(MeasureDrop())
+    trainer.train()
+    logged = [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert logged == pytest.approx(used)
+    assert [e["dropgrad_rate"] for e in reporter.seen if "loss" in e] == pytest.approx(logged)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_create_optimizer_and_scheduler_by_hand(tmp_path, kind: str) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=6), dropgrad_rate=0.4, dropgrad_scheduler=kind,
+    )
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    dropgrad = get_dropgrad(trainer.optimizer)
+    assert dropgrad is not None and dropgrad.drop_rate_scheduler.num_steps == 6
+    trainer.train()  # the optimizer built by hand is the one that trains
+    assert get_dropgrad(trainer) is dropgrad and dropgrad.step_count == 6
+
+
+def test_dropgrad_passed_through_optimizers_conflicts_with_dropgrad_settings(tmp_path) -> None:
+    model = tiny_bert_classifier()
+    mine = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.0)
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_rate=1.0,
+        dropgrad_module_rates={"bert.encoder": 1.0},
+    )
+    with pytest.raises(ValueError, match="optimizers=") as info:
+        DropGradTrainer(
+            model=model, args=args, train_dataset=classification_data(), optimizers=(mine, None)
+        )
+    assert "--dropgrad_rate" in str(info.value) and "--dropgrad_module_rates" in str(info.value)
+    # The callback on another Trainer: refused before the first step, naming its keyword.
+    trainer = Trainer(
+        model=model, args=TrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(), optimizers=(mine, None),
+    )
+    trainer.add_callback(DropGradCallback(drop_rate=0.5))
+    before = params_of(model)
+    with pytest.raises(ValueError, match="drop_rate="):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dropgrad_passed_through_optimizers_is_used_and_named_after_the_model(
+    tmp_path, caplog_transformers
+) -> None:
+    model = tiny_bert_classifier()
+    mine = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.25)
+    trainer = DropGradTrainer(
+        model=model, args=DropGradTrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(), optimizers=(mine, None),
+    )
+    trainer.train()
+    assert get_dropgrad(trainer) is mine
+    names = list(mine.current_rates())
+    assert names == [n for n, p in model.named_parameters() if p.requires_grad]
+    table = caplog_transformers.text
+    assert "bert.embeddings.word_embeddings.weight" in table
+    assert [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e] == [0.25]
+
+
+def _comparable(history: list[dict]) -> list[dict]:
+    timing = ("runtime", "per_second")
+    return [{k: v for k, v in e.items() if not any(t in k for t in timing)} for e in history]
+
+
+@pytest.mark.parametrize("use_dropgrad_args", [True, False])
+def test_dropgrad_off_is_indistinguishable_from_trainer(tmp_path, use_dropgrad_args) -> None:
+    kw = common(tmp_path, max_steps=4, logging_steps=1)
+    ref_reporter, reporter = RecordLogs(), RecordLogs()
+    ref = Trainer(
+        model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+        train_dataset=classification_data(), callbacks=[ref_reporter],
+    )
+    ref.train()
+    args = DropGradTrainingArguments(**kw) if use_dropgrad_args else TrainingArguments(**kw)
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data(),
+        callbacks=[reporter],
+    )
+    trainer.train()
+    assert _comparable(trainer.state.log_history) == _comparable(ref.state.log_history)
+    assert _comparable(reporter.seen) == _comparable(ref_reporter.seen)
+    for a, b in zip(ref.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_pattern_matching_only_frozen_parameters_says_so(tmp_path) -> None:
+    model = tiny_bert_classifier()
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_module_rates="embeddings=0.1"
+    )
+    with pytest.raises(ValueError, match="do not train") as info:
+        DropGradTrainer(model=model, args=args, train_dataset=classification_data())
+    assert "--dropgrad_module_rates" in str(info.value)
+    assert "no close name" not in str(info.value)
+
+
+def test_messages_name_what_the_user_passed(tmp_path) -> None:
+    trainer = Trainer(
+        model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(),
+    )
+    trainer.add_callback(DropGradCallback(module_rates={"encodr": 0.1}))
+    # Each message starts with what the user wrote: the flag, or the call and its keyword.
+    with pytest.raises(ValueError, match=r"^DropGradCallback\(module_rates=\.\.\.\): ") as info:
+        trainer.train()
+    assert "params" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^DropGradTrainer\(dropgrad_rate=\.\.\.\): must be"):
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
+            dropgrad_rate=1.5,
+        )
+    with pytest.raises(ValueError, match=r"^DropGradCallback\(drop_rate=\.\.\.\): must be"):
+        DropGradCallback(drop_rate=1.5)
+    with pytest.raises(ValueError, match=r"^--dropgrad_rate: must be"):
+        DropGradTrainingArguments(**common(tmp_path), dropgrad_rate=1.5)
+
+
+def test_unused_setting_warns_once_naming_the_flag(tmp_path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = DropGradTrainingArguments(
+            **common(tmp_path, max_steps=2), dropgrad_rate=0.1, dropgrad_final_rate=0.2
+        )
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+        ).train()
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert len(ignored) == 1 and "--dropgrad_final_rate" in ignored[0], ignored
+
+
+@pytest.mark.parametrize(
+    "log_level, shown", [("passive", True), ("info", True), ("warning", False), ("error", False)]
+)
+def test_rate_table_goes_through_transformers_logging(
+    tmp_path, caplog_transformers, log_level: str, shown: bool
+) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=1, log_level=log_level), dropgrad_rate=0.1
+    )
+    DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    ).train()
+    assert ("DropGrad rates" in caplog_transformers.text) is shown
+
+
+def test_callback_added_with_add_callback_trains_the_same_and_says_how_to_attach(
+    tmp_path, caplog_transformers
+) -> None:
+    kw = common(tmp_path, max_steps=2, logging_steps=1)
+    attached = Trainer(model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+                       train_dataset=classification_data())
+    DropGradCallback(drop_rate=0.3).attach(attached)
+    attached.train()
+    added = Trainer(model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+                    train_dataset=classification_data())
+    added.add_callback(DropGradCallback(drop_rate=0.3))
+    added.train()
+    assert "attach(trainer)" in caplog_transformers.text
+    for a, b in zip(attached.model.parameters(), added.model.parameters()):
+        assert torch.equal(a, b)
+    rates = lambda t: [e["dropgrad_rate"] for e in t.state.log_history if "loss" in e]
+    assert rates(added) == rates(attached) == [0.3, 0.3]
