@@ -1,4 +1,5 @@
-"""Mixed precision and the step path (SPEC §5): fp16 with a GradScaler, bf16 gradients.
+"""Mixed precision and the step path (docs/design.md, "Invariants"): fp16 with a GradScaler,
+bf16 gradients.
 
 fp16 on the CPU: Accelerate 1.15 has no fp16 there (``Accelerator(mixed_precision="fp16",
 cpu=True)`` makes no ``GradScaler`` and no autocast). The tests give it a CPU

@@ -56,7 +56,7 @@ def _dropgrad_values(args) -> dict:
 @pytest.mark.parametrize("cls", [DropGradTrainingArguments, DropGradSeq2SeqTrainingArguments])
 def test_fields_defaults_and_order(cls, base) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
-    # Exactly the §9 fields are added, after every field of the parent class.
+    # Exactly the public dropgrad_* fields are added, after every field of the parent class.
     parent = Seq2SeqTrainingArguments if "Seq2Seq" in cls.__name__ else TrainingArguments
     assert names[: -len(DROPGRAD_FIELDS)] == [f.name for f in dataclasses.fields(parent)]
     assert names[-len(DROPGRAD_FIELDS) :] == list(DROPGRAD_FIELDS)
@@ -393,8 +393,12 @@ def test_help_explains_every_flag(cls) -> None:
 @pytest.mark.parametrize("cls", [DropGradTrainingArguments, DropGradSeq2SeqTrainingArguments])
 def test_docstring_documents_every_field(cls) -> None:
     assert "Parameters:" in cls.__doc__
+    doc = " ".join(cls.__doc__.split())
     for name in DROPGRAD_FIELDS:
         assert f"        {name} (`" in cls.__doc__, name
+        # written once, in the field's help: the docstring is generated from it
+        help_text = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+        assert " ".join(help_text.split()) in doc, name
 
 
 # -- Seq2Seq ------------------------------------------------------------------------------------
