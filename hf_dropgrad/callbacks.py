@@ -278,14 +278,25 @@ class DropGradCallback(TrainerCallback):
             level, "DropGrad rates (step %d):\n%s", state.global_step, self.dropgrad.describe()
         )
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # Set the key as early as the step is known: engines that step inside backward()
+        # (DeepSpeed) need it before on_pre_optimizer_step.
+        self._begin_step(state.global_step)
+
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # Gradients are clipped before this event, so max_grad_norm sees unmasked gradients.
+        self._begin_step(state.global_step)
+
+    def _begin_step(self, step: int) -> None:
+        """Make DropGrad's next step be `step`, and remember the rates it uses for its log."""
         if self.dropgrad is not None:
-            self.dropgrad.set_step(state.global_step)
+            self.dropgrad.set_step(step)
             if self._log_rates:
-                self._used_rates = self.log_entries()  # what this step uses, for its log
+                self._used_rates = self.log_entries()
 
     def on_log(
         self,
