@@ -158,23 +158,27 @@ class DropGradCallback(TrainerCallback):
 
     @classmethod
     def from_settings(
-        cls, settings: Mapping[str, Any], names: Mapping[str, str]
+        cls, settings: Mapping[str, Any], names: Mapping[str, str], *, warn: bool = True
     ) -> DropGradCallback:
         """The callback for `settings` (by the names of `__init__`), for integrations.
 
         `names` maps each setting to how messages should call it, as the user wrote it (e.g.
         `{"drop_rate": "DropGradTrainer(dropgrad_rate=...)", ...}`; see
-        `hf_dropgrad.settings.keyword_names`).
+        `hf_dropgrad.settings.keyword_names`). `warn=False` when the settings were already
+        checked for values their schedule ignores (each mistake is reported once).
         """
         callback = cls.__new__(cls)
         callback._init(settings, names)
+        if warn:
+            values = DropGradSettings(**settings, names=callback._names).values()
+            warn_unused(values, callback._names, stacklevel=3)
         return callback
 
     @classmethod
     def from_args(cls, args: TrainingArguments) -> DropGradCallback:
         """The callback for the `dropgrad_*` fields of `args` (messages name their flags)."""
         settings = DropGradSettings.from_args(args)
-        return cls.from_settings(settings.values(), settings.names)
+        return cls.from_settings(settings.values(), settings.names, warn=False)
 
     def settings(self, args: TrainingArguments) -> DropGradSettings:
         """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`."""

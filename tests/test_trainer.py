@@ -409,3 +409,14 @@ def test_unused_setting_warns_once_naming_the_flag(tmp_path) -> None:
         ).train()
     ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
     assert len(ignored) == 1 and "--dropgrad_final_rate" in ignored[0], ignored
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path, max_steps=2)),
+            train_dataset=classification_data(), dropgrad_rate=0.1, dropgrad_final_rate=0.2,
+        ).train()
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert ignored == [
+        "DropGradTrainer(dropgrad_final_rate=...) is ignored with "
+        "DropGradTrainer(dropgrad_scheduler=...) 'constant'."
+    ]
