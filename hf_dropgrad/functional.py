@@ -1,4 +1,4 @@
-"""The maths of DropGrad in one place.
+"""The maths of DropGrad in one place, and the entry points every caller uses.
 
 A gradient element ``g`` becomes ``g * m / (1 - p)`` with ``m ~ Bernoulli(1 - p)``.
 The Bernoulli draws come from a *counter-based* stream: the 16 random bits of element
@@ -16,21 +16,35 @@ realised drop probability is ``threshold / 65536`` (within ``2**-17`` of ``p``) 
 survivors are multiplied by ``65536 / (65536 - threshold)``, the reciprocal of the
 realised keep probability: the masked gradient is unbiased.
 
-Two implementations follow torch.optim's single-tensor / multi-tensor pattern:
-:func:`mask_reference_` (pure torch, any device, the test oracle) and :func:`mask_`
-(one fused, vectorised C++ pass over all CPU gradients when the extension builds,
-the reference otherwise). They agree bit for bit.
+``e`` is a *global* index: every entry point takes the offset of the tensor's first element
+(default 0), so a contiguous shard of a parameter masked with its offset gets exactly the
+decisions of those elements of the full parameter (what sharded engines need).
+
+Two paths follow torch.optim's single-tensor / multi-tensor pattern: :func:`mask_reference_`
+(pure torch, any device, the test oracle) and :func:`mask_` (the fused backends of
+:mod:`hf_dropgrad.kernels`: C++ on CPU, Triton on CUDA, chosen per tensor by
+:func:`hf_dropgrad.kernels.choose`). They agree bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from hf_dropgrad import kernels
+from hf_dropgrad.kernels import reference as _reference
+from hf_dropgrad.kernels.checks import check_offset, check_offsets
+from hf_dropgrad.kernels.stream import CHUNK, GOLDEN, MASK64, RESOLUTION, WIDTH
+from hf_dropgrad.kernels.stream import M1 as _M1
+from hf_dropgrad.kernels.stream import M2 as _M2
+
 __all__ = [
+    "CHUNK",
+    "GOLDEN",
     "RESOLUTION",
+    "WIDTH",
+    "DroppedValues",
     "derive_key",
     "drop_threshold",
     "keep_mask",
@@ -39,24 +53,13 @@ __all__ = [
     "mask_",
     "mask_reference_",
     "mix64",
+    "needs_mask_buffer",
     "random_bits",
     "realised_drop_rate",
+    "save_dropped",
 ]
 
-GOLDEN = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
-_MASK64 = (1 << 64) - 1
-
-#: Random bits per element; the drop probability is a multiple of 1 / RESOLUTION.
-RESOLUTION = 1 << 16
-#: Elements per chunk of the stream, and hashes (counters) per chunk.
-CHUNK = 4096
-WIDTH = 1024
-#: Elements the reference path processes at once (bounds its temporaries).
-_SPAN = 64 * CHUNK
-
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MASK64 = MASK64
 
 
 def mix64(z: int) -> int:
@@ -97,42 +100,11 @@ def keep_scale(threshold: int) -> float:
     return RESOLUTION / (RESOLUTION - threshold)
 
 
-def _signed(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-def _srl(z: torch.Tensor, n: int) -> torch.Tensor:
-    # Logical right shift of int64 data (torch's >> is arithmetic).
-    return (z >> n) & ((1 << (64 - n)) - 1)
-
-
-def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
-    # int64 multiplication wraps modulo 2**64 on every torch backend.
-    z = (z ^ _srl(z, 30)) * _signed(_M1)
-    z = (z ^ _srl(z, 27)) * _signed(_M2)
-    return z ^ _srl(z, 31)
-
-
 def random_bits(
     key: int, start: int, count: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The stream's 16-bit values (as int32) of elements ``start .. start + count - 1``.
-
-    ``start`` must be a multiple of the chunk size (4096).
-    """
-    if start % CHUNK:
-        raise ValueError(f"start must be a multiple of {CHUNK}, got {start}")
-    first_chunk = start // CHUNK
-    n_chunks = -(-count // CHUNK)
-    counters = torch.arange(
-        first_chunk * WIDTH, (first_chunk + n_chunks) * WIDTH, dtype=torch.int64, device=device
-    )
-    h = _mix64_tensor((counters + 1) * _signed(GOLDEN) + _signed(key))
-    shifts = torch.tensor([0, 16, 32, 48], dtype=torch.int64, device=device).view(1, 4, 1)
-    # Arithmetic shifts are fine here: the mask keeps only the low 16 bits.
-    bits = h.view(n_chunks, 1, WIDTH) >> shifts
-    return (bits & 0xFFFF).to(torch.int32).reshape(-1)[:count]
+    """The stream's 16-bit values (as int32) of elements ``start .. start + count - 1``."""
+    return _reference.random_bits(key, start, count, device)
 
 
 def keep_mask_reference(
@@ -142,57 +114,25 @@ def keep_mask_reference(
     device: torch.device | str | None = None,
     *,
     out: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """Boolean keep decisions of ``numel`` elements (pure torch), into ``out`` if given."""
-    if out is None:
-        out = torch.empty(numel, dtype=torch.bool, device=device)
-    out = out.view(-1)
-    for start in range(0, numel, _SPAN):
-        count = min(_SPAN, numel - start)
-        torch.ge(random_bits(key, start, count, device), threshold, out=out[start : start + count])
-    return out
+    """Boolean keep decisions of elements ``offset .. offset + numel - 1`` (pure torch).
 
-
-def mask_reference_(grad: torch.Tensor, key: int, threshold: int, scale: float) -> None:
-    """Mask ``grad`` in place, one span at a time (single-tensor reference path).
-
-    ``float(g) * factor`` is rounded once to ``grad.dtype`` (``float64`` grads are
-    computed in ``float64``), exactly as the compiled kernel does.
+    Filled into ``out`` (a bool tensor of ``numel`` elements) when given.
     """
-    if threshold <= 0:
-        return
-    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    target = grad if grad.is_contiguous() else grad.contiguous()
-    flat = target.view(-1)
-    factor_keep = torch.tensor(scale, dtype=compute, device=grad.device)
-    factor_drop = torch.zeros((), dtype=compute, device=grad.device)
-    for start in range(0, flat.numel(), _SPAN):
-        seg = flat[start : start + _SPAN]
-        keep = random_bits(key, start, seg.numel(), grad.device) >= threshold
-        factor = torch.where(keep, factor_keep, factor_drop)
-        if seg.dtype == compute:
-            seg.mul_(factor)
-        else:
-            seg.copy_(seg.to(compute) * factor)
-    if target is not grad:
-        grad.copy_(target)
+    return _reference.keep_mask(numel, key, threshold, device, out=out, offset=offset)
 
 
-def _kernel() -> Any:
-    """The compiled CPU kernel's module, or ``None`` where it cannot be built."""
-    from hf_dropgrad import _cpu_kernel
+def mask_reference_(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, offset: int = 0
+) -> None:
+    """Mask ``grad`` in place, one span at a time (the single-tensor reference path).
 
-    return _cpu_kernel if _cpu_kernel.load() is not None else None
-
-
-def _use_kernel(grad: torch.Tensor) -> bool:
-    # Exact type: tensor subclasses (DTensor, ...) do not own plain contiguous CPU storage.
-    return (
-        type(grad) is torch.Tensor
-        and grad.device.type == "cpu"
-        and grad.dtype in _FAST_DTYPES
-        and grad.is_contiguous()
-    )
+    ``grad`` holds stream elements ``offset .. offset + numel - 1`` in its logical (row-major)
+    order. ``float(g) * factor`` is rounded once to ``grad.dtype`` (``float64`` grads are
+    computed in ``float64``), exactly as the fused kernels do.
+    """
+    _reference.mask_(grad, key, threshold, scale, offset)
 
 
 def mask_(
@@ -200,29 +140,52 @@ def mask_(
     keys: Sequence[int],
     thresholds: Sequence[int],
     scales: Sequence[float],
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Mask every gradient in place (the vectorised path).
 
-    CPU gradients in fp32/bf16/fp16 go through one call of the fused C++ kernel
-    (random bits, compare and scale in a single pass, no temporaries); anything else
-    (CUDA, float64, non-contiguous, or no compiler) takes :func:`mask_reference_`.
+    Args:
+        grads: the gradients (any device and floating dtype; written in place).
+        keys: one stream key per gradient (:func:`derive_key`).
+        thresholds: drop thresholds in ``[0, 65536]`` (:func:`drop_threshold`).
+        scales: factor of kept elements (:func:`keep_scale`).
+        offsets: global stream index of each gradient's first element, default 0: masking a
+            contiguous slice of a tensor with its offset equals the same slice of the tensor's
+            mask.
+
+    Each gradient goes to the backend :func:`hf_dropgrad.kernels.choose` picks: all CPU
+    gradients in one call of the fused C++ kernel, CUDA gradients through one Triton launch each,
+    the rest through :func:`mask_reference_`. Non-contiguous gradients are masked through a
+    contiguous copy. No host-device synchronisation.
     """
-    fast: list[int] = []
-    kernel = _kernel() if any(_use_kernel(g) for g in grads) else None
+    n = len(grads)
+    offs = check_offsets(offsets, n)
+    if not len(keys) == len(thresholds) == len(scales) == n:
+        raise ValueError(
+            f"grads, keys, thresholds and scales differ in length: "
+            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
+        )
+    fused: dict[str, list[int]] = {}
     for i, grad in enumerate(grads):
         if thresholds[i] <= 0:
             continue
-        if kernel is not None and _use_kernel(grad):
-            fast.append(i)
+        backend = kernels.choose(grad, "mask")
+        if backend == "torch":
+            _reference.mask_(grad, keys[i], thresholds[i], scales[i], offs[i])
         else:
-            mask_reference_(grad, keys[i], thresholds[i], scales[i])
-    if fast:
-        kernel.mask_(
-            [grads[i] for i in fast],
-            [keys[i] for i in fast],
-            [thresholds[i] for i in fast],
-            [scales[i] for i in fast],
+            fused.setdefault(backend, []).append(i)
+    for backend, index in fused.items():
+        tensors = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in index]
+        kernels.backend_module(backend).mask_(
+            tensors,
+            [keys[i] for i in index],
+            [thresholds[i] for i in index],
+            [scales[i] for i in index],
+            [offs[i] for i in index],
         )
+        for i, tensor in zip(index, tensors):
+            if tensor is not grads[i]:
+                grads[i].copy_(tensor)
 
 
 def keep_mask(
@@ -232,32 +195,32 @@ def keep_mask(
     device: torch.device | str | None = None,
     *,
     out: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """Boolean keep decisions of ``numel`` elements on ``device`` (compiled on CPU if possible).
+    """Boolean keep decisions of elements ``offset .. offset + numel - 1`` on ``device``.
 
-    ``out``: a contiguous bool tensor of ``numel`` elements to fill instead of a new one.
+    Made by the C++ kernel on CPU where it is available (and ``HF_DROPGRAD_BACKEND`` is not
+    ``torch``), by the reference otherwise. ``out``: a contiguous bool tensor of ``numel``
+    elements to fill instead of a new one.
     """
-    if torch.device(device or "cpu").type == "cpu":
-        kernel = _kernel()
-        if kernel is not None:
-            return kernel.keep_mask(numel, key, threshold, out=out)
-    return keep_mask_reference(numel, key, threshold, device, out=out)
+    offset = check_offset(offset)
+    if torch.device(device or "cpu").type == "cpu" and kernels.requested_backend() != "torch":
+        from hf_dropgrad.kernels import cpp
 
-
-def _packable(tensor: torch.Tensor) -> bool:
-    from hf_dropgrad import _cpu_kernel
-
-    return _cpu_kernel.packable(tensor)
+        if cpp.load() is not None:
+            return cpp.keep_mask(numel, key, threshold, out=out, offset=offset)
+    return _reference.keep_mask(numel, key, threshold, device, out=out, offset=offset)
 
 
 class DroppedValues:
     """The values of a tensor's dropped elements, saved by :func:`save_dropped`.
 
-    Holds ``p * numel`` values of the tensor's dtype (plus, on the compiled path, one int64
-    offset per 4096 elements); :meth:`restore` writes them back.
+    Holds ``p * numel`` values of the tensor's dtype (plus, on the fused backends, one int64
+    per 4096-element chunk); :meth:`restore` writes them back.
     """
 
-    __slots__ = ("_key", "_offsets", "_tensor", "_threshold", "_values")
+    __slots__ = ("_backend", "_key", "_offset", "_starts", "_target", "_tensor", "_threshold",
+                 "_values")
 
     def __init__(
         self,
@@ -265,59 +228,71 @@ class DroppedValues:
         key: int,
         threshold: int,
         values: torch.Tensor,
-        offsets: torch.Tensor | None,
+        starts: torch.Tensor | None,
+        *,
+        offset: int = 0,
+        backend: str = "torch",
     ) -> None:
         self._tensor, self._key, self._threshold = tensor, key, threshold
-        self._values, self._offsets = values, offsets
+        self._values, self._starts = values, starts
+        self._offset, self._backend = offset, backend
 
     @property
     def tensor(self) -> torch.Tensor:
         """The tensor the values belong to."""
         return self._tensor
 
+    @property
+    def backend(self) -> str:
+        """The backend that saved the values (and restores them)."""
+        return self._backend
+
     def restore(self, buffer: torch.Tensor | None = None) -> None:
         """Write the saved values back into the dropped elements; kept elements are untouched.
 
         ``buffer``: a bool tensor of at least ``numel`` elements on the tensor's device, reused
-        for the mask on the pure-torch path (the compiled path needs none).
+        for the mask on the reference path (the fused backends need none).
         """
-        if self._offsets is not None:
-            _kernel().scatter_dropped(
-                self._tensor, self._key, self._threshold, self._values, self._offsets
+        if self._backend == "torch":
+            _reference.scatter_dropped(
+                self._tensor, self._key, self._threshold, self._values, self._offset, buffer
             )
             return
-        dropped = _dropped_mask(self._tensor, self._key, self._threshold, buffer)
-        self._tensor.masked_scatter_(dropped, self._values)
-
-
-def _dropped_mask(
-    tensor: torch.Tensor, key: int, threshold: int, buffer: torch.Tensor | None
-) -> torch.Tensor:
-    n = tensor.numel()
-    out = None if buffer is None else buffer[:n]
-    mask = keep_mask(n, key, threshold, tensor.device, out=out)
-    return torch.logical_not(mask, out=mask).view_as(tensor)
+        target = self._tensor if self._tensor.is_contiguous() else self._tensor.contiguous()
+        kernels.backend_module(self._backend).scatter_dropped(
+            target, self._key, self._threshold, self._values, self._starts, self._offset
+        )
+        if target is not self._tensor:
+            self._tensor.copy_(target)
 
 
 def needs_mask_buffer(tensor: torch.Tensor) -> bool:
     """Whether :func:`save_dropped` / :meth:`DroppedValues.restore` build a full-size mask."""
-    return not (_packable(tensor) and _kernel() is not None)
+    return kernels.choose(tensor, "pack") == "torch"
 
 
 def save_dropped(
-    tensor: torch.Tensor, key: int, threshold: int, buffer: torch.Tensor | None = None
+    tensor: torch.Tensor,
+    key: int,
+    threshold: int,
+    buffer: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> DroppedValues:
     """Save the values of the elements of ``tensor`` that the stream ``(key, threshold)`` drops.
 
-    Full update drop's memory: only the dropped values are kept (``p`` times the tensor's bytes).
-    Dense contiguous CPU tensors go through the compiled kernel, which regenerates the keep
-    decisions chunk by chunk and packs the dropped values in parallel, with no full-size mask;
-    anything else builds the mask (into ``buffer`` when given, see
+    ``tensor`` holds stream elements ``offset .. offset + numel - 1``. Full update drop's memory:
+    only the dropped values are kept (``p`` times the tensor's bytes). The fused backends
+    regenerate the keep decisions chunk by chunk and pack the dropped values in parallel, with no
+    full-size mask; the reference builds the mask (into ``buffer`` when given, see
     :meth:`DroppedValues.restore`) and uses ``masked_select``.
     """
-    kernel = _kernel() if _packable(tensor) else None
-    if kernel is not None:
-        values, offsets = kernel.gather_dropped(tensor, key, threshold)
-        return DroppedValues(tensor, key, threshold, values, offsets)
-    dropped = _dropped_mask(tensor, key, threshold, buffer)
-    return DroppedValues(tensor, key, threshold, tensor.masked_select(dropped), None)
+    offset = check_offset(offset)
+    backend = kernels.choose(tensor, "pack")
+    if backend == "torch":
+        values = _reference.gather_dropped(tensor, key, threshold, offset, buffer)
+        return DroppedValues(tensor, key, threshold, values, None, offset=offset)
+    source = tensor if tensor.is_contiguous() else tensor.contiguous()
+    values, starts = kernels.backend_module(backend).gather_dropped(
+        source, key, threshold, offset
+    )
+    return DroppedValues(tensor, key, threshold, values, starts, offset=offset, backend=backend)

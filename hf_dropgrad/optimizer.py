@@ -10,6 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
+from hf_dropgrad import kernels
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
 __all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad"]
@@ -50,8 +51,9 @@ class DropGrad(Optimizer):
             does (momentum, weight decay, ...). The inner optimizer's *state* for a
             dropped element evolves as it would for a zero gradient (e.g. Adam's moments
             decay). Memory: the values of the dropped elements (``p`` times the parameter
-            bytes); off the compiled CPU path (GPU, non-contiguous parameters, no
-            compiler) also a 1-byte-per-element mask of one parameter at a time.
+            bytes) and one int64 per 4096 elements; on the reference path (non-contiguous
+            parameters, devices without a fused backend, ``HF_DROPGRAD_BACKEND=torch``)
+            also a 1-byte-per-element mask of one parameter at a time.
         seed: seed of the masks, an int in ``[0, 2**64)`` (the key space of the masks'
             stream; ``--dropgrad_seed`` follows the same rule); default
             ``torch.initial_seed()`` at construction. The mask of a step depends only on
@@ -96,6 +98,7 @@ class DropGrad(Optimizer):
             )
         if not isinstance(full_update_drop, bool):
             raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
+        kernels.requested_backend()  # an unknown HF_DROPGRAD_BACKEND fails before training
         if seed is None:
             seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -392,11 +395,11 @@ class DropGrad(Optimizer):
 
     @staticmethod
     def _mask_buffers(params: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
-        """One bool buffer per device, sized for the largest parameter the compiled path skips.
+        """One bool buffer per device, sized for the largest parameter the fused backends skip.
 
-        The pure-torch path of full update drop (GPU, non-contiguous, tensor subclasses, no
-        compiler) needs a full-size mask per parameter; reusing one buffer makes that 1 byte per
-        element of the largest parameter, not of all of them.
+        The reference path of full update drop (non-contiguous parameters, tensor subclasses,
+        no fused backend) needs a full-size mask per parameter; reusing one buffer makes that
+        1 byte per element of the largest parameter, not of all of them.
         """
         sizes: dict[torch.device, int] = {}
         for p in params:

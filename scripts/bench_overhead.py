@@ -27,7 +27,8 @@ around the inner step (compiled path; ``full_update_drop_reference``: the ``mask
 that GPUs and non-contiguous parameters take). Linux only.
 
 Usage: ``python scripts/bench_overhead.py [--threads 2] [--repeats 15] [--json out.json]
-[--sections kernel,dropgrad,memory]``.
+[--sections kernel,dropgrad,memory]``. ``--device cuda [--peak-gbps N]`` benchmarks the Triton
+backend on the GPU instead (``scripts/bench_cuda.py``).
 On a machine shared with other jobs, 2-thread wall times of many-kernel steps (AdamW foreach:
 dozens of OpenMP regions, each a barrier) inflate far more than the kernel's single region; check
 the printed load average, and ``--threads 1 --clock cpu`` gives load-robust per-core ratios.
@@ -50,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_dropgrad import _cpu_kernel
+from hf_dropgrad.kernels import cpp as _cpu_kernel
 
 RESOLUTION = 1 << 16
 
@@ -208,7 +209,7 @@ def memory_probe(method: str, numel: int, dtype_name: str) -> dict:
 
         buffer = None
         if method == "full_update_drop_reference":
-            functional._kernel = lambda: None  # the masked_select path, with its reused mask
+            os.environ["HF_DROPGRAD_BACKEND"] = "torch"  # masked_select, with its reused mask
             buffer = torch.empty(numel, dtype=torch.bool)
 
         def call() -> None:
@@ -284,7 +285,23 @@ def main() -> None:
         "used with --threads 1",
     )
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cpu (default): the C++ kernel; cuda: the Triton backend on the GPU",
+    )
+    parser.add_argument(
+        "--peak-gbps", type=float, default=None,
+        help="--device cuda: the GPU's peak memory bandwidth in GB/s (default: from the name)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda":
+        import bench_cuda
+
+        result = bench_cuda.main(args, t5_small_shapes()[0])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"\nwrote {args.json}")
+        return
     global _clock
     _clock = CLOCKS[args.clock]
 

@@ -31,8 +31,11 @@ def test_random_bits_from_an_offset_are_the_same_stream() -> None:
     whole = F.random_bits(99, 0, 5 * F.CHUNK)
     part = F.random_bits(99, 2 * F.CHUNK, 2 * F.CHUNK + 5)
     assert torch.equal(whole[2 * F.CHUNK : 4 * F.CHUNK + 5], part)
-    with pytest.raises(ValueError, match="multiple of 4096"):
-        F.random_bits(99, 100, 10)
+    # any start, not only chunk boundaries: lanes and chunks are split mid-way
+    for start in (1, 1023, 1025, 4095, 5000):
+        assert torch.equal(whole[start : start + 7000], F.random_bits(99, start, 7000))
+    with pytest.raises(ValueError, match="start"):
+        F.random_bits(99, -1, 10)
 
 
 def test_keys_depend_on_every_argument_and_only_on_them() -> None:

@@ -315,9 +315,9 @@ def peak_allocation(fn) -> int:
 
 
 def test_bf16_masking_allocates_no_fp32_copy_of_the_gradient() -> None:
-    from hf_dropgrad import _cpu_kernel
+    from hf_dropgrad.kernels import cpp
 
-    if _cpu_kernel.load() is None:
+    if cpp.load() is None:
         pytest.skip("the fused CPU kernel is unavailable here; the reference path bounds its "
                     "temporaries per 256K-element span, not per gradient")
     big = torch.nn.Parameter(torch.zeros(1024, 1024, dtype=torch.bfloat16))

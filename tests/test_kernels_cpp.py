@@ -1,113 +1,24 @@
-"""The fused CPU masking kernel (hf_dropgrad/_cpu_kernel.py) against the stream's definition."""
+"""The fused CPU kernel (hf_dropgrad/kernels/cpp.py, csrc/mask_cpu.cpp) against the stream."""
 
 from __future__ import annotations
 
-import functools
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from hf_dropgrad import _cpu_kernel as K
+from hf_dropgrad.kernels import cpp as K
+from tests import stream_oracle as oracle
+from tests.stream_oracle import DTYPES, KEYS, NUMELS, PACK_DTYPES, THRESHOLDS
 
 if K.load() is None:
     pytest.skip("the C++ kernel cannot be built here", allow_module_level=True)
 
-GOLDEN = 0x9E3779B97F4A7C15
-M1 = 0xBF58476D1CE4E5B9
-M2 = 0x94D049BB133111EB
-MASK64 = (1 << 64) - 1
-
-NUMELS = [1, 1023, 4096, 4097, 100003]
-KEYS = [0, 7, 2**63 - 1, 2**63, 2**64 - 1, 0xDEADBEEF_CAFEF00D]
-THRESHOLDS = [0, 1, 6554, 32768, 65535, 65536]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _scale(t: int) -> float:
-    return 0.0 if t >= 65536 else 65536 / (65536 - t)
-
-
-# ----------------------------------------------------------------------------- oracles
-def _python_bits(key: int, e: int) -> int:
-    """The 16 random bits of element ``e``, straight from the definition (pure Python)."""
-    c, r = divmod(e, 4096)
-    j, b = divmod(r, 1024)
-    z = (key + (c * 1024 + b + 1) * GOLDEN) & MASK64
-    z = ((z ^ (z >> 30)) * M1) & MASK64
-    z = ((z ^ (z >> 27)) * M2) & MASK64
-    z ^= z >> 31
-    return (z >> (16 * j)) & 0xFFFF
-
-
-@functools.lru_cache(maxsize=64)
-def _numpy_bits(key: int, numel: int) -> np.ndarray:
-    """The same bits for elements ``0 .. numel - 1`` (numpy, uint64 arithmetic wraps)."""
-    e = np.arange(numel, dtype=np.uint64)
-    c, r = e // np.uint64(4096), e % np.uint64(4096)
-    j, b = r // np.uint64(1024), r % np.uint64(1024)
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + (c * np.uint64(1024) + b + np.uint64(1)) * np.uint64(GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(M1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(M2)
-    z = z ^ (z >> np.uint64(31))
-    return ((z >> (np.uint64(16) * j)) & np.uint64(0xFFFF)).astype(np.int64)
-
-
-def _bf16_bits_to_f32(u16: np.ndarray) -> np.ndarray:
-    return (u16.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def _f32_to_bf16_bits(f: np.ndarray) -> np.ndarray:
-    """c10::BFloat16(float): round to nearest even; NaNs are compared separately."""
-    u = f.view(np.uint32).astype(np.uint64)
-    return ((u + ((u >> np.uint64(16)) & np.uint64(1)) + np.uint64(0x7FFF)) >> np.uint64(16)) & (
-        np.uint64(0xFFFF)
-    )
-
-
-def _expected(g: torch.Tensor, key: int, t: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(bit pattern, NaN mask) of ``g`` masked by the definition."""
-    factor = np.where(_numpy_bits(key, g.numel()) >= t, np.float32(scale), np.float32(0.0))
-    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and fp16 overflow are intended
-        return _expected_bits(g, factor)
-
-
-def _expected_bits(g: torch.Tensor, factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if g.dtype == torch.float32:
-        out = g.numpy() * factor
-        return out.view(np.uint32).astype(np.uint64), np.isnan(out)
-    if g.dtype == torch.bfloat16:
-        out = _bf16_bits_to_f32(g.view(torch.int16).numpy().view(np.uint16)) * factor
-        return _f32_to_bf16_bits(out), np.isnan(out)
-    out = (g.numpy().astype(np.float32) * factor).astype(np.float16)  # IEEE round to nearest even
-    return out.view(np.uint16).astype(np.uint64), np.isnan(out)
-
-
-def _bits(g: torch.Tensor) -> np.ndarray:
-    if g.dtype == torch.float32:
-        return g.view(torch.int32).numpy().view(np.uint32).astype(np.uint64)
-    return g.view(torch.int16).numpy().view(np.uint16).astype(np.uint64)
-
-
-def _grad(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Values over many magnitudes (subnormal to overflowing fp16), plus inf/NaN."""
-    gen = torch.Generator().manual_seed(seed)
-    mag = torch.pow(10.0, torch.empty(numel).uniform_(-9, 6, generator=gen))
-    g = (torch.randn(numel, generator=gen) * mag).to(dtype)
-    special = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0]
-    for i, v in enumerate(special):
-        if numel > 5 * i + 3:
-            g[5 * i + 3] = v
-    return g
-
-
-def _assert_matches(got: torch.Tensor, want: tuple[np.ndarray, np.ndarray], msg: str) -> None:
-    bits, nan = want
-    got_nan = torch.isnan(got).numpy()
-    assert np.array_equal(got_nan, nan), msg
-    assert np.array_equal(_bits(got)[~nan], bits[~nan]), msg
+_python_bits, _numpy_bits, _expected = oracle.python_bits, oracle.numpy_bits, oracle.expected
+_scale, _bits, _grad = oracle.scale, oracle.bits, oracle.grad
+_assert_matches = oracle.assert_matches
 
 
 # ----------------------------------------------------------------------------- tests
@@ -299,20 +210,9 @@ def test_kernel_matches_the_pure_torch_reference(dtype: torch.dtype) -> None:
 
 
 # ------------------------------------------------------- full update drop: pack / unpack
-PACK_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8]
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """The bits of ``t`` as integers, so NaN payloads compare exactly."""
-    itype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.view(itype)
-
-
-def _filled(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    bits = torch.randint(-128, 128, (numel * torch.empty((), dtype=dtype).element_size(),),
-                         dtype=torch.int8, generator=gen)
-    return bits.view(dtype)  # every bit pattern, NaNs and infs included
+_raw, _filled = oracle.raw, oracle.filled
 
 
 @pytest.mark.parametrize("dtype", PACK_DTYPES)
@@ -367,3 +267,59 @@ def test_gather_and_scatter_dropped_reject_bad_input() -> None:
         K.scatter_dropped(x, 1, 6554, values[:-1], offsets)
     with pytest.raises(ValueError, match="values"):
         K.scatter_dropped(x, 1, 6554, values.double(), offsets)
+
+
+# ----------------------------------------------------------------------------- offsets
+OFFSETS = [1, 1023, 1024, 4095, 4096, 5000, 2**40 + 3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_with_an_offset_matches_the_definition(dtype: torch.dtype) -> None:
+    for numel in (1, 3000, 4097, 9001):
+        base = _grad(numel, dtype, seed=numel)
+        for offset in OFFSETS:
+            for key, t in ((7, 6554), (2**64 - 1, 65535), (2**63, 1)):
+                g = base.clone()
+                want = _expected(g, key, t, _scale(t), offset)
+                K.mask_([g], [key], [t], [_scale(t)], [offset])
+                _assert_matches(g, want, f"numel={numel} offset={offset} key={key} t={t}")
+                got = K.keep_mask(numel, key, t, offset=offset)
+                assert np.array_equal(got.numpy(), _numpy_bits(key, numel, offset) >= t)
+
+
+def test_slices_with_their_offsets_equal_the_whole_tensor_mask() -> None:
+    whole = _grad(5 * 4096 + 77, torch.bfloat16, seed=5)
+    masked = whole.clone()
+    K.mask_([masked], [99], [19661], [_scale(19661)])
+    cuts = [0, 1, 1000, 4096, 4100, 9000, 5 * 4096 + 77]
+    pieces = [whole[a:b].clone() for a, b in itertools.pairwise(cuts)]
+    K.mask_(pieces, [99] * len(pieces), [19661] * len(pieces), [_scale(19661)] * len(pieces),
+            cuts[:-1])
+    assert torch.equal(_raw(torch.cat(pieces)), _raw(masked))
+
+
+@pytest.mark.parametrize("dtype", PACK_DTYPES)
+def test_gather_and_scatter_dropped_with_an_offset(dtype: torch.dtype) -> None:
+    for numel in (1, 3000, 9001):
+        for offset in OFFSETS:
+            key, t = 2**63 + 11, 26214
+            dropped = torch.from_numpy(_numpy_bits(key, numel, offset) < t)
+            x = _filled(numel, dtype, seed=offset % 997)
+            values, starts = K.gather_dropped(x, key, t, offset)
+            assert starts.numel() == K.num_chunks(numel, offset) + 1
+            assert torch.equal(_raw(values), _raw(x)[dropped]), (numel, offset)
+            target = _filled(numel, dtype, seed=3)
+            want = torch.where(dropped, _raw(x), _raw(target))
+            K.scatter_dropped(target, key, t, values, starts, offset)
+            assert torch.equal(_raw(target), want), (numel, offset)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**62, 1.5, True, "3"])
+def test_bad_offsets_are_rejected(bad: object) -> None:
+    error = TypeError if isinstance(bad, (float, str, bool)) else ValueError
+    with pytest.raises(error, match="offset"):
+        K.mask_([torch.ones(3)], [0], [1], [1.0], [bad])  # type: ignore[list-item]
+    with pytest.raises(error, match="offset"):
+        K.keep_mask(3, 0, 1, offset=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        K.mask_([torch.ones(3)], [0], [1], [1.0], [0, 0])

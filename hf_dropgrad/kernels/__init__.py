@@ -1,0 +1,173 @@
+"""The masking backends, and the one place that chooses among them.
+
+=========  ==========================================  =====================================
+backend    module                                      runs on
+=========  ==========================================  =====================================
+``cpp``    :mod:`hf_dropgrad.kernels.cpp`              CPU (built on first use)
+``triton`` :mod:`hf_dropgrad.kernels.triton`           CUDA (CPU under ``TRITON_INTERPRET=1``)
+``torch``  :mod:`hf_dropgrad.kernels.reference`        any device: the oracle and the fallback
+=========  ==========================================  =====================================
+
+``HF_DROPGRAD_BACKEND`` selects one: ``auto`` (the default) takes ``cpp`` for CPU tensors,
+``triton`` for CUDA tensors when Triton imports, and ``torch`` for everything else (other
+devices, float64 gradients, tensor subclasses, and full update drop of a non-contiguous
+parameter). A forced backend that cannot take a tensor raises
+:class:`BackendUnavailableError` instead of falling back: asking for a backend and silently
+getting another would hide exactly what the setting is for. Every backend is bit-identical to the
+reference (NaN payloads aside).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "ENV",
+    "BackendUnavailableError",
+    "backend_module",
+    "choose",
+    "requested_backend",
+]
+
+ENV = "HF_DROPGRAD_BACKEND"
+#: Values ``HF_DROPGRAD_BACKEND`` accepts.
+BACKENDS = ("auto", "cpp", "triton", "torch")
+#: Gradient dtypes the fused masking kernels take (anything else uses ``torch``).
+MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+Purpose = Literal["mask", "pack"]
+
+_lock = threading.Lock()
+_triton: ModuleType | None = None
+_triton_error: str | None = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend forced by ``HF_DROPGRAD_BACKEND`` cannot mask a given tensor here."""
+
+
+def requested_backend() -> str:
+    """The value of ``HF_DROPGRAD_BACKEND`` (``auto`` when unset), checked."""
+    raw = os.environ.get(ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{ENV}={raw!r} is not a masking backend; allowed values: "
+            + ", ".join(BACKENDS)
+        )
+    return value
+
+
+def _cpp() -> ModuleType | None:
+    from hf_dropgrad.kernels import cpp
+
+    return cpp if cpp.load() is not None else None
+
+
+def _cpp_error() -> str:
+    from hf_dropgrad.kernels import cpp
+
+    return cpp.unavailable_reason() or "unknown reason"
+
+
+def _load_triton() -> ModuleType | None:
+    global _triton, _triton_error
+    if _triton is not None or _triton_error is not None:
+        return _triton
+    with _lock:
+        if _triton is None and _triton_error is None:
+            try:
+                from hf_dropgrad.kernels import triton as module
+
+                _triton = module
+            except Exception as exc:  # ImportError, or a Triton that cannot initialise
+                _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` (``cpp``, ``triton`` or ``torch``), loading it if needed."""
+    if name == "torch":
+        from hf_dropgrad.kernels import reference
+
+        return reference
+    if name == "cpp":
+        module = _cpp()
+        if module is None:
+            raise BackendUnavailableError(f"the cpp backend is unavailable: {_cpp_error()}")
+        return module
+    if name == "triton":
+        module = _load_triton()
+        if module is None:
+            raise BackendUnavailableError(
+                f"the triton backend is unavailable: {_triton_error} (pip install triton)"
+            )
+        return module
+    raise ValueError(f"unknown backend {name!r}; allowed: cpp, triton, torch")
+
+
+def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None:
+    """Why ``backend`` cannot take ``tensor`` (``None`` when it can)."""
+    if type(tensor) is not torch.Tensor:
+        return f"it takes plain tensors, got a {type(tensor).__name__} (mask its local tensor)"
+    if tensor.layout is not torch.strided:
+        return f"it takes dense tensors, got layout {tensor.layout}"
+    if purpose == "mask" and tensor.dtype not in MASK_DTYPES:
+        return f"it masks float32, bfloat16 and float16 gradients, got {tensor.dtype}"
+    if purpose == "pack" and tensor.element_size() not in (1, 2, 4, 8):
+        return f"it packs 1-, 2-, 4- or 8-byte elements, got {tensor.dtype}"
+    device = tensor.device.type
+    if backend == "cpp":
+        if device != "cpu":
+            return f"it runs on CPU tensors, got one on {tensor.device}"
+        if _cpp() is None:
+            return f"it is unavailable: {_cpp_error()}"
+    elif backend == "triton":
+        if _load_triton() is None:
+            return f"Triton does not import: {_triton_error} (pip install triton)"
+        assert _triton is not None
+        if device != "cuda" and not (device == "cpu" and _triton.interpreting()):
+            return (
+                f"it runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got one "
+                f"on {tensor.device}"
+            )
+    return None
+
+
+def choose(tensor: torch.Tensor, purpose: Purpose = "mask") -> str:
+    """The backend for ``tensor``: ``"cpp"``, ``"triton"`` or ``"torch"``.
+
+    ``purpose`` is ``"mask"`` (masking a gradient) or ``"pack"`` (saving and restoring the
+    dropped values of a parameter for full update drop).
+
+    Raises:
+        ValueError: ``HF_DROPGRAD_BACKEND`` holds an unknown value.
+        BackendUnavailableError: the forced backend cannot take ``tensor``.
+    """
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        device = tensor.device.type
+        candidate = "cpp" if device == "cpu" else "triton" if device == "cuda" else None
+        if candidate is None or _why_not(candidate, tensor, purpose) is not None:
+            return "torch"
+        if purpose == "pack" and not tensor.is_contiguous():
+            # A fused backend would pack a contiguous copy (a full-size temporary of the
+            # parameter); the reference's 1-byte mask of it costs less.
+            return "torch"
+        return candidate
+    reason = _why_not(requested, tensor, purpose)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"{ENV}={requested} cannot take a {tensor.dtype} tensor of shape "
+            f"{tuple(tensor.shape)} on {tensor.device}: {reason}. Unset {ENV} (or set it to "
+            "auto) to let hf_dropgrad choose, or torch for the reference path."
+        )
+    return requested

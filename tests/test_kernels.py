@@ -1,0 +1,204 @@
+"""The backend choice (hf_dropgrad/kernels/__init__.py) and every backend through functional.py.
+
+Each backend is forced with ``HF_DROPGRAD_BACKEND`` and compared bit for bit with the reference:
+masking (offsets included), slices masked with their offsets against the whole tensor, full
+update drop's save/restore, and a whole DropGrad training run.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hf_dropgrad import DropGrad, kernels
+from hf_dropgrad import functional as F
+from tests import stream_oracle as oracle
+from tests.helpers import backward, tiny_mlp
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inside the interpreter
+
+
+def _available(name: str) -> bool:
+    if name == "cpp":
+        from hf_dropgrad.kernels import cpp
+
+        return cpp.load() is not None
+    if name == "triton":
+        try:
+            from hf_dropgrad.kernels import triton as module
+        except ImportError:
+            return False
+        return module.interpreting()  # CPU tensors; CUDA runs are in test_kernels_triton.py
+    return True
+
+
+FUSED = [b for b in ("cpp", "triton") if _available(b)]
+ALL = ["torch", *FUSED]
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(kernels.ENV, request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------- the choice
+@pytest.mark.parametrize("value", ["cuda", "Triton ", "c++", "none", "1"])
+def test_an_unknown_backend_names_the_variable_and_the_allowed_values(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(kernels.ENV, value)
+    pattern = "HF_DROPGRAD_BACKEND=.*allowed values: auto, cpp, triton, torch"
+    if value.strip().lower() in kernels.BACKENDS:
+        return
+    with pytest.raises(ValueError, match=pattern):
+        kernels.choose(torch.ones(3))
+    with pytest.raises(ValueError, match=pattern):
+        F.mask_([torch.ones(3)], [1], [6554], [1.1])
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=pattern):  # before training, at construction
+        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1)
+
+
+def test_auto_takes_cpp_on_cpu_and_the_reference_for_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.requested_backend() == "auto"
+    expected = "cpp" if _available("cpp") else "torch"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert kernels.choose(torch.ones(3, dtype=dtype)) == expected
+    assert kernels.choose(torch.ones(3, 4).t()) == expected  # masked through a copy
+    assert kernels.choose(torch.ones(3, dtype=torch.float64)) == "torch"
+    assert kernels.choose(torch.ones(3, dtype=torch.float64), "pack") == expected
+    assert kernels.choose(torch.ones(3, device="meta")) == "torch"
+    assert kernels.choose(torch.ones(3, 4).t(), "pack") == "torch"  # no full-size copy
+    monkeypatch.setenv(kernels.ENV, "  AUTO ")
+    assert kernels.requested_backend() == "auto"
+
+
+def test_a_forced_backend_that_cannot_run_raises_instead_of_falling_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    with pytest.raises(kernels.BackendUnavailableError, match=r"HF_DROPGRAD_BACKEND=cpp.*float64"):
+        F.mask_([torch.ones(3, dtype=torch.float64)], [1], [6554], [1.1])
+    with pytest.raises(kernels.BackendUnavailableError, match=r"CPU tensors.*meta"):
+        F.mask_([torch.ones(3, device="meta")], [1], [6554], [1.1])
+    monkeypatch.setenv("HF_DROPGRAD_DISABLE_EXTENSION", "1")
+    with pytest.raises(kernels.BackendUnavailableError, match="HF_DROPGRAD_DISABLE_EXTENSION"):
+        F.mask_([torch.ones(3)], [1], [6554], [1.1])
+    monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
+
+    monkeypatch.setenv(kernels.ENV, "triton")
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
+        F.mask_([torch.ones(3)], [1], [6554], [1.1])
+    with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
+        F.save_dropped(torch.ones(3), 1, 6554)
+
+
+def test_forced_triton_refuses_cpu_tensors_outside_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = pytest.importorskip("hf_dropgrad.kernels.triton")
+    monkeypatch.setattr(module, "_INTERPRETING", False)
+    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setenv(kernels.ENV, "triton")
+    with pytest.raises(kernels.BackendUnavailableError, match="CUDA tensors"):
+        F.mask_([torch.ones(3)], [1], [6554], [1.1])
+
+
+def test_forced_torch_runs_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV, "torch")
+    monkeypatch.setenv("HF_DROPGRAD_DISABLE_EXTENSION", "1")
+    g = torch.ones(5000, dtype=torch.float64)
+    F.mask_([g], [3], [32768], [2.0])
+    assert set(g.unique().tolist()) == {0.0, 2.0}
+    assert F.needs_mask_buffer(torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- every backend
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=str)
+def test_every_backend_matches_the_definition_with_offsets(
+    backend: str, dtype: torch.dtype
+) -> None:
+    for numel, offset in itertools.product((1, 4097, 9001), (0, 1, 4095, 2**40 + 3)):
+        base = oracle.grad(numel, dtype, seed=numel)
+        for key, t in ((0, 6554), (2**64 - 1, 65535), (2**63, 1), (5, 65536)):
+            g = base.clone()
+            F.mask_([g], [key], [t], [oracle.scale(t)], [offset])
+            want = oracle.expected(base, key, t, oracle.scale(t), offset)
+            oracle.assert_matches(g, want, f"{backend} {numel} {offset} {key} {t}")
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_slices_masked_with_their_offsets_equal_the_whole_mask(backend: str) -> None:
+    whole = oracle.grad(3 * 4096 + 77, torch.float32, seed=1).view(-1)
+    masked = whole.clone()
+    F.mask_reference_(masked, 99, 19661, oracle.scale(19661))
+    cuts = [0, 1, 1000, 4096, 4100, 9000, whole.numel()]
+    pieces = [whole[a:b].clone() for a, b in itertools.pairwise(cuts)]
+    n = len(pieces)
+    F.mask_(pieces, [99] * n, [19661] * n, [oracle.scale(19661)] * n, cuts[:-1])
+    assert torch.equal(oracle.raw(torch.cat(pieces)), oracle.raw(masked))
+    # the negative control: a shard masked without its offset is not that slice of the mask
+    shard = whole[4100:9000].clone()
+    F.mask_([shard], [99], [19661], [oracle.scale(19661)])
+    assert not torch.equal(oracle.raw(shard), oracle.raw(masked[4100:9000]))
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_non_contiguous_gradients_are_masked_in_logical_order(backend: str) -> None:
+    g = oracle.grad(60 * 70, torch.bfloat16, seed=2).view(60, 70)
+    want = g.contiguous().clone()
+    F.mask_reference_(want, 8, 26214, oracle.scale(26214), 123)
+    t = g.t().contiguous().t()  # same values, column-major storage
+    assert not t.is_contiguous()
+    F.mask_([t], [8], [26214], [oracle.scale(26214)], [123])
+    oracle.assert_same(t.contiguous(), want, backend)
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_save_and_restore_dropped_with_offsets(backend: str, dtype: torch.dtype) -> None:
+    for numel, offset in itertools.product((1, 4097, 9001), (0, 3, 4095)):
+        x = oracle.filled(numel, dtype, seed=numel).view(-1)
+        keep = F.keep_mask_reference(numel, 42, 26214, offset=offset)
+        saved = F.save_dropped(x, 42, 26214, offset=offset)
+        assert saved.backend == backend
+        assert torch.equal(oracle.raw(saved._values), oracle.raw(x)[~keep])
+        y = oracle.filled(numel, dtype, seed=7).view(-1)
+        want = torch.where(keep, oracle.raw(y), oracle.raw(x))
+        F.DroppedValues(
+            y, 42, 26214, saved._values, saved._starts, offset=offset, backend=saved.backend
+        ).restore(torch.empty(numel, dtype=torch.bool))
+        assert torch.equal(oracle.raw(y), want), (numel, offset)
+
+
+def _train(full_update_drop: bool) -> list[torch.Tensor]:
+    model = tiny_mlp()
+    model[0].weight.data = model[0].weight.data.t().contiguous().t()  # a non-contiguous one
+    opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-2), drop_rate=0.3, seed=4,
+                   full_update_drop=full_update_drop)
+    for step in range(3):
+        backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("full_update_drop", [False, True])
+def test_training_is_bit_identical_on_every_backend(
+    full_update_drop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(kernels.ENV, "torch")
+    reference = _train(full_update_drop)
+    for name in FUSED:
+        monkeypatch.setenv(kernels.ENV, name)
+        for a, b in zip(_train(full_update_drop), reference):
+            assert torch.equal(a, b), name
