@@ -80,9 +80,10 @@ class DropGradTrainer(_DropGradMixin, Trainer):
     The rates each step used are added to the training logs (`dropgrad_rate`,
     `dropgrad_rate/<pattern>`), as `learning_rate` is, and a table of the rates is logged
     when training starts. With DropGrad off (rate 0, no module rates) training and logs are
-    those of [`Trainer`]; the only difference is one more callback, a [`DropGradCallback`],
-    first in `trainer.callback_handler.callbacks`. Masks follow `state.global_step`, so
-    `resume_from_checkpoint` continues exactly.
+    those of [`Trainer`]; what differs is one more callback, a [`DropGradCallback`], first in
+    `trainer.callback_handler.callbacks`, and DropGrad's small `dropgrad` entry in
+    `optimizer.pt`. Masks follow `state.global_step`, so `resume_from_checkpoint` continues
+    exactly.
 
     Example:
 
