@@ -362,6 +362,34 @@ def test_dropgrad_off_is_indistinguishable_from_trainer(tmp_path, use_dropgrad_a
     ]
 
 
+def test_dropgrad_off_matches_trainer_with_eval_accumulation_and_checkpoints(tmp_path) -> None:
+    """What transformers' own Trainer tests exercise most, at rate 0: evaluation rows,
+    gradient accumulation and checkpoints are those of Trainer."""
+
+    def run(cls: type, out: Path) -> Trainer:
+        kw = common(
+            out, max_steps=4, logging_steps=1, gradient_accumulation_steps=2,
+            eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        )
+        trainer = cls(
+            model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+            train_dataset=classification_data(), eval_dataset=classification_data(16),
+        )
+        trainer.train()
+        return trainer
+
+    ref, trainer = run(Trainer, tmp_path / "ref"), run(DropGradTrainer, tmp_path / "dropgrad")
+    assert any("eval_loss" in e for e in ref.state.log_history)
+    assert _comparable(trainer.state.log_history) == _comparable(ref.state.log_history)
+    for a, b in zip(ref.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        ref_dir, dir_ = tmp_path / "ref" / checkpoint, tmp_path / "dropgrad" / checkpoint
+        assert sorted(p.name for p in dir_.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+        states = [json.loads((d / "trainer_state.json").read_text()) for d in (ref_dir, dir_)]
+        assert _comparable(states[1]["log_history"]) == _comparable(states[0]["log_history"])
+
+
 def test_pattern_matching_only_frozen_parameters_says_so(tmp_path) -> None:
     model = tiny_bert_classifier()
     for p in model.bert.embeddings.parameters():
