@@ -1,4 +1,5 @@
-"""Data parallel with real processes (SPEC §6), and the refused setups (FSDP, DeepSpeed).
+"""Data parallel with real processes (docs/design.md, "Invariants"), and the refused setups
+(FSDP, DeepSpeed).
 
 The multi-process tests launch ``tests/distributed_scripts/ddp_train.py`` (see its docstring
 for the setup) with ``accelerate launch --config_file examples/accelerate_configs/cpu_ddp.yaml``:
