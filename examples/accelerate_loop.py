@@ -47,6 +47,7 @@ from hf_dropgrad import (
     DropGrad,
     LinearDropRateScheduler,
 )
+from hf_dropgrad.settings import parse_module_rates
 
 PAD = 0
 
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drop_rate", type=float, default=0.1,
                         help="rate of every parameter no --module_rates pattern matches")
     parser.add_argument("--module_rates", default="encoder=0.1,decoder=0.2",
-                        help="per-module rates, e.g. encoder=0.1,decoder=0.2 ('' for none)")
+                        help="per-module rates, e.g. encoder=0.1,decoder=0.2 ('' for none); "
+                             "the syntax of --dropgrad_module_rates, so regexes may hold commas "
+                             r"inside (), [] or {} (e.g. 'encoder\.block\.\d{1,2}\..*=0.3')")
     parser.add_argument("--scheduler", choices=["constant", "linear", "cosine"],
                         default="linear")
     parser.add_argument("--final_rate", type=float, default=0.05,
@@ -75,14 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true",
                         help="train on the CPU (the default where there is no accelerator)")
     return parser.parse_args(argv)
-
-
-def parse_rates(text: str) -> dict[str, float]:
-    rates = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, value = item.partition("=")
-        rates[name.strip()] = float(value)
-    return rates
 
 
 def make_data(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -147,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)  # the same seed on every process
 
     model = tiny_t5(args.seed)
-    module_rates = parse_rates(args.module_rates)
+    # The package's own parser: the same syntax and messages as --dropgrad_module_rates.
+    module_rates = parse_module_rates(args.module_rates, "--module_rates")
     optimizer = DropGrad(
         torch.optim.AdamW(model.parameters(), lr=args.learning_rate),
         drop_rate=args.drop_rate,

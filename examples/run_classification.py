@@ -31,7 +31,6 @@ script defaults fill in what it leaves out).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -41,24 +40,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import torch
-import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_dropgrad import DropGradTrainer, DropGradTrainingArguments, get_dropgrad
+from hf_dropgrad import DropGradTrainer, DropGradTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import example_common
 from offline_data import MissingDataError, cache_dir, extract_wordnet, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -185,54 +181,6 @@ class DataTrainingArguments:
         return not (self.dataset_name or self.train_file or self.validation_file)
 
 
-def parse_arguments(
-    argv: Sequence[str] | None = None,
-) -> tuple[ModelArguments, DataTrainingArguments, DropGradTrainingArguments]:
-    """Parse the command line (or a single JSON/YAML file) into the three argument classes.
-
-    Args:
-        argv: the arguments, without the program name; defaults to ``sys.argv[1:]``.
-
-    Returns:
-        ``(model_args, data_args, training_args)``; :data:`SCRIPT_DEFAULTS` fill in what the
-        command line or the file leaves out.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DropGradTrainingArguments))
-    # On a machine with no GPU (or other accelerator), `use_cpu` is what makes the Trainer
-    # start a gloo process group under `accelerate launch`/`torchrun`, so that the processes
-    # train as one DDP job instead of as independent copies; alone, it changes nothing.
-    defaults = dict(SCRIPT_DEFAULTS, use_cpu=not torch.accelerator.is_available())
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        text = Path(argv[0]).read_text()
-        if argv[0].endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml  # PyYAML, as in HfArgumentParser.parse_yaml_file
-
-            config = yaml.safe_load(text)
-        return parser.parse_dict({**defaults, **config})
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def setup_logging(training_args: DropGradTrainingArguments) -> None:
-    """Log like Transformers' examples: INFO on the main process, warnings on the others."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-
-
 def load_raw_datasets(
     data_args: DataTrainingArguments,
     model_args: ModelArguments,
@@ -265,6 +213,15 @@ def load_raw_datasets(
     )
 
 
+def parse_arguments(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataTrainingArguments, DropGradTrainingArguments]:
+    """Parse the command line (or a single JSON/YAML file): ``(model_args, data_args,
+    training_args)``, with :data:`SCRIPT_DEFAULTS` for what they leave out."""
+    classes = (ModelArguments, DataTrainingArguments, DropGradTrainingArguments)
+    return example_common.parse_arguments(classes, SCRIPT_DEFAULTS, argv)
+
+
 def label_names(raw: DatasetDict, column: str) -> list[str]:
     """The class names: a ``ClassLabel``'s names, else the sorted distinct values."""
     feature = next(iter(raw.values())).features[column]
@@ -276,92 +233,10 @@ def label_names(raw: DatasetDict, column: str) -> list[str]:
     return [str(value) for value in sorted(values)]
 
 
-def _fmt(value: float | None, percent: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
-
-
-def _count(number: int) -> str:
-    return f"{number / 1e6:.1f}M" if number >= 100_000 else f"{number / 1e3:.1f}k"
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def describe_rates(trainer: Any, training_args: DropGradTrainingArguments) -> list[str]:
-    """Lines saying which drop rate the optimizer applied to which top-level module."""
-    dropgrad = get_dropgrad(trainer)
-    if dropgrad is None:
-        return ["none (DropGrad was not installed: no training step ran)"]
-    sizes = dict(trainer.model.named_parameters())
-    groups: dict[tuple[str, float], list[int]] = {}
-    for name, rate in dropgrad.current_rates().items():
-        top = str(name).split(".", 1)[0]
-        numel = sizes[name].numel() if name in sizes else 0
-        groups.setdefault((top, float(rate)), []).append(numel)
-    lines = [
-        f"{top:<10} p = {rate:<5g} {len(numels):>4} tensors, {_count(sum(numels)):>6} elements"
-        for (top, rate), numels in sorted(groups.items())
-    ]
-    if training_args.dropgrad_scheduler != "constant":
-        lines.append(
-            f"schedule {training_args.dropgrad_scheduler!r}; the rates above are those after the "
-            "last step (its final values)"
-        )
-    return lines or ["none (every rate is 0)"]
-
-
-def print_summary(
-    before: dict[str, float] | None,
-    after: dict[str, float] | None,
-    majority: float | None,
-    rate_lines: list[str],
-    examples: list[tuple[str, str, str]],
-    title: str,
-) -> None:
-    """Print the final table: metrics before/after, the drop rates and example predictions.
-
-    Args:
-        before: evaluation metrics before training (``eval_*`` keys), or ``None``.
-        after: evaluation metrics after training, or ``None``.
-        majority: accuracy of always predicting the most frequent training label.
-        rate_lines: the lines of :func:`describe_rates`.
-        examples: ``(text, prediction after training, label)`` tuples (before training the
-            classifier head is random, so its predictions say nothing).
-        title: the first line.
-    """
-    width = 78
-    print("\n" + "=" * width)
-    print(title)
-    print("-" * width)
-    print(f"{'':<24}{'before':>12}{'after':>12}")
-    for label, key, percent in (
-        ("eval loss", "eval_loss", False),
-        ("accuracy", "eval_accuracy", True),
-    ):
-        old, new = (before or {}).get(key), (after or {}).get(key)
-        print(f"{label:<24}{_fmt(old, percent):>12}{_fmt(new, percent):>12}")
-    if majority is not None:
-        print(f"{'(majority class)':<24}{_fmt(majority, True):>12}")
-    print("-" * width)
-    print("DropGrad drop rates:")
-    for line in rate_lines:
-        print(f"  {line}")
-    if examples:
-        print("-" * width)
-        print(f"  {'text':<40} {'predicted':<18}  label")
-        for text, new, gold in examples:
-            mark = "=" if new == gold else " "
-            print(f"  {_clip(text, 40):<40} {_clip(new, 18):<18}{mark} {gold}")
-    print("=" * width)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the metrics before and after training."""
     model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    example_common.setup_logging(training_args, logger)
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed training: %s",
         training_args.process_index,
@@ -477,18 +352,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         trainer.save_state()  # after the final evaluation, so that log_history has it
 
     if trainer.is_world_process_zero():
+        # Before training the classifier head is random: only predictions after training.
         examples = []
         if predicted_after is not None and eval_raw is not None:
+            clip = example_common.clip
+            examples.append(f"  {'text':<40} {'predicted':<18}  label")
             count = min(data_args.num_example_predictions, len(predicted_after))
             for i, row in enumerate(eval_raw.select(range(count))):
-                gold = eval_dataset[i]["labels"]
-                examples.append(
-                    (
-                        str(row[data_args.text_column]),
-                        labels[int(predicted_after[i])],
-                        labels[int(gold)],
-                    )
-                )
+                text = str(row[data_args.text_column])
+                new, gold = labels[int(predicted_after[i])], labels[int(eval_dataset[i]["labels"])]
+                mark = "=" if new == gold else " "
+                examples.append(f"  {clip(text, 40):<40} {clip(new, 18):<18}{mark} {gold}")
         data_name = (
             f"WordNet definitions -> {len(labels)} lexicographer categories"
             if data_args.uses_builtin_data
@@ -499,8 +373,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"DropGrad fine-tuning: {model_name} on {data_name}\n"
             f"{trainer.state.global_step} optimizer steps, {training_args.world_size} process(es)"
         )
-        print_summary(
-            before, after, majority, describe_rates(trainer, training_args), examples, title
+        example_common.print_summary(
+            title,
+            [("eval loss", "eval_loss", False), ("accuracy", "eval_accuracy", True)],
+            before,
+            after,
+            example_common.describe_rates(trainer, training_args),
+            extra_rows=[]
+            if majority is None
+            else [f"{'(majority class)':<24}{example_common.fmt(majority, True):>12}"],
+            examples=examples,
         )
     return {"before": before, "after": after}
 

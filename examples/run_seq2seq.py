@@ -36,9 +36,7 @@ fill in what it leaves out).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -47,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 import transformers
@@ -58,16 +55,16 @@ from transformers import (
     DataCollatorForSeq2Seq,
     EncoderDecoderModel,
     EvalPrediction,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_dropgrad import DropGradSeq2SeqTrainer, DropGradSeq2SeqTrainingArguments, get_dropgrad
+from hf_dropgrad import DropGradSeq2SeqTrainer, DropGradSeq2SeqTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import example_common
 from offline_data import cache_dir, extract_cmudict, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -271,53 +268,10 @@ class DataTrainingArguments:
 def parse_arguments(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataTrainingArguments, DropGradSeq2SeqTrainingArguments]:
-    """Parse the command line (or a single JSON/YAML file) into the three argument classes.
-
-    Args:
-        argv: the arguments, without the program name; defaults to ``sys.argv[1:]``.
-
-    Returns:
-        ``(model_args, data_args, training_args)``; :data:`SCRIPT_DEFAULTS` fill in what the
-        command line or the file leaves out.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, DropGradSeq2SeqTrainingArguments)
-    )
-    # On a machine with no GPU (or other accelerator), `use_cpu` is what makes the Trainer
-    # start a gloo process group under `accelerate launch`/`torchrun`, so that the processes
-    # train as one DDP job instead of as independent copies; alone, it changes nothing.
-    defaults = dict(SCRIPT_DEFAULTS, use_cpu=not torch.accelerator.is_available())
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        text = Path(argv[0]).read_text()
-        if argv[0].endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml  # PyYAML, as in HfArgumentParser.parse_yaml_file
-
-            config = yaml.safe_load(text)
-        return parser.parse_dict({**defaults, **config})
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def setup_logging(training_args: DropGradSeq2SeqTrainingArguments) -> None:
-    """Log like Transformers' examples: INFO on the main process, warnings on the others."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level if training_args.should_log else logging.WARNING)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    if training_args.should_log:
-        logger.setLevel(logging.INFO)
+    """Parse the command line (or a single JSON/YAML file): ``(model_args, data_args,
+    training_args)``, with :data:`SCRIPT_DEFAULTS` for what they leave out."""
+    classes = (ModelArguments, DataTrainingArguments, DropGradSeq2SeqTrainingArguments)
+    return example_common.parse_arguments(classes, SCRIPT_DEFAULTS, argv)
 
 
 def load_raw_datasets(
@@ -549,94 +503,10 @@ def make_compute_metrics(
     return compute_metrics
 
 
-def describe_rates(trainer: Any, training_args: DropGradSeq2SeqTrainingArguments) -> list[str]:
-    """Lines saying which drop rate the optimizer applied to which top-level module."""
-    dropgrad = get_dropgrad(trainer)
-    if dropgrad is None:
-        rates = dict(training_args.dropgrad_module_rates or {})
-        return [f"configured (not applied): {rates}, default {training_args.dropgrad_rate}"]
-    sizes = dict(trainer.model.named_parameters())
-    groups: dict[tuple[str, float], list[int]] = {}
-    for name, rate in dropgrad.current_rates().items():
-        top = str(name).split(".", 1)[0]
-        numel = sizes[name].numel() if name in sizes else 0
-        groups.setdefault((top, float(rate)), []).append(numel)
-    lines = [
-        f"{top:<10} p = {rate:<5g} {len(numels):>4} tensors, {_count(sum(numels)):>6} elements"
-        for (top, rate), numels in sorted(groups.items())
-    ]
-    if training_args.dropgrad_scheduler != "constant":
-        lines.append(
-            f"schedule {training_args.dropgrad_scheduler!r}; the rates above are those after the "
-            "last step (its final values)"
-        )
-    return lines or ["none (every rate is 0)"]
-
-
-def _fmt(value: float | None, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
-
-
-def _count(number: int) -> str:
-    return f"{number / 1e6:.1f}M" if number >= 100_000 else f"{number / 1e3:.1f}k"
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def print_summary(
-    before: dict[str, float] | None,
-    after: dict[str, float] | None,
-    rate_lines: list[str],
-    examples: list[tuple[str, str, str, list[str]]],
-    title: str,
-) -> None:
-    """Print the final table: metrics before/after, the drop rates and example predictions.
-
-    Args:
-        before: evaluation metrics before training (``eval_*`` keys), or ``None``.
-        after: evaluation metrics after training, or ``None``.
-        rate_lines: the lines of :func:`describe_rates`.
-        examples: ``(input, prediction before, prediction after, references)`` tuples.
-        title: the first line.
-    """
-    rows = [
-        ("eval loss", "eval_loss", False),
-        ("phoneme error rate", "eval_token_error_rate", True),
-        ("word accuracy", "eval_exact_match", True),
-    ]
-    width = 78
-    print("\n" + "=" * width)
-    print(title)
-    print("-" * width)
-    print(f"{'':<24}{'before':>12}{'after':>12}")
-    for label, key, percent in rows:
-        old = (before or {}).get(key)
-        new = (after or {}).get(key)
-        print(f"{label:<24}{_fmt(old, percent):>12}{_fmt(new, percent):>12}")
-    print("-" * width)
-    print("DropGrad drop rates:")
-    for line in rate_lines:
-        print(f"  {line}")
-    if examples:
-        print("-" * width)
-        print(f"  {'input':<13} {'before training':<16} {'after training':<26}  reference")
-        for source, old, new, refs in examples:
-            mark = "=" if new in refs else " "
-            print(
-                f"  {_clip(source, 13):<13} {_clip(old, 16):<16} {_clip(new, 26):<26}"
-                f"{mark} {refs[0]}"
-            )
-    print("=" * width)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the metrics before and after training."""
     model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    example_common.setup_logging(training_args, logger)
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed training: %s",
         training_args.process_index,
@@ -719,10 +589,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if predictions_before is not None
                 else ["-"] * len(new)
             )
+            clip = example_common.clip
+            examples.append(
+                f"  {'input':<13} {'before training':<16} {'after training':<26}  reference"
+            )
             count = min(data_args.num_example_predictions, len(new))
             for i, row in enumerate(eval_raw.select(range(count))):
                 refs = [normalise(r, tokenizer) for r in references[i]]
-                examples.append((row[data_args.source_column], old[i], new[i], refs))
+                mark = "=" if new[i] in refs else " "
+                examples.append(
+                    f"  {clip(row[data_args.source_column], 13):<13} {clip(old[i], 16):<16} "
+                    f"{clip(new[i], 26):<26}{mark} {refs[0]}"
+                )
         model_name = model_args.model_name_or_path or (
             "bert2bert " + Path(model_args.encoder_decoder_base or "MiniLM-L6").name
         )
@@ -736,7 +614,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"DropGrad fine-tuning: {model_name} on {data_name}\n"
             f"{steps} optimizer steps, {training_args.world_size} process(es)"
         )
-        print_summary(before, after, describe_rates(trainer, training_args), examples, title)
+        metrics = [
+            ("eval loss", "eval_loss", False),
+            ("phoneme error rate", "eval_token_error_rate", True),
+            ("word accuracy", "eval_exact_match", True),
+        ]
+        rate_lines = example_common.describe_rates(trainer, training_args)
+        example_common.print_summary(
+            title, metrics, before, after, rate_lines, examples=examples
+        )
     return {"before": before, "after": after}
 
 

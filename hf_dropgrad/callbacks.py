@@ -1,25 +1,29 @@
 """``DropGradCallback``: DropGrad for any ``Trainer``, and the one place that installs it.
 
 ``DropGradTrainer`` is a ``Trainer`` with this callback in front; every other ``Trainer``
-subclass (TRL's, your own) gets the same behaviour from ``trainer.add_callback(...)``.
+subclass (TRL's, your own) gets the same behaviour from ``DropGradCallback(...).attach(trainer)``.
 """
 
 from __future__ import annotations
 
-import sys
+import logging as pylogging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+from transformers.trainer_callback import TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
 from hf_dropgrad import engines
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
-from hf_dropgrad.training_args import DropGradConfig
+from hf_dropgrad.patterns import resolve_pattern_rates
+from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings, keyword_names, warn_unused
 
-logger = logging.get_logger(__name__)
+# A child of transformers' library logger: the Trainer sets that logger's level from
+# --log_level (main process) and --log_level_replica (the others), and its handler prints.
+logger = logging.get_logger("transformers.hf_dropgrad")
 
 __all__ = ["DropGradCallback", "check_supported_setup", "install_dropgrad"]
 
@@ -39,7 +43,7 @@ def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> N
 def install_dropgrad(
     holder: Any,
     model: torch.nn.Module | None,
-    config: DropGradConfig,
+    settings: DropGradSettings,
     num_training_steps: int | None,
 ) -> DropGrad:
     """Wrap the optimizer inside ``holder`` (an optimizer or a chain of ``.optimizer``
@@ -49,14 +53,17 @@ def install_dropgrad(
     or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
     """
     found = get_dropgrad(holder)
-    kwargs = config.dropgrad_kwargs(num_training_steps)
     zero = engines.zero_optimizer(holder)
-    if zero is not None:  # DeepSpeed ZeRO: DropGrad must be (or wrap) the optimizer ZeRO steps
+    if zero is not None and found is None:
+        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
+        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
+        kwargs = settings.dropgrad_kwargs(num_training_steps)
         return engines.install_under_deepspeed(
-            zero, found, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
+            zero, None, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
         )
     if found is not None:
         return found
+    kwargs = settings.dropgrad_kwargs(num_training_steps)
     if not hasattr(holder, "optimizer"):
         return DropGrad(holder, model=model, **kwargs)
     parent = holder
@@ -81,14 +88,32 @@ class DropGradCallback(TrainerCallback):
     """Brings DropGrad to any [`Trainer`] without changing its class.
 
     At the start of training the callback wraps the Trainer's optimizer (whatever `--optim`
-    built, or the one passed through `optimizers=`) in a [`DropGrad`], prints which
-    parameters got which rate, and then, before every optimizer step, sets DropGrad's step
-    to `state.global_step` (so masks and schedules resume exactly) and adds the current
-    rates to every training log (`dropgrad_rate`, `dropgrad_rate/<pattern>`).
+    built, or the one passed through `optimizers=`) in a [`DropGrad`] and logs which
+    parameters got which rate. Before every optimizer step it sets DropGrad's step to
+    `state.global_step` (so masks and schedules resume exactly), and it adds the rates that
+    step used to the training logs (`dropgrad_rate`, `dropgrad_rate/<pattern>`), as the
+    Trainer logs the `learning_rate` the step used. When DropGrad is off (rate 0, no module
+    rates) it adds nothing, so the logs are those of the plain Trainer.
 
     Settings left unset are read from the `dropgrad_*` fields of the Trainer's arguments
     when they are [`DropGradTrainingArguments`], else take their defaults; the seed
-    defaults to `args.seed`.
+    defaults to `args.seed`. Error messages name each setting as it was given
+    (`DropGradCallback(module_rates=...)`, `--dropgrad_rate`).
+
+    A `DropGrad` the Trainer already holds (passed through `optimizers=`) is used as it is:
+    then no DropGrad setting may be given (a `ValueError` names those that are), and its
+    parameters are named after the model in the rate table and the logs.
+
+    Order matters: the reporting callbacks (console, TensorBoard, W&B) only see the rates if
+    this callback runs before them, and `trainer.add_callback` appends at the end. Use
+    [`~DropGradCallback.attach`], which puts the callback first and checks the settings
+    against the model right away; with `add_callback` DropGrad trains the same and
+    `state.log_history` has the rates, but the callbacks before it do not show them (a
+    warning says so).
+
+    The rate table goes through transformers' logging: shown on the main process by default,
+    and, once `--log_level` is set, at INFO level on the main process (`--log_level_replica` on
+    the others).
 
     Args:
         drop_rate (`float`, *optional*): rate of parameters no `module_rates` pattern matches.
@@ -101,70 +126,183 @@ class DropGradCallback(TrainerCallback):
 
     ```python
     trainer = MyTrainer(model=model, args=args, train_dataset=ds)
-    trainer.add_callback(DropGradCallback(module_rates={"encoder": 0.1, "decoder": 0.2}))
+    DropGradCallback(module_rates={"encoder": 0.1, "decoder": 0.2}).attach(trainer)
     trainer.train()
     ```
     """
 
     def __init__(self, **settings: Any) -> None:
-        DropGradConfig(**settings)  # validate now, not at the first step
-        self._settings = settings
+        self._init(settings, keyword_names(type(self).__name__))
+        warn_unused(DropGradSettings(**settings, names=self._names).values(), self._names)
+
+    def _init(self, settings: Mapping[str, Any], names: Mapping[str, str]) -> None:
+        unknown = sorted(set(settings) - set(ARG_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown setting(s) {unknown}; expected one of "
+                f"{list(ARG_FIELDS)}."
+            )
+        self._names = dict(names)
+        self._settings = dict(settings)
+        DropGradSettings(**self._settings, names=self._names)  # validate now, not at step 1
         self.dropgrad: DropGrad | None = None
-        self._engine_steps = False
+        self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
+        self._attached = False
+        self._log_rates = False
+        self._used_rates: dict[str, float] | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], names: Mapping[str, str], *, warn: bool = True
+    ) -> DropGradCallback:
+        """The callback for `settings` (by the names of `__init__`), for integrations.
+
+        `names` maps each setting to how messages should call it, as the user wrote it (e.g.
+        `{"drop_rate": "DropGradTrainer(dropgrad_rate=...)", ...}`; see
+        `hf_dropgrad.settings.keyword_names`). `warn=False` when the settings were already
+        checked for values their schedule ignores (each mistake is reported once).
+        """
+        callback = cls.__new__(cls)
+        callback._init(settings, names)
+        if warn:
+            values = DropGradSettings(**settings, names=callback._names).values()
+            warn_unused(values, callback._names, stacklevel=3)
+        return callback
 
     @classmethod
     def from_args(cls, args: TrainingArguments) -> DropGradCallback:
-        """The callback for the `dropgrad_*` fields of `args`."""
-        return cls(**DropGradConfig.from_args(args).__dict__)
+        """The callback for the `dropgrad_*` fields of `args` (messages name their flags)."""
+        settings = DropGradSettings.from_args(args)
+        return cls.from_settings(settings.values(), settings.names, warn=False)
 
-    def config(self, args: TrainingArguments) -> DropGradConfig:
-        """The settings for a run with `args`."""
-        return DropGradConfig.from_args(args, **self._settings)
+    def settings(self, args: TrainingArguments) -> DropGradSettings:
+        """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`."""
+        return DropGradSettings.from_args(args, self._settings, names=self._names)
+
+    def attach(self, trainer: Any) -> DropGradCallback:
+        """Put this callback in front of `trainer`'s callbacks, checking its settings now.
+
+        In front, it adds the rates to a log before the reporting callbacks (console,
+        TensorBoard, W&B) see it. The settings are checked against `trainer.model` (patterns
+        that match nothing, or only frozen parameters) and against a `DropGrad` the Trainer
+        already holds, so mistakes fail before training. Returns the callback.
+        """
+        dropgrad = get_dropgrad(getattr(trainer, "optimizer", None))
+        if dropgrad is not None:
+            self._check_no_settings(self.settings(trainer.args))
+        else:
+            self.validate(trainer.model, trainer.args)
+        handler = trainer.callback_handler
+        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+        self._attached = True
+        return self
 
     def validate(self, model: torch.nn.Module, args: TrainingArguments) -> None:
         """Check the settings against `model` now (patterns that match nothing, ...)."""
-        config = self.config(args)
+        settings = self.settings(args)
         check_supported_setup(args)
-        if config.module_rates:
-            from hf_dropgrad.patterns import resolve_pattern_rates
+        if settings.module_rates and model is not None:
+            trained = {p for p in model.parameters() if p.requires_grad}
+            resolve_pattern_rates(
+                model.named_parameters(remove_duplicate=False),
+                settings.module_rates,
+                argument=settings.names["module_rates"],
+                trained=trained,
+            )
 
-            trainable = [
-                (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
-            ]
-            resolve_pattern_rates(trainable, config.module_rates, argument="dropgrad_module_rates")
+    def install(
+        self,
+        optimizer: Any,
+        model: torch.nn.Module | None,
+        args: TrainingArguments,
+        num_training_steps: int | None,
+    ) -> DropGrad:
+        """Wrap `optimizer` (or the optimizer inside its wrappers) in a `DropGrad`, once.
+
+        A `DropGrad` already in the chain is kept: this callback's own, or the user's, which
+        must then come without DropGrad settings. `num_training_steps` is the default length
+        of a `linear`/`cosine` schedule.
+        """
+        found = get_dropgrad(optimizer)
+        if found is not None and found is self.dropgrad:
+            return found
+        settings = self.settings(args)
+        if found is None:
+            self.validate(model, args)  # errors name the settings as the user gave them
+            found = install_dropgrad(optimizer, model, settings, num_training_steps)
+            self._log_rates = settings.enabled
+        else:
+            self._check_no_settings(settings)
+            if model is not None:
+                found.name_parameters(model)
+            self._log_rates = True
+        self.dropgrad = found
+        return found
+
+    def _check_no_settings(self, settings: DropGradSettings) -> None:
+        given = settings.given_names()
+        if given:
+            raise ValueError(
+                "The Trainer's optimizer already is a DropGrad (passed through optimizers=), and "
+                f"DropGrad settings were given too: {', '.join(given)}. A DropGrad you pass is "
+                "used as it is, so these settings would be silently ignored. Leave them at their "
+                "defaults, or pass the bare optimizer and let the settings build the DropGrad."
+            )
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._move_to_front()
         optimizer = kwargs.get("optimizer")
         if optimizer is None:
             raise ValueError("DropGradCallback found no optimizer at the start of training")
         check_supported_setup(args, getattr(optimizer, "accelerator_state", None))
-        self.dropgrad = install_dropgrad(
-            optimizer, kwargs.get("model"), self.config(args), state.max_steps or None
-        )
+        model = kwargs.get("model")
+        self.install(optimizer, model, args, state.max_steps or None)
+        assert self.dropgrad is not None
+        zero = engines.zero_optimizer(optimizer)
+        if zero is not None:  # ZeRO steps flat partitions: map them back to the parameters
+            engines.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
+        self._engine_steps = zero is not None
         engines.check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
-        # DeepSpeed steps inside backward(), before on_pre_optimizer_step fires.
-        self._engine_steps = engines.zero_optimizer(optimizer) is not None
         self.dropgrad.set_step(state.global_step)
-        if state.is_world_process_zero:
-            print(f"DropGrad rates (step {state.global_step}):\n{self.dropgrad.describe()}")
+        self._used_rates = None
+        if not self._log_rates:
+            return
+        if not self._attached:
+            logger.warning(
+                "DropGradCallback was added with add_callback() (or callbacks=), after the "
+                "callbacks that report logs, so the console, TensorBoard and W&B will not show "
+                "the dropgrad_rate entries (state.log_history has them). Use "
+                "DropGradCallback(...).attach(trainer) instead."
+            )
+        main = getattr(args, "should_log", state.is_world_process_zero)
+        passive = getattr(args, "log_level", "passive") == "passive"
+        level = pylogging.WARNING if main and passive else pylogging.INFO
+        logger.log(
+            level, "DropGrad rates (step %d):\n%s", state.global_step, self.dropgrad.describe()
+        )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # Under DeepSpeed the step happens inside backward(): the key must be set before it.
-        if self.dropgrad is not None:
-            self.dropgrad.set_step(state.global_step)
+        # Set the key as early as the step is known: engines that step inside backward()
+        # (DeepSpeed) need it before on_pre_optimizer_step.
+        self._begin_step(state.global_step)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # Gradients are clipped before this event, so max_grad_norm sees unmasked gradients.
-        # Under DeepSpeed the step is already done (and counted) by now.
-        if self.dropgrad is not None and not self._engine_steps:
-            self.dropgrad.set_step(state.global_step)
+        # Under DeepSpeed the step already ran (and was counted) inside backward().
+        if not self._engine_steps:
+            self._begin_step(state.global_step)
+
+    def _begin_step(self, step: int) -> None:
+        """Make DropGrad's next step be `step`, and remember the rates it uses for its log."""
+        if self.dropgrad is not None:
+            self.dropgrad.set_step(step)
+            if self._log_rates:
+                self._used_rates = self.log_entries()
 
     def on_log(
         self,
@@ -174,25 +312,19 @@ class DropGradCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self.dropgrad is None or logs is None or not ({"loss", "train_loss"} & set(logs)):
+        if not self._log_rates or self.dropgrad is None or logs is None:
             return
-        rates = self.log_entries()
+        if not ({"loss", "train_loss"} & set(logs)):
+            return
+        rates = self._used_rates if self._used_rates is not None else self.log_entries()
         logs.update(rates)  # seen by the callbacks after this one: console, TensorBoard, W&B
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(rates)
 
     def log_entries(self) -> dict[str, float]:
-        """`{"dropgrad_rate": r, "dropgrad_rate/<pattern>": r, ...}` for the next step."""
+        """`{"dropgrad_rate": r, "dropgrad_rate/<pattern>": r, ...}` for DropGrad's next step."""
         assert self.dropgrad is not None
         out = {}
         for label, rate in self.dropgrad.rate_groups().items():
             out[LOG_KEY if label == "default" else f"{LOG_KEY}/{label}"] = rate
         return out
-
-    def _move_to_front(self) -> None:
-        # The reporting callbacks (console, TensorBoard, W&B) only see the rates added to
-        # `logs` if this callback runs before them; `add_callback` appends at the end. A new
-        # list leaves the loop that is calling us untouched.
-        handler = sys._getframe(2).f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and handler.callbacks[0] is not self:
-            handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]

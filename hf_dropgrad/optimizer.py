@@ -13,10 +13,12 @@ from hf_dropgrad import functional as F
 from hf_dropgrad import kernels, sharding
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
-__all__ = ["DropGrad", "get_dropgrad"]
+__all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad"]
 
 _STATE_KEY = "dropgrad"
 _STATE_VERSION = 1
+#: Seeds are ints in ``[0, SEED_LIMIT)``: the masks' stream is keyed by 64 bits.
+SEED_LIMIT = 2**64
 
 
 class DropGrad(Optimizer):
@@ -52,8 +54,10 @@ class DropGrad(Optimizer):
             bytes) and one int64 per 4096 elements; on the reference path (non-contiguous
             parameters, devices without a fused backend, ``HF_DROPGRAD_BACKEND=torch``)
             also a 1-byte-per-element mask of one parameter at a time.
-        seed: seed of the masks; default ``torch.initial_seed()`` at construction. The
-            mask of a step depends only on ``(seed, step, parameter position)``.
+        seed: seed of the masks, an int in ``[0, 2**64)`` (the key space of the masks'
+            stream; ``--dropgrad_seed`` follows the same rule); default
+            ``torch.initial_seed()`` at construction. The mask of a step depends only on
+            ``(seed, step, parameter position)``.
 
     Example::
 
@@ -99,6 +103,10 @@ class DropGrad(Optimizer):
             seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        elif not 0 <= seed < SEED_LIMIT:
+            raise ValueError(
+                f"seed must be an int in [0, 2**64) (the key of the masks' stream), got {seed!r}"
+            )
 
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
@@ -225,13 +233,10 @@ class DropGrad(Optimizer):
         return names
 
     def _named_for_patterns(self, model: torch.nn.Module | None) -> list[tuple[str, torch.Tensor]]:
-        owned = set(self._all_params())
         if model is not None:
-            # remove_duplicate=False lists tied parameters under every alias.
-            named = [
-                (n, p) for n, p in model.named_parameters(remove_duplicate=False) if p in owned
-            ]
-            return named
+            # remove_duplicate=False lists tied parameters under every alias. Parameters the
+            # optimizer does not own are kept so a pattern naming only them says so.
+            return list(model.named_parameters(remove_duplicate=False))
         named = []
         for group in self.optimizer.param_groups:
             if "param_names" not in group:
@@ -278,13 +283,24 @@ class DropGrad(Optimizer):
         if by_pattern:
             from hf_dropgrad.patterns import resolve_pattern_rates
 
-            resolved = resolve_pattern_rates(self._named_for_patterns(model), by_pattern)
+            resolved = resolve_pattern_rates(
+                self._named_for_patterns(model), by_pattern, trained=owned
+            )
             for p, (rate, name, pattern) in resolved.items():
                 names.setdefault(p, name)
                 if p not in rates:  # an explicit Parameter key beats any pattern
                     rates[p] = rate
                     patterns[p] = pattern
         return rates, patterns
+
+    def name_parameters(self, model: torch.nn.Module) -> None:
+        """Name the parameters that have no name yet after ``model``'s ``named_parameters()``.
+
+        For a ``DropGrad`` built without ``model=`` from ``model.parameters()``: afterwards
+        :meth:`current_rates`, :meth:`describe` and the Trainer's logs use names, not positions.
+        """
+        for name, p in model.named_parameters():
+            self._names.setdefault(p, name)
 
     def _schedule_factor(self) -> float:
         sched = self.drop_rate_scheduler

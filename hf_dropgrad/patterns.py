@@ -1,4 +1,4 @@
-r"""Resolve drop rates given by submodule-name patterns (SPEC §4).
+r"""Resolve drop rates given by submodule-name patterns (docs/design.md, "Per-module rates").
 
 ``DropGrad(opt, params={"encoder": 0.1, "decoder": 0.2})`` names submodules instead of
 parameters. This module turns such a mapping into one rate per parameter tensor. It is pure
@@ -56,14 +56,17 @@ gives it 0.3 (more components): a pattern naming only an alias still reaches the
 every name, aliases included (``model.named_parameters(remove_duplicate=False)``), or aliases
 cannot be matched.
 
-A pattern that matches no name is an error that lists the closest module and parameter names.
+A pattern that matches no name is an error that lists the closest module and parameter names;
+one that matches only parameters that do not train (frozen, or outside the optimizer) is an
+error that says so. Pattern syntax is checked in one place, :func:`check_pattern`, which the
+settings layer (:mod:`hf_dropgrad.settings`) also uses.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -71,6 +74,7 @@ import torch
 __all__ = [
     "RateRow",
     "ResolvedRate",
+    "check_pattern",
     "format_rate_table",
     "is_plain_pattern",
     "resolve_pattern_rates",
@@ -140,11 +144,39 @@ def is_plain_pattern(pattern: str) -> bool:
     return _PLAIN_RE.fullmatch(pattern) is not None
 
 
+def check_pattern(pattern: str, argument: str = "params") -> None:
+    r"""Check the syntax of one pattern: a plain name without empty components, or a regex.
+
+    The one syntax check of the package: :func:`resolve_pattern_rates` and the settings layer's
+    ``PATTERN=RATE`` parser both use it, so a mistake reads the same wherever it is made.
+
+    Args:
+        pattern (str): a key of the pattern mapping.
+        argument (str): how the message names the setting. Default: ``"params"``.
+
+    Raises:
+        TypeError: ``pattern`` is not a ``str``.
+        ValueError: ``pattern`` is empty, a plain name with an empty component, or a regex
+            that does not compile.
+
+    Example::
+
+        >>> check_pattern(r"layer\.\d+\..*")
+        >>> try:
+        ...     check_pattern("encoder..block", "--dropgrad_module_rates")
+        ... except ValueError as error:
+        ...     print(str(error)[:62])
+        --dropgrad_module_rates: plain name 'encoder..block' has an em
+    """
+    _compile_pattern(pattern, 0.0, argument)
+
+
 def resolve_pattern_rates(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
     patterns: Mapping[str, float],
     *,
     argument: str = "params",
+    trained: Container[torch.Tensor] | None = None,
 ) -> dict[torch.Tensor, ResolvedRate]:
     r"""Give each parameter tensor the rate of the pattern that matches it best.
 
@@ -160,10 +192,14 @@ def resolve_pattern_rates(
         patterns (Mapping[str, float]): pattern -> drop rate. Rates are expected to be
             validated already.
         argument (str): the argument name used in error messages. Default: ``"params"``.
+        trained (container of Tensor, optional): the tensors that train (e.g. those with
+            ``requires_grad`` in the optimizer). Others are matched, so a pattern naming only
+            them is reported as such rather than as matching nothing, but get no entry.
+            Default: every tensor trains.
 
     Returns:
-        dict[Tensor, ResolvedRate]: one entry per tensor that some pattern matched, keyed by
-        the tensor itself (tensors hash by identity), in order of first appearance.
+        dict[Tensor, ResolvedRate]: one entry per trained tensor that some pattern matched,
+        keyed by the tensor itself (tensors hash by identity), in order of first appearance.
 
     Raises:
         TypeError: a key of ``patterns`` is not a ``str``.
@@ -196,13 +232,17 @@ def resolve_pattern_rates(
     # Pass 1: every match of every name, and the depth where each plain name first occurs.
     hits_per_tensor: list[list[_Hits]] = []
     matched: set[str] = set()
+    matched_trained: set[str] = set()
     depth: dict[str, int] = {}
-    for _, names in tensors.values():
+    for param, names in tensors.values():
         hits = [_match_name(name, regexes, plains, argument) for name in names]
+        trains = trained is None or param in trained
         for plain, regex in hits:
-            matched.update(p.text for p in regex)
+            texts = [p.text for p in regex] + [p.text for p, _ in plain]
+            matched.update(texts)
+            if trains:
+                matched_trained.update(texts)
             for p, start in plain:
-                matched.add(p.text)
                 depth[p.text] = min(start, depth.get(p.text, start))
         hits_per_tensor.append(hits)
 
@@ -210,10 +250,15 @@ def resolve_pattern_rates(
     if unmatched:
         all_names = [name for _, names in tensors.values() for name in names]
         raise ValueError(_no_match_message(unmatched, all_names, argument))
+    untrained = [p for p in compiled if p.text not in matched_trained]
+    if untrained:
+        raise ValueError(_untrained_message(untrained, tensors.values(), hits_per_tensor, argument))
 
     # Pass 2: the best match per name, then the best name per tensor.
     resolved: dict[torch.Tensor, ResolvedRate] = {}
     for (param, names), hits in zip(tensors.values(), hits_per_tensor, strict=True):
+        if trained is not None and param not in trained:
+            continue
         best: tuple[_Rank, _Pattern] | None = None
         for plain, regex in hits:
             if regex:
@@ -310,34 +355,32 @@ def format_rate_table(
 
 
 def _compile_patterns(patterns: Mapping[str, float], argument: str) -> list[_Pattern]:
-    compiled = []
-    for text, rate in patterns.items():
-        if not isinstance(text, str):
-            # No repr of a tensor key: it would print the whole tensor.
-            shown = "" if isinstance(text, torch.Tensor) else f" {text!r}"[:60]
-            raise TypeError(
-                f"{argument}: pattern keys must be str, got {type(text).__name__}{shown}"
-            )
-        if not text:
-            raise ValueError(f"{argument}: empty pattern ''. {_RULES_HINT}")
-        if is_plain_pattern(text):
-            parts = tuple(text.split("."))
-            if "" in parts:
-                raise ValueError(
-                    f"{argument}: plain name {_q(text)} has an empty component (a leading, "
-                    f"trailing or doubled '.'). {_RULES_HINT}"
-                )
-            compiled.append(_Pattern(text, float(rate), parts, None))
-            continue
-        try:
-            regex = re.compile(text)
-        except re.error as err:
+    return [_compile_pattern(text, rate, argument) for text, rate in patterns.items()]
+
+
+def _compile_pattern(text: object, rate: float, argument: str) -> _Pattern:
+    if not isinstance(text, str):
+        # No repr of a tensor key: it would print the whole tensor.
+        shown = "" if isinstance(text, torch.Tensor) else f" {text!r}"[:60]
+        raise TypeError(f"{argument}: pattern keys must be str, got {type(text).__name__}{shown}")
+    if not text:
+        raise ValueError(f"{argument}: empty pattern ''. {_RULES_HINT}")
+    if is_plain_pattern(text):
+        parts = tuple(text.split("."))
+        if "" in parts:
             raise ValueError(
-                f"{argument}: pattern {_q(text)} is not a plain name and not a valid regular "
-                f"expression ({err}).{_glob_hint(text)} {_RULES_HINT}"
-            ) from None
-        compiled.append(_Pattern(text, float(rate), None, regex))
-    return compiled
+                f"{argument}: plain name {_q(text)} has an empty component (a leading, "
+                f"trailing or doubled '.'). {_RULES_HINT}"
+            )
+        return _Pattern(text, float(rate), parts, None)
+    try:
+        regex = re.compile(text)
+    except re.error as err:
+        raise ValueError(
+            f"{argument}: pattern {_q(text)} is not a plain name and not a valid regular "
+            f"expression ({err}).{_glob_hint(text)} {_RULES_HINT}"
+        ) from None
+    return _Pattern(text, float(rate), None, regex)
 
 
 def _plain_start(parts: tuple[str, ...], components: list[str]) -> int | None:
@@ -400,6 +443,31 @@ def _no_match_message(unmatched: list[_Pattern], names: list[str], argument: str
         f"{argument}: {len(unmatched)} {what} no parameter name:\n"
         + "\n".join(lines)
         + f"\n{_RULES_HINT}"
+    )
+
+
+def _untrained_message(
+    untrained: list[_Pattern],
+    tensors: Iterable[tuple[torch.Tensor, list[str]]],
+    hits_per_tensor: list[list[_Hits]],
+    argument: str,
+) -> str:
+    lines = []
+    for p in untrained:
+        example = next(
+            names[i]
+            for (_, names), hits in zip(tensors, hits_per_tensor, strict=True)
+            for i, (plain, regex) in enumerate(hits)
+            if any(q is p for q in regex) or any(q is p for q, _ in plain)
+        )
+        lines.append(f"  {_q(p.text)}: e.g. {_q(example)}")
+    what = "pattern matches" if len(untrained) == 1 else "patterns match"
+    return (
+        f"{argument}: {len(untrained)} {what} only parameters that do not train (frozen with "
+        "requires_grad=False, as a frozen backbone or PEFT base weights are, or not in the "
+        "optimizer), so DropGrad would never mask them:\n"
+        + "\n".join(lines)
+        + "\nRemove the pattern, or point it at parameters that train."
     )
 
 

@@ -7,41 +7,57 @@ from typing import Any
 import torch
 from transformers import Seq2SeqTrainer, Trainer
 
-from hf_dropgrad.callbacks import DropGradCallback, install_dropgrad
-from hf_dropgrad.training_args import _ARG_NAMES
+from hf_dropgrad.callbacks import DropGradCallback
+from hf_dropgrad.settings import ARG_FIELDS, keyword_names
 
 __all__ = ["DropGradSeq2SeqTrainer", "DropGradTrainer"]
 
-_SETTING_OF_ARG = {arg: key for key, arg in _ARG_NAMES.items()}
+_SETTING_OF_ARG = {arg: key for key, arg in ARG_FIELDS.items()}
 
 
 class _DropGradMixin:
-    """Installs a [`DropGradCallback`] in front of the Trainer's callbacks.
+    """Attaches a [`DropGradCallback`] in front of the Trainer's callbacks.
 
     Everything DropGrad does in a Trainer lives in that callback, so `DropGradTrainer` and
-    `trainer.add_callback(DropGradCallback(...))` on any other Trainer behave the same.
+    `DropGradCallback(...).attach(trainer)` on any other Trainer behave the same.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        names = [name for name in kwargs if name in _SETTING_OF_ARG]
-        settings = {_SETTING_OF_ARG[name]: kwargs.pop(name) for name in names}
+        settings = {_SETTING_OF_ARG[name]: kwargs.pop(name) for name in list(kwargs)
+                    if name in _SETTING_OF_ARG}
+        names = keyword_names(type(self).__name__, prefixed=True)
+        callback = DropGradCallback.from_settings(settings, names)  # bad values fail here
         super().__init__(*args, **kwargs)
-        self.dropgrad_callback = DropGradCallback(**settings)
-        self.dropgrad_callback.validate(self.model, self.args)  # bad patterns fail here
-        self.callback_handler.callbacks.insert(0, self.dropgrad_callback)
+        self._dropgrad_num_training_steps: int | None = None
+        # Bad patterns, or settings next to a DropGrad passed via optimizers=, fail here.
+        self.dropgrad_callback = callback.attach(self)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """As `Trainer`'s; `num_training_steps` is also the default length of a DropGrad
+        `linear`/`cosine` schedule when this is called before `train()`."""
+        self._dropgrad_num_training_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)  # type: ignore[misc]
 
     def create_optimizer(self, model: Any = None) -> Any:
         """Build the optimizer as `Trainer` does, then wrap it in a [`DropGrad`].
 
-        Wrapping here, before `accelerator.prepare`, lets Accelerate see the `DropGrad`;
-        `state.max_steps` is already the run's total number of optimizer steps.
+        Wrapping here, before `accelerator.prepare`, lets Accelerate see the `DropGrad`.
+        The default length of a schedule is the run's total number of optimizer steps:
+        `state.max_steps` during `train()`, else the `num_training_steps` given to
+        `create_optimizer_and_scheduler`, else `--max_steps`.
         """
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         if isinstance(optimizer, torch.optim.Optimizer):  # not DeepSpeed's DummyOptim
-            config = self.dropgrad_callback.config(self.args)  # type: ignore[attr-defined]
+            args = self.args  # type: ignore[attr-defined]
+            steps = (
+                self.state.max_steps  # type: ignore[attr-defined]
+                or self._dropgrad_num_training_steps
+                or (args.max_steps if args.max_steps > 0 else None)
+            )
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
-            steps = self.state.max_steps or None  # type: ignore[attr-defined]
-            optimizer = install_dropgrad(optimizer, opt_model, config, steps)
+            self.dropgrad_callback.install(optimizer, opt_model, args, steps)
+            if self.dropgrad_callback.dropgrad is not optimizer:
+                optimizer = self.dropgrad_callback.dropgrad
             self.optimizer = optimizer
         return optimizer
 
@@ -57,9 +73,17 @@ class DropGradTrainer(_DropGradMixin, Trainer):
     (`DropGradTrainer(model, args, dropgrad_rate=0.1, dropgrad_module_rates={...})`),
     which take precedence over the arguments' fields.
 
-    The current rates are added to every training log (`dropgrad_rate`,
-    `dropgrad_rate/<pattern>`) and a table of the rates is printed when training starts.
-    Masks follow `state.global_step`, so `resume_from_checkpoint` continues exactly.
+    A [`DropGrad`] passed through `optimizers=` is used as it is; DropGrad settings must then
+    stay at their defaults (a `ValueError` names those that are set), since they would be
+    silently ignored.
+
+    The rates each step used are added to the training logs (`dropgrad_rate`,
+    `dropgrad_rate/<pattern>`), as `learning_rate` is, and a table of the rates is logged
+    when training starts. With DropGrad off (rate 0, no module rates) training and logs are
+    those of [`Trainer`]; what differs is one more callback, a [`DropGradCallback`], first in
+    `trainer.callback_handler.callbacks`, and DropGrad's small `dropgrad` entry in
+    `optimizer.pt`. Masks follow `state.global_step`, so `resume_from_checkpoint` continues
+    exactly.
 
     Example:
 

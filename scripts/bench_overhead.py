@@ -1,4 +1,4 @@
-"""Benchmark DropGrad's masking overhead and memory against a bare AdamW step (SPEC §8).
+"""Benchmark DropGrad's masking overhead and memory against a bare AdamW step.
 
 Builds the t5-small parameter set (60.5M parameters, ``T5ForConditionalGeneration(T5Config())``
 shapes; hard-coded shapes when transformers is missing) with random gradients and times, in one

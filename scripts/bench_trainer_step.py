@@ -1,4 +1,4 @@
-"""End-to-end cost of DropGrad in a Trainer step on the flagship model (SPEC §8: <= 1.03x).
+"""End-to-end cost of DropGrad in a Trainer step on the flagship model (target: <= 1.03x).
 
 Builds the flagship bert2bert (two pretrained MiniLM-L6, 49M parameters, offline) and times
 `Trainer` steps (forward, backward, clipping, optimizer step) on fixed batches of the

@@ -1,5 +1,6 @@
-"""Data parallel with real processes, and the setups refused at the start of training (FSDP1,
-DeepSpeed without ZeRO under fp16/bf16). FSDP2 and ZeRO: tests/test_fsdp2.py, test_deepspeed.py.
+"""Data parallel with real processes (docs/design.md, "Invariants"), and the setups refused at
+the start of training (FSDP1, DeepSpeed without ZeRO under fp16/bf16). FSDP2 and DeepSpeed ZeRO
+are exact: tests/test_fsdp2.py, tests/test_deepspeed.py.
 
 The multi-process tests launch ``tests/distributed_scripts/ddp_train.py`` (see its docstring
 for the setup) with ``accelerate launch --config_file examples/accelerate_configs/cpu_ddp.yaml``:

@@ -407,3 +407,22 @@ def test_script_defaults_apply_to_the_command_line_and_to_config_files(tmp_path:
     assert (args.output_dir, args.max_steps) == ("out", 9)
     assert args.dropgrad_module_rates == {"decoder": 0.4}
     assert args.learning_rate == run_seq2seq.SCRIPT_DEFAULTS["learning_rate"]
+
+
+@pytest.mark.slow
+def test_accelerate_loop_parses_module_rates_with_the_package_parser(
+    tmp_path: Path, example_env: dict[str, str]
+) -> None:
+    # A comma inside a regex quantifier belongs to the pattern, as for --dropgrad_module_rates.
+    out = tmp_path / "out"
+    pattern = r"encoder\.block\.\d{1,2}\..*"
+    _run(
+        [
+            sys.executable, str(EXAMPLES / "accelerate_loop.py"), "--cpu", "--max_steps", "1",
+            "--gradient_accumulation_steps", "1", "--scheduler", "constant",
+            "--module_rates", f"{pattern}=0.3,decoder=0.2", "--output_dir", str(out),
+        ],
+        example_env,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["final_rates"] == pytest.approx({pattern: 0.3, "decoder": 0.2, "default": 0.1})

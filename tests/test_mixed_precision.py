@@ -1,4 +1,5 @@
-"""Mixed precision and the step path (SPEC §5): fp16 with a GradScaler, bf16 gradients.
+"""Mixed precision and the step path (docs/design.md, "Invariants"): fp16 with a GradScaler,
+bf16 gradients.
 
 fp16 on the CPU: Accelerate 1.15 has no fp16 there (``Accelerator(mixed_precision="fp16",
 cpu=True)`` makes no ``GradScaler`` and no autocast). The tests give it a CPU
@@ -180,7 +181,8 @@ def test_fp16_trainer_masks_every_step_over_once_unscaled_grads(tmp_path, how: s
     if how == "optimizers":
         inner = torch.optim.SGD(model.parameters(), lr=0.1)
         dropgrad = DropGrad(inner, drop_rate=RATE, seed=SEED)
-        trainer = DropGradTrainer(**common, optimizers=(dropgrad, None), dropgrad_rate=RATE)
+        # used as it is: DropGrad settings next to it would be an error
+        trainer = DropGradTrainer(**common, optimizers=(dropgrad, None))
     elif how == "trainer":
         trainer = DropGradTrainer(**common, dropgrad_rate=RATE)
     else:

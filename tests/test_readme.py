@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_flags_table_is_up_to_date() -> None:
     pytest.importorskip("transformers")
+    # This checkout's package, not whichever hf_dropgrad is installed.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     result = subprocess.run(
         [sys.executable, "scripts/gen_flags_table.py", "--check"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

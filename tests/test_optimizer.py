@@ -535,3 +535,12 @@ def test_patterns_with_model_reach_tied_aliases_and_explain_missing_names() -> N
     assert "encoder" in str(info.value)
     with pytest.raises(ValueError, match=r"params\['encoder'\] must be in \[0, 1\]"):
         DropGrad(torch.optim.AdamW(model.named_parameters(), lr=1e-3), params={"encoder": 3})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seed_outside_the_stream_key_range_is_refused(seed: int) -> None:
+    # One rule with --dropgrad_seed: an integer in [0, 2**64), the stream's key space.
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=r"seed.*\[0, 2\*\*64\)"):
+        DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=seed)
+    DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=2**64 - 1)
