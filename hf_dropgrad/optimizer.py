@@ -299,8 +299,10 @@ class DropGrad(Optimizer):
         For a ``DropGrad`` built without ``model=`` from ``model.parameters()``: afterwards
         :meth:`current_rates`, :meth:`describe` and the Trainer's logs use names, not positions.
         """
+        position = {p: i for i, p in enumerate(self._all_params())}
         for name, p in model.named_parameters():
-            self._names.setdefault(p, name)
+            if p in position:
+                self._names.setdefault(position[p], name)
 
     def _schedule_factor(self) -> float:
         sched = self.drop_rate_scheduler
