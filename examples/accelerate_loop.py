@@ -24,7 +24,9 @@ How DropGrad fits the loop:
   step draws no mask and does not advance DropGrad's step or schedule.
 - Data parallel: the mask is a function of (seed, step, parameter) only, so every process
   draws the same mask and the replicas stay identical (checked at the end of this script).
-  FSDP and DeepSpeed are refused with a clear error.
+  FSDP2 shards are masked at their global offsets (exact); setups that cannot be exact (FSDP1,
+  tensor-parallel placements) are refused with a clear error. Under DeepSpeed ZeRO call
+  ``hf_dropgrad.engines.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from hf_dropgrad.callbacks import check_supported_setup
 
-    check_supported_setup(None, accelerator)  # FSDP / DeepSpeed: a clear error, not wrong masks
+    check_supported_setup(None, accelerator)  # FSDP1 & co: a clear error, not wrong masks
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         accelerator.print("note: Accelerate has no fp16 on this device (CPU): training in fp32")
     set_seed(args.seed)  # the same seed on every process

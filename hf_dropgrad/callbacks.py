@@ -16,6 +16,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
+from hf_dropgrad import engines
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.patterns import resolve_pattern_rates
 from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings, keyword_names, warn_unused
@@ -31,27 +32,12 @@ LOG_KEY = "dropgrad_rate"
 
 
 def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> None:
-    """Refuse the setups where DropGrad would silently train wrong, before training starts.
+    """Refuse the setups where DropGrad cannot be exact, before training starts.
 
-    DeepSpeed ZeRO steps its own flat-partition optimizer (and with an ``optimizer`` block
-    in its config never calls ``create_optimizer``); FSDP shards gradients. In both the
-    masks would not be those of a 1-process run, so they are refused with a clear error.
+    FSDP2 and DeepSpeed ZeRO-1/2/3 are exact; FSDP1 and DeepSpeed's fp16/bf16 optimizer
+    without ZeRO are refused. See [`hf_dropgrad.engines.check_supported_setup`].
     """
-    state = getattr(accelerator, "state", accelerator)  # an Accelerator or its AcceleratorState
-    distributed_type = str(getattr(state, "distributed_type", ""))
-    if getattr(args, "deepspeed", None) or "DEEPSPEED" in distributed_type:
-        raise ValueError(
-            "DropGrad does not support DeepSpeed: ZeRO steps its own partitioned optimizer (and "
-            "a DeepSpeed config with an `optimizer` block bypasses the Trainer's optimizer), so "
-            "DropGrad's masks would be silently missing or differ from a 1-process run. Use "
-            "DDP (`accelerate launch --multi_gpu`) or remove `deepspeed=` / the DropGrad flags."
-        )
-    if getattr(args, "fsdp", None) or "FSDP" in distributed_type:
-        raise ValueError(
-            "DropGrad does not support FSDP: gradients are sharded across processes, so masks "
-            "drawn per full parameter cannot be applied consistently. Use DDP "
-            "(`accelerate launch --multi_gpu`) or remove `--fsdp` / the DropGrad flags."
-        )
+    engines.check_supported_setup(args, accelerator)
 
 
 def install_dropgrad(
@@ -67,6 +53,14 @@ def install_dropgrad(
     or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
     """
     found = get_dropgrad(holder)
+    zero = engines.zero_optimizer(holder)
+    if zero is not None and found is None:
+        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
+        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
+        kwargs = settings.dropgrad_kwargs(num_training_steps)
+        return engines.install_under_deepspeed(
+            zero, None, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
+        )
     if found is not None:
         return found
     kwargs = settings.dropgrad_kwargs(num_training_steps)
@@ -152,6 +146,7 @@ class DropGradCallback(TrainerCallback):
         self._settings = dict(settings)
         DropGradSettings(**self._settings, names=self._names)  # validate now, not at step 1
         self.dropgrad: DropGrad | None = None
+        self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
         self._attached = False
         self._log_rates = False
         self._used_rates: dict[str, float] | None = None
@@ -264,6 +259,11 @@ class DropGradCallback(TrainerCallback):
         model = kwargs.get("model")
         self.install(optimizer, model, args, state.max_steps or None)
         assert self.dropgrad is not None
+        zero = engines.zero_optimizer(optimizer)
+        if zero is not None:  # ZeRO steps flat partitions: map them back to the parameters
+            engines.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
+        self._engine_steps = zero is not None
+        engines.check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
         self.dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:
@@ -293,7 +293,9 @@ class DropGradCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # Gradients are clipped before this event, so max_grad_norm sees unmasked gradients.
-        self._begin_step(state.global_step)
+        # Under DeepSpeed the step already ran (and was counted) inside backward().
+        if not self._engine_steps:
+            self._begin_step(state.global_step)
 
     def _begin_step(self, step: int) -> None:
         """Make DropGrad's next step be `step`, and remember the rates it uses for its log."""

@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
-from hf_dropgrad import kernels
+from hf_dropgrad import kernels, sharding
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
 __all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad"]
@@ -121,9 +121,17 @@ class DropGrad(Optimizer):
         self.full_update_drop = full_update_drop
         self.drop_rate_scheduler = drop_rate_scheduler
         self._step_count_dropgrad = 0
-        self._names = self._parameter_names(model)
+        # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
+        # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
+        self._layout: sharding.ZeroLayout | None = None
+        self._num_params = sum(len(group["params"]) for group in optimizer.param_groups)
+        names = self._parameter_names(model)
         self._base_drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
-        self._rates, self._patterns = self._resolve_params(params, model)
+        rates, patterns = self._resolve_params(params, model, names)
+        position = {p: i for i, p in enumerate(self._all_params())}
+        self._names: dict[int, str] = {position[p]: n for p, n in names.items() if p in position}
+        self._rates: dict[int, float] = {position[p]: r for p, r in rates.items()}
+        self._patterns: dict[int, str] = {position[p]: s for p, s in patterns.items()}
 
         if drop_rate is None and not self._rates and drop_rate_scheduler is None:
             raise ValueError(
@@ -241,7 +249,10 @@ class DropGrad(Optimizer):
         return named
 
     def _resolve_params(
-        self, params: Mapping[Any, float] | None, model: torch.nn.Module | None
+        self,
+        params: Mapping[Any, float] | None,
+        model: torch.nn.Module | None,
+        names: dict[torch.Tensor, str],
     ) -> tuple[dict[torch.Tensor, float], dict[torch.Tensor, str]]:
         rates: dict[torch.Tensor, float] = {}
         patterns: dict[torch.Tensor, str] = {}
@@ -276,7 +287,7 @@ class DropGrad(Optimizer):
                 self._named_for_patterns(model), by_pattern, trained=owned
             )
             for p, (rate, name, pattern) in resolved.items():
-                self._names.setdefault(p, name)
+                names.setdefault(p, name)
                 if p not in rates:  # an explicit Parameter key beats any pattern
                     rates[p] = rate
                     patterns[p] = pattern
@@ -288,8 +299,10 @@ class DropGrad(Optimizer):
         For a ``DropGrad`` built without ``model=`` from ``model.parameters()``: afterwards
         :meth:`current_rates`, :meth:`describe` and the Trainer's logs use names, not positions.
         """
+        position = {p: i for i, p in enumerate(self._all_params())}
         for name, p in model.named_parameters():
-            self._names.setdefault(p, name)
+            if p in position:
+                self._names.setdefault(position[p], name)
 
     def _schedule_factor(self) -> float:
         sched = self.drop_rate_scheduler
@@ -297,11 +310,11 @@ class DropGrad(Optimizer):
             return 1.0
         return sched.get_last_rate() / sched.rate_at(0)
 
-    def _rate_of(self, p: torch.Tensor) -> float | None:
+    def _rate_of(self, index: int) -> float | None:
         sched = self.drop_rate_scheduler
         if sched is not None and not self._rates:
             return sched.get_last_rate()
-        base = self._rates.get(p, self._base_drop_rate)
+        base = self._rates.get(index, self._base_drop_rate)
         if base is None:
             return None
         return min(1.0, base * self._schedule_factor())
@@ -312,10 +325,10 @@ class DropGrad(Optimizer):
         Parameters with no rate are left out; an explicit ``0.0`` is listed.
         """
         out: dict[str | int, float] = {}
-        for index, p in enumerate(self._all_params()):
-            rate = self._rate_of(p)
+        for index in range(self._num_params):
+            rate = self._rate_of(index)
             if rate is not None:
-                out[self._names.get(p, index)] = rate
+                out[self._names.get(index, index)] = rate
         return out
 
     def rate_groups(self) -> dict[str, float]:
@@ -324,11 +337,11 @@ class DropGrad(Optimizer):
         rate). What the Trainer layer logs.
         """
         out: dict[str, float] = {}
-        for p in self._all_params():
-            rate = self._rate_of(p)
+        for index in range(self._num_params):
+            rate = self._rate_of(index)
             if rate is None:
                 continue
-            label = self._patterns.get(p) or ("params" if p in self._rates else "default")
+            label = self._patterns.get(index) or ("params" if index in self._rates else "default")
             out[label] = max(rate, out.get(label, 0.0))
         return out
 
@@ -337,24 +350,56 @@ class DropGrad(Optimizer):
         from hf_dropgrad.patterns import format_rate_table
 
         rows = []
-        for index, p in enumerate(self._all_params()):
-            rows.append((self._names.get(p, str(index)), self._rate_of(p), self._patterns.get(p)))
+        for index in range(self._num_params):
+            name = self._names.get(index, str(index))
+            rows.append((name, self._rate_of(index), self._patterns.get(index)))
         return format_rate_table(rows)
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _targets(self) -> list[tuple[torch.Tensor, int, int, float]]:
-        """``(param, key, threshold, scale)`` of every parameter with a positive rate."""
+    def _pieces(self) -> Iterator[tuple[int, Any]]:
+        """``(position, target)`` of what this process masks: a parameter, or a
+        :class:`~hf_dropgrad.sharding.Piece` of one (its local shard at a global offset)."""
+        if self._layout is not None:
+            yield from self._layout.pieces(self.optimizer.param_groups)
+            return
+        params = list(self._all_params())
+        if len(params) != self._num_params:
+            # Positions key the masks: with other tensors in param_groups they would be wrong.
+            raise RuntimeError(
+                f"DropGrad was built over {self._num_params} parameters but its optimizer now "
+                f"holds {len(params)} tensors. An engine replaced them (DeepSpeed ZeRO steps "
+                "flat partitions): the Trainer handles that; in your own DeepSpeed loop call "
+                "hf_dropgrad.engines.attach_deepspeed(engine.optimizer) after "
+                "deepspeed.initialize. To add parameters, use DropGrad.add_param_group."
+            )
+        for index, p in enumerate(params):
+            yield index, sharding.local_target(p)
+
+    def _set_layout(self, layout: sharding.ZeroLayout | None) -> None:
+        """Mask the ranges ``layout`` maps (DeepSpeed ZeRO's flat partitions), and leave
+        advancing the step count to the engine (it calls :meth:`step` once per group)."""
+        self._layout = layout
+
+    def _advance(self) -> None:
+        """One optimizer step is done: advance the step count and the scheduler."""
+        self._step_count_dropgrad += 1
+        if self.drop_rate_scheduler is not None:
+            self.drop_rate_scheduler.step()
+
+    def _targets(self) -> list[tuple[Any, int, int, float]]:
+        """``(target, key, threshold, scale)`` of every parameter (or local piece of one) with a
+        positive rate; ``target.grad`` is what gets masked."""
         out = []
-        for index, p in enumerate(self._all_params()):
-            rate = self._rate_of(p)
+        for index, target in self._pieces():
+            rate = self._rate_of(index)
             if not rate:
                 continue
             threshold = F.drop_threshold(rate)
             if threshold == 0:
                 continue
             key = F.derive_key(self.seed, self._step_count_dropgrad, index)
-            out.append((p, key, threshold, F.keep_scale(threshold)))
+            out.append((target, key, threshold, F.keep_scale(threshold)))
         return out
 
     @staticmethod
@@ -367,10 +412,12 @@ class DropGrad(Optimizer):
                 "use dense gradients or leave that parameter without a rate"
             )
         if type(grad).__name__ == "DTensor":
+            # DTensor parameters are masked through their local shard (hf_dropgrad.sharding);
+            # a DTensor gradient on a plain parameter has no known place in the parameter.
             raise RuntimeError(
-                "DropGrad does not support sharded (DTensor) gradients (FSDP2, tensor "
-                "parallel): each process holds a shard, and masks drawn per shard would not be "
-                "those of the full parameter. Use DDP (accelerate launch --multi_gpu) instead."
+                "DropGrad got a sharded (DTensor) gradient for a parameter that is not a "
+                "DTensor, so it cannot tell where the shard sits in the full parameter. Shard "
+                "parameters with FSDP2 (fully_shard), which DropGrad masks exactly."
             )
         if not grad.is_floating_point():
             raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
@@ -391,6 +438,7 @@ class DropGrad(Optimizer):
             [t[1] for t in live],
             [t[2] for t in live],
             [t[3] for t in live],
+            [sharding.offset_of(t[0]) for t in live],
         )
 
     @staticmethod
@@ -413,11 +461,11 @@ class DropGrad(Optimizer):
     def _snapshot_dropped(
         self, targets: list[tuple[torch.Tensor, int, int, float]]
     ) -> list[F.DroppedValues]:
-        params = [p.detach() for p, *_ in targets]
+        params = [t.data if isinstance(t, sharding.Piece) else t.detach() for t, *_ in targets]
         buffers = self._mask_buffers(params)
         return [
-            F.save_dropped(p, key, threshold, buffers.get(p.device))
-            for p, (_, key, threshold, _) in zip(params, targets)
+            F.save_dropped(p, key, threshold, buffers.get(p.device), offset=sharding.offset_of(t))
+            for p, (t, key, threshold, _) in zip(params, targets)
         ]
 
     @classmethod
@@ -457,9 +505,8 @@ class DropGrad(Optimizer):
         if saved:
             with torch.no_grad():
                 self._restore_dropped(saved)
-        self._step_count_dropgrad += 1
-        if self.drop_rate_scheduler is not None:
-            self.drop_rate_scheduler.step()
+        if self._layout is None:  # under ZeRO the engine's step advances it, once for all groups
+            self._advance()
         return loss
 
     # -- pass-through ----------------------------------------------------------------------
@@ -470,8 +517,10 @@ class DropGrad(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its parameters get the default rate."""
         self.optimizer.add_param_group(param_group)
-        for name, p in zip(param_group.get("param_names", ()), param_group["params"]):
-            self._names.setdefault(p, name)
+        added = self.optimizer.param_groups[-1]
+        for offset, name in enumerate(added.get("param_names", ())):
+            self._names.setdefault(self._num_params + offset, name)
+        self._num_params += len(added["params"])
 
     def train(self) -> None:
         """Call the inner optimizer's ``train()`` where it has one (schedule-free optimizers)."""
@@ -521,7 +570,7 @@ class DropGrad(Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        rates = sorted({r for r in (self._rate_of(p) for p in self._all_params()) if r is not None})
+        rates = sorted({r for r in map(self._rate_of, range(self._num_params)) if r is not None})
         shown = ", ".join(f"{r:g}" for r in rates[:6]) + (", ..." if len(rates) > 6 else "")
         return (
             f"DropGrad(rates=[{shown}], full_update_drop={self.full_update_drop}, "

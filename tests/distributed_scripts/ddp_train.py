@@ -26,8 +26,9 @@ Every rank writes ``OUT/<RUN>.rank<r>.pt``: final parameters, their SHA-256, the
 shapes it saw, and for every masking the DropGrad step and rates.
 
 ``refuse-fsdp-trainer`` / ``refuse-fsdp-callback`` instead try a ``DropGradTrainer`` / a
-``Trainer`` with ``DropGradCallback`` under ``TrainingArguments(fsdp=True)`` and record the
-error (on a CPU-only machine Accelerate does not shard, but the arguments ask for FSDP).
+``Trainer`` with ``DropGradCallback`` under ``TrainingArguments(fsdp=True)`` with FSDP1
+(``fsdp_config={"version": 1}``, flat parameters) and record the error (on a CPU-only machine
+Accelerate does not shard, but the arguments ask for FSDP1).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def run_loop(masks: str, dropout: float, ga: int, seed: int) -> tuple:
 
 
 def run_refusal(how: str) -> dict:
-    """``TrainingArguments(fsdp=True)`` with DropGrad: must fail before any step."""
+    """``TrainingArguments(fsdp=True)`` with FSDP1 and DropGrad: must fail before any step."""
     from transformers import Trainer, TrainingArguments
 
     from hf_dropgrad import DropGradCallback, DropGradTrainer
@@ -205,6 +206,9 @@ def run_refusal(how: str) -> dict:
         use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         fsdp=True, fsdp_config={"version": 2},
     )
+    # FSDP1 cannot even be set up on a CPU-only machine (transformers asks for a GPU in
+    # __post_init__): switch afterwards, so the arguments DropGrad reads ask for FSDP1.
+    args.fsdp_config["version"] = 1
     common = dict(model=model, args=args, train_dataset=sequences(), data_collator=PadToLongest())
     error = None
     trainer = None

@@ -1,12 +1,18 @@
-"""DropGrad on FSDP2-sharded parameters (``DTensor`` gradients), in a plain torch loop.
+"""DropGrad on ``DTensor`` parameters in one gloo process: what it masks and what it refuses.
 
     python tests/distributed_scripts/fsdp2_dtensor.py PORT
 
-One gloo process is enough to make ``fully_shard`` turn parameters and gradients into
-``DTensor``s. DropGrad cannot mask sharded gradients consistently with a 1-process run, so
-``step()`` must refuse them with an error that says so. Prints ``REFUSED: <message>`` and
-exits 0 when it does; any other outcome (silent masking, an unrelated error, a crash) exits
-non-zero or never prints that line. Run it in a subprocess: a crash must not take the test
+One process is enough to make ``fully_shard`` turn parameters and gradients into ``DTensor``s
+and to build other placements with ``distribute_tensor``. Prints one line per case:
+
+- ``FSDP2 MASKED <n>``: a ``fully_shard``-ed model's ``Shard(0)`` gradients are masked as the
+  full parameters' (``n`` dropped elements, equal to the reference mask's count);
+- ``HSDP MASKED <placements>``: the same with a replica dimension (``Replicate``, ``Shard(0)``);
+- ``REFUSED Shard(1): <message>``: a parameter sharded on dimension 1 (tensor parallel) is
+  refused by ``check_param`` and by ``step()`` before anything changes;
+- ``REFUSED Partial: <message>``: a ``Partial`` (not yet reduced) gradient is refused.
+
+Exits non-zero on any other outcome. Run it in a subprocess: a crash must not take the test
 runner down.
 """
 
@@ -17,33 +23,77 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
-from hf_dropgrad import DropGrad
+from hf_dropgrad import DropGrad, sharding
+from hf_dropgrad import functional as F
+
+
+def refused(label: str, fn) -> bool:
+    try:
+        fn()
+    except (RuntimeError, ValueError) as exc:
+        message = str(exc)
+        if "DropGrad" in message and label.split("(")[0] in message:
+            print(f"REFUSED {label}: {message}", flush=True)
+            return True
+        print(f"unclear error for {label}: {type(exc).__name__}: {message}", flush=True)
+        return False
+    print(f"{label} was not refused", flush=True)
+    return False
 
 
 def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
+        mesh = init_device_mesh("cpu", (1,))
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
         optimizer = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=1)
         model(torch.randn(4, 8)).sum().backward()
-        print("gradient type:", type(model[0].weight.grad).__name__, flush=True)
-        try:
-            optimizer.step()
-        except (RuntimeError, ValueError, TypeError) as exc:
-            message = str(exc)
-            if "DropGrad" in message and ("FSDP" in message or "DTensor" in message):
-                print(f"REFUSED: {message}", flush=True)
-                return 0
-            print(f"unclear error: {type(exc).__name__}: {message}", flush=True)
-            return 1
-        print("DropGrad masked sharded gradients silently", flush=True)
-        return 1
+        grad = model[0].weight.grad
+        assert type(grad).__name__ == "DTensor", type(grad)
+        before = grad.full_tensor().clone()
+        optimizer.step()  # SGD without momentum: the masked gradient is still in .grad
+        t = F.drop_threshold(0.5)
+        want = before.clone()
+        F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
+        assert torch.equal(grad.full_tensor(), want)
+        print(f"FSDP2 MASKED {int((want == 0).sum())}", flush=True)
+
+        # HSDP: a replica dimension (Replicate) around the shard dimension is exact too
+        torch.manual_seed(0)
+        hsdp = torch.nn.Linear(8, 16)
+        mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+        fully_shard(hsdp, mesh=mesh2)
+        hsdp_opt = DropGrad(torch.optim.SGD(hsdp.parameters(), lr=0.1), drop_rate=0.5, seed=1)
+        hsdp(torch.randn(4, 8)).sum().backward()
+        before = hsdp.weight.grad.full_tensor().clone()
+        hsdp_opt.step()
+        want = before.clone()
+        F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
+        assert torch.equal(hsdp.weight.grad.full_tensor(), want)
+        print(f"HSDP MASKED {hsdp.weight.placements}", flush=True)
+
+        ok = True
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+        tp = DropGrad(torch.optim.SGD([w], lr=0.1), drop_rate=0.5)
+        ok &= refused("Shard(1)", lambda: sharding.check_param(w))
+        ok &= refused("Shard(1)", tp.step)
+        ok &= bool((w.grad.full_tensor() == 1).all())  # refused before touching anything
+
+        v = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+        v.grad = DTensor.from_local(torch.ones(4, 6), mesh, [Partial()])
+        partial = DropGrad(torch.optim.SGD([v], lr=0.1), drop_rate=0.5)
+        ok &= refused("Partial", partial.step)
+        return 0 if ok else 1
     finally:
+        dist.barrier()
         dist.destroy_process_group()
 
 
