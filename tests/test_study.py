@@ -93,3 +93,114 @@ def test_check_rates_accepts_what_the_configuration_asks_for(study, tmp_path):
 def test_check_rates_rejects_a_run_with_other_rates(study, tmp_path, index, history, match):
     with pytest.raises(RuntimeError, match=match):
         study.check_rates(study.SEQ2SEQ_CONFIGS[index], history, tmp_path)
+
+
+# ---------------------------------------------------------------- scripts/study_overfit.py
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    path = ROOT / "scripts" / "study_overfit.py"
+    spec = importlib.util.spec_from_file_location("study_overfit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_overfit"] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("study_overfit", None)
+        sys.modules.pop("study", None)
+        sys.path.remove(str(path.parent))
+
+
+def test_overfit_arms_are_wired_as_named(overfit):
+    arms = {arm.name: arm for arm in overfit.ARMS}
+    assert list(arms) == [
+        "baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.6", "p=0.7", "p=0.8",
+        "p=0.5 full update drop", "weight decay 0.1", "model dropout 0.2",
+    ]
+    expected_logs = {name: overfit.expected_rate_logs(arm.config) for name, arm in arms.items()}
+    assert expected_logs == {
+        "baseline": {}, "p=0.1": {"dropgrad_rate": 0.1}, "p=0.3": {"dropgrad_rate": 0.3},
+        "p=0.5": {"dropgrad_rate": 0.5}, "p=0.6": {"dropgrad_rate": 0.6},
+        "p=0.7": {"dropgrad_rate": 0.7}, "p=0.8": {"dropgrad_rate": 0.8},
+        "p=0.5 full update drop": {"dropgrad_rate": 0.5},
+        "weight decay 0.1": {}, "model dropout 0.2": {},
+    }
+    # every arm without DropGrad switches off the example's default rate (0.1) explicitly
+    for arm in arms.values():
+        assert arm.flags[:2] == ("--dropgrad_rate", f"{arm.drop_rate:g}")
+    assert [a.name for a in arms.values() if a.full_update_drop] == ["p=0.5 full update drop"]
+    assert {a.name: a.weight_decay for a in arms.values() if a.weight_decay != 0.01} == {
+        "weight decay 0.1": 0.1}
+    assert {a.name: a.model_dropout for a in arms.values() if a.model_dropout != 0.1} == {
+        "model dropout 0.2": 0.2}
+
+
+def test_overfit_paired_differences(overfit):
+    rows = [
+        {"arm": "baseline", "seed": 0, "x": 0.50}, {"arm": "baseline", "seed": 1, "x": 0.60},
+        {"arm": "p=0.7", "seed": 0, "x": 0.55}, {"arm": "p=0.7", "seed": 1, "x": 0.60},
+        {"arm": "p=0.7", "seed": 2, "x": 0.90},  # no baseline for seed 2: not paired
+    ]
+    mean, se, better, worse, n = overfit.paired(rows, "p=0.7", "x")
+    assert (better, worse, n) == (1, 0, 2)
+    assert mean == pytest.approx(0.025) and se == pytest.approx(0.025)
+
+
+@pytest.mark.slow
+def test_overfit_study_tiny_run(overfit, tmp_path):
+    """Every arm trains for real on a tiny setting, its rates and settings verified per run;
+    a second call resumes (trains nothing) and the report is rebuilt from the results."""
+    pytest.importorskip("transformers")
+    examples = ROOT / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        from offline_data import MissingDataError, minilm_path, wordnet_dir
+
+        try:
+            minilm_path(), wordnet_dir()
+        except MissingDataError as error:
+            pytest.skip(str(error))
+    finally:
+        sys.path.remove(str(examples))
+    argv = ["--seeds", "2", "--epochs", "2", "--max_train_samples", "4",
+            "--batch_size", "2", "--max_eval_samples", "4", "--max_seq_length", "16",
+            "--out", str(tmp_path / "out"), "--scratch", str(tmp_path)]
+    rows = overfit.main(argv)
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
+        (arm.name, seed) for arm in overfit.ARMS for seed in (0, 1))
+    for row in rows:
+        arm = overfit.ARMS_BY_NAME[row["arm"]]
+        assert row["drop_rate"] == arm.drop_rate
+        assert [p["epoch"] for p in row["curve"]] == [1, 2] and row["steps"] == 4
+    # same seed, same data order and initialisation: DropGrad at p = 0 would be identical, and
+    # seeds differ from each other
+    base = {r["seed"]: r["curve"] for r in rows if r["arm"] == "baseline"}
+    assert base[0] != base[1]
+    lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("task,arm,seed,drop_rate,") and len(lines) == 1 + len(rows)
+    assert overfit.main(argv) == rows  # resumed: nothing left to train
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "All runs finished." in summary and "| p=0.7 | 2 |" in summary
+    assert (tmp_path / "out" / "accuracy_vs_rate.png").exists()
+    assert (tmp_path / "out" / "learning_curves.png").exists()
+
+
+def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):
+    import torch
+
+    from hf_dropgrad import DropGradTrainingArguments
+
+    args = DropGradTrainingArguments(str(tmp_path), weight_decay=0.01, dropgrad_rate=0.5,
+                                     dropgrad_full_update_drop=False, use_cpu=True)
+    torch.save(args, tmp_path / "training_args.bin")
+    (tmp_path / "config.json").write_text(
+        '{"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}')
+    history = [{"step": 2, "loss": 1.0, "dropgrad_rate": 0.5}]
+    overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5"], tmp_path, history)
+    with pytest.raises(RuntimeError, match="full_update_drop"):
+        overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5 full update drop"], tmp_path, history)
+    with pytest.raises(RuntimeError, match=r"0\.7"):
+        overfit.verify_run(overfit.ARMS_BY_NAME["p=0.7"], tmp_path, history)
