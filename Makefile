@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install data demo test lint bench study
+.PHONY: install data demo test lint bench study study-overfit
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -34,3 +34,7 @@ bench: install
 
 study: install data
 	$(PYTHON) scripts/study.py
+
+# Issue 14: the overfitting-regime study (10 arms x 8 seeds, resumable; see docs/analysis.md §6).
+study-overfit: install data
+	nice -n 10 $(PYTHON) scripts/study_overfit.py --workers 2 --threads 1

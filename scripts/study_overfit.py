@@ -101,16 +101,17 @@ ARMS = [
     ),
 ]
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
+ARM_ORDER = {arm.name: i for i, arm in enumerate(ARMS)}
 
 #: The documented study's settings (the defaults of the command line).
 DEFAULTS = {
     "seeds": 8,
     "epochs": 12,
-    "max_train_samples": 128,
-    "max_eval_samples": 200,
-    "batch_size": 16,
+    "max_train_samples": 64,
+    "max_eval_samples": 150,
+    "batch_size": 8,
     "learning_rate": 1e-3,
-    "max_seq_length": 32,
+    "max_seq_length": 24,
 }
 
 CSV_FIELDS = [
@@ -231,6 +232,29 @@ def save_rows(rows: list[dict], out: Path) -> None:
 def load_rows(out: Path) -> list[dict]:
     path = out / "results.json"
     return json.loads(path.read_text()) if path.exists() else []
+
+
+@contextlib.contextmanager
+def results_lock(out: Path):
+    """Serialise the read-append-write of the results between parallel workers."""
+    import fcntl
+
+    with open(out / ".results.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def append_row(row: dict, out: Path) -> list[dict]:
+    """Add one finished run to the results on disk (re-read, so other workers' rows stay)."""
+    with results_lock(out):
+        rows = [r for r in load_rows(out) if (r["arm"], r["seed"]) != (row["arm"], row["seed"])]
+        rows.append(row)
+        rows.sort(key=lambda r: (r["seed"], ARM_ORDER[r["arm"]]))
+        save_rows(rows, out)
+    return rows
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -475,6 +499,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         metavar="ARM", help="only these arms (names as in the tables)")
     parser.add_argument("--budget_minutes", type=float, default=math.inf,
                         help="launch no new run after this; finished runs are kept")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train this many runs at once, in worker processes (seeds are "
+                        "dealt out round-robin); with --threads 1 this uses a shared, busy "
+                        "machine better than one process whose threads wait for each other")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: torch's own choice)")
     parser.add_argument("--report", action="store_true",
                         help="only rebuild summary.md and the plots from results.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study" / "overfit")
@@ -502,27 +533,54 @@ def main(argv: list[str] | None = None) -> list[dict]:
         or " ".join(["python", "scripts/study_overfit.py", *(argv or sys.argv[1:])]),
     }
     atomic_write(meta_path, json.dumps(meta, indent=1))
+    if args.workers > 1 and args.worker is None:
+        return run_workers(args, argv if argv is not None else sys.argv[1:], meta)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     arms = [ARMS_BY_NAME[name] for name in args.arms] if args.arms else ARMS
     done = {(r["arm"], r["seed"]) for r in rows}
+    seeds = range(args.seeds)
+    if args.worker is not None:
+        seeds = [seed for seed in seeds if seed % args.workers == args.worker]
     start = time.time()
-    with open(args.out / "study.log", "a") as log:
-        for seed in range(args.seeds):  # seed-major: a cut-short study stays balanced
+    log_name = "study.log" if args.worker is None else f"study.worker{args.worker}.log"
+    with open(args.out / log_name, "a") as log:
+        for seed in seeds:  # seed-major: a cut-short study stays balanced
             for arm in arms:
                 if (arm.name, seed) in done:
                     continue
                 if (time.time() - start) / 60 > args.budget_minutes:
                     print("time budget reached; rerun the same command to resume", flush=True)
-                    report(rows, args, meta)
-                    return rows
+                    if args.worker is None:
+                        report(load_rows(args.out), args, meta)
+                    return load_rows(args.out)
                 row = train_one(arm, seed, args, log)
-                rows.append(row)
-                save_rows(rows, args.out)
+                rows = append_row(row, args.out)
                 print(f"[{(time.time() - start) / 60:5.1f} min] {arm.name:>26} seed {seed}: "
                       f"best {100 * row['best_eval_accuracy']:.1f}% (epoch "
                       f"{row['best_epoch']:g}), final {100 * row['final_eval_accuracy']:.1f}%, "
                       f"train loss {row['final_train_loss']:.3f} ({row['seconds']:.0f} s)",
                       flush=True)
+    if args.worker is None:
+        print(report(rows, args, meta))
+    return rows
+
+
+def run_workers(args: argparse.Namespace, argv: list[str], meta: dict) -> list[dict]:
+    """Start one process per worker, wait for all, then write the report."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(k)])
+        for k in range(args.workers)
+    ]
+    codes = [proc.wait() for proc in procs]
+    rows = load_rows(args.out)
     print(report(rows, args, meta))
+    if any(codes):
+        raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
     return rows
 
 

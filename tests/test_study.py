@@ -149,10 +149,16 @@ def test_overfit_paired_differences(overfit):
     assert mean == pytest.approx(0.025) and se == pytest.approx(0.025)
 
 
+#: One arm of each kind (DropGrad, full update drop, weight decay, model dropout) and the
+#: baseline: a real run of every kind of flag the study passes, at a few seconds per run.
+TINY_ARMS = ["baseline", "p=0.7", "p=0.5 full update drop", "weight decay 0.1",
+             "model dropout 0.2"]
+
+
 @pytest.mark.slow
 def test_overfit_study_tiny_run(overfit, tmp_path):
-    """Every arm trains for real on a tiny setting, its rates and settings verified per run;
-    a second call resumes (trains nothing) and the report is rebuilt from the results."""
+    """Each kind of arm trains for real on a tiny setting, its rates and settings verified
+    per run; a second call resumes (trains nothing) and the report is rebuilt."""
     pytest.importorskip("transformers")
     examples = ROOT / "examples"
     sys.path.insert(0, str(examples))
@@ -165,27 +171,35 @@ def test_overfit_study_tiny_run(overfit, tmp_path):
             pytest.skip(str(error))
     finally:
         sys.path.remove(str(examples))
-    argv = ["--seeds", "2", "--epochs", "2", "--max_train_samples", "4",
-            "--batch_size", "2", "--max_eval_samples", "4", "--max_seq_length", "16",
-            "--out", str(tmp_path / "out"), "--scratch", str(tmp_path)]
+    out = tmp_path / "out"
+    argv = ["--seeds", "2", "--epochs", "2", "--max_train_samples", "2", "--batch_size", "2",
+            "--max_eval_samples", "2", "--max_seq_length", "8", "--arms", *TINY_ARMS,
+            "--out", str(out), "--scratch", str(tmp_path)]
     rows = overfit.main(argv)
-    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
-        (arm.name, seed) for arm in overfit.ARMS for seed in (0, 1))
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        (arm, seed) for seed in (0, 1) for arm in TINY_ARMS]  # seed-major, arms in order
     for row in rows:
         arm = overfit.ARMS_BY_NAME[row["arm"]]
-        assert row["drop_rate"] == arm.drop_rate
-        assert [p["epoch"] for p in row["curve"]] == [1, 2] and row["steps"] == 4
-    # same seed, same data order and initialisation: DropGrad at p = 0 would be identical, and
-    # seeds differ from each other
-    base = {r["seed"]: r["curve"] for r in rows if r["arm"] == "baseline"}
-    assert base[0] != base[1]
-    lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+        assert (row["drop_rate"], row["full_update_drop"], row["weight_decay"],
+                row["model_dropout"]) == (arm.drop_rate, arm.full_update_drop,
+                                          arm.weight_decay, arm.model_dropout)
+        assert [p["epoch"] for p in row["curve"]] == [1, 2] and row["steps"] == 2
+    lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("task,arm,seed,drop_rate,") and len(lines) == 1 + len(rows)
     assert overfit.main(argv) == rows  # resumed: nothing left to train
-    summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "All runs finished." in summary and "| p=0.7 | 2 |" in summary
-    assert (tmp_path / "out" / "accuracy_vs_rate.png").exists()
-    assert (tmp_path / "out" / "learning_curves.png").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| p=0.7 | 2 |" in summary and "Missing runs" in summary  # 5 of the 10 arms
+    assert (out / "accuracy_vs_rate.png").exists() and (out / "learning_curves.png").exists()
+
+
+def test_overfit_append_row_keeps_other_workers_rows(overfit, tmp_path):
+    row = {"task": "classification", "arm": "p=0.1", "seed": 1, "curve": []}
+    overfit.append_row(dict(row, seed=1), tmp_path)
+    overfit.append_row(dict(row, arm="baseline", seed=0), tmp_path)
+    rows = overfit.append_row(dict(row, seed=0), tmp_path)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("baseline", 0), ("p=0.1", 0),
+                                                     ("p=0.1", 1)]
+    assert overfit.load_rows(tmp_path) == rows
 
 
 def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):
