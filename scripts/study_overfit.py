@@ -247,6 +247,25 @@ def results_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def claim(out: Path, arm: Arm, seed: int) -> Path | None:
+    """Reserve (arm, seed) for this process; None when it is finished or another live worker
+    holds it. A claim of a process that no longer runs (an interrupted study) is taken over."""
+    claims = out / "claims"
+    claims.mkdir(exist_ok=True)
+    path = claims / f"seed{seed}_{''.join(c if c.isalnum() else '_' for c in arm.name)}"
+    with results_lock(out):
+        if any((r["arm"], r["seed"]) == (arm.name, seed) for r in load_rows(out)):
+            return None
+        if path.exists():
+            try:
+                os.kill(int(path.read_text()), 0)
+                return None  # a live worker trains it
+            except (ValueError, ProcessLookupError):
+                pass
+        path.write_text(str(os.getpid()))
+    return path
+
+
 def append_row(row: dict, out: Path) -> list[dict]:
     """Add one finished run to the results on disk (re-read, so other workers' rows stay)."""
     with results_lock(out):
@@ -528,8 +547,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget_minutes", type=float, default=math.inf,
                         help="launch no new run after this; finished runs are kept")
     parser.add_argument("--workers", type=int, default=1,
-                        help="train this many runs at once, in worker processes (seeds are "
-                        "dealt out round-robin); with --threads 1 this uses a shared, busy "
+                        help="train this many runs at once, in worker processes that each take the "
+                        "next free run (seed-major); with --threads 1 this uses a shared, busy "
                         "machine better than one process whose threads wait for each other")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None,
@@ -570,8 +589,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     arms = [ARMS_BY_NAME[name] for name in args.arms] if args.arms else ARMS
     done = {(r["arm"], r["seed"]) for r in rows}
     seeds = range(args.seeds)
-    if args.worker is not None:
-        seeds = [seed for seed in seeds if seed % args.workers == args.worker]
     start = time.time()
     log_name = "study.log" if args.worker is None else f"study.worker{args.worker}.log"
     with open(args.out / log_name, "a") as log:
@@ -584,8 +601,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if args.worker is None:
                         report(load_rows(args.out), args, meta)
                     return load_rows(args.out)
-                row = train_one(arm, seed, args, log)
-                rows = append_row(row, args.out)
+                held = claim(args.out, arm, seed)  # workers take the next free run
+                if held is None:
+                    continue
+                try:
+                    row = train_one(arm, seed, args, log)
+                    rows = append_row(row, args.out)
+                finally:
+                    held.unlink(missing_ok=True)
                 print(f"[{(time.time() - start) / 60:5.1f} min] {arm.name:>26} seed {seed}: "
                       f"best {100 * row['best_eval_accuracy']:.1f}% (epoch "
                       f"{row['best_epoch']:g}), final {100 * row['final_eval_accuracy']:.1f}%, "
