@@ -573,13 +573,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows and meta.get("settings") not in (None, settings_of(args)):
         raise SystemExit(f"{args.out} holds runs with other settings ({meta['settings']}); "
                          "use another --out or the same settings")
-    meta = {
-        "settings": settings_of(args),
-        "seeds": max(args.seeds, meta.get("seeds", 0)),
-        "command": meta.get("command")
-        or " ".join(["python", "scripts/study_overfit.py", *(argv or sys.argv[1:])]),
-    }
-    atomic_write(meta_path, json.dumps(meta, indent=1))
+    if args.worker is None:  # the command as launched (how many workers does not matter)
+        meta = {
+            "settings": settings_of(args),
+            "seeds": max(args.seeds, meta.get("seeds", 0)),
+            "command": " ".join(["python", "scripts/study_overfit.py",
+                                 *(sys.argv[1:] if argv is None else argv)]),
+        }
+        atomic_write(meta_path, json.dumps(meta, indent=1))
     if args.workers > 1 and args.worker is None:
         return run_workers(args, argv if argv is not None else sys.argv[1:], meta)
     if args.threads:
