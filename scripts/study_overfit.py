@@ -51,6 +51,10 @@ DEFAULT_MODEL_DROPOUT = 0.1
 DEFAULT_WEIGHT_DECAY = 0.01
 HIGH_WEIGHT_DECAY = 0.1
 HIGH_MODEL_DROPOUT = 0.2
+#: Under AdamW, DropGrad at rate p shrinks the expected step by about sqrt(1 - p)
+#: (docs/analysis.md §1), so a plain smaller learning rate is the control that separates
+#: "regularisation" from "a smaller step": half the study's rate, the shrink at p = 0.75.
+LOW_LEARNING_RATE_FACTOR = 0.5
 FULL_UPDATE_DROP_RATE = 0.5
 
 
@@ -64,6 +68,7 @@ class Arm:
     full_update_drop: bool = False
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     model_dropout: float = DEFAULT_MODEL_DROPOUT
+    learning_rate_factor: float = 1.0  # times the study's --learning_rate
     kind: str = "dropgrad"  # "baseline", "dropgrad", "full update drop", "alternative"
 
     @property
@@ -99,6 +104,10 @@ ARMS = [
          f"attention_probs_dropout_prob={HIGH_MODEL_DROPOUT:g}"),
         model_dropout=HIGH_MODEL_DROPOUT, kind="alternative",
     ),
+    Arm(
+        f"learning rate x{LOW_LEARNING_RATE_FACTOR:g}", ("--dropgrad_rate", "0"),
+        learning_rate_factor=LOW_LEARNING_RATE_FACTOR, kind="alternative",
+    ),
 ]
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
 ARM_ORDER = {arm.name: i for i, arm in enumerate(ARMS)}
@@ -129,7 +138,8 @@ def run_argv(arm: Arm, seed: int, args: argparse.Namespace, output_dir: Path) ->
         "--max_train_samples", str(args.max_train_samples),
         "--max_eval_samples", str(args.max_eval_samples),
         "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate), "--warmup_steps", "0.1",
+        "--learning_rate", str(args.learning_rate * arm.learning_rate_factor),
+        "--warmup_steps", "0.1",
         "--max_seq_length", str(args.max_seq_length),
         "--eval_strategy", "epoch", "--logging_strategy", "epoch", "--save_strategy", "no",
         "--eval_before_training", "false", "--num_example_predictions", "0",
@@ -138,7 +148,8 @@ def run_argv(arm: Arm, seed: int, args: argparse.Namespace, output_dir: Path) ->
     ]
 
 
-def verify_run(arm: Arm, output_dir: Path, log_history: list[dict]) -> None:
+def verify_run(arm: Arm, output_dir: Path, log_history: list[dict],
+               learning_rate: float | None = None) -> None:
     """Fail loudly when a run trained with other settings than its arm names."""
     check_rates(arm.config, log_history, output_dir)  # the logged drop rates
     import torch
@@ -155,6 +166,9 @@ def verify_run(arm: Arm, output_dir: Path, log_history: list[dict]) -> None:
         "full_update_drop": arm.full_update_drop,
         "model_dropout": (arm.model_dropout, arm.model_dropout),
     }
+    if learning_rate is not None:
+        trained["learning_rate"] = training_args.learning_rate
+        wanted["learning_rate"] = learning_rate * arm.learning_rate_factor
     if trained != wanted:
         raise RuntimeError(f"{output_dir}: arm {arm.name!r} wants {wanted}, the run used {trained}")
 
@@ -206,7 +220,7 @@ def train_one(arm: Arm, seed: int, args: argparse.Namespace, log) -> dict:
             run_classification.main(run_argv(arm, seed, args, output_dir))
         log.write(buffer.getvalue())
         state = json.loads((output_dir / "trainer_state.json").read_text())
-        verify_run(arm, output_dir, state["log_history"])
+        verify_run(arm, output_dir, state["log_history"], args.learning_rate)
         return summarise_run(arm, seed, state["log_history"], time.time() - start)
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)  # 90 MB of weights per run
