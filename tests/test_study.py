@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,6 +120,7 @@ def test_overfit_arms_are_wired_as_named(overfit):
     assert list(arms) == [
         "baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.6", "p=0.7", "p=0.8",
         "p=0.5 full update drop", "weight decay 0.1", "model dropout 0.2",
+        "learning rate x0.5",
     ]
     expected_logs = {name: overfit.expected_rate_logs(arm.config) for name, arm in arms.items()}
     assert expected_logs == {
@@ -126,7 +128,7 @@ def test_overfit_arms_are_wired_as_named(overfit):
         "p=0.5": {"dropgrad_rate": 0.5}, "p=0.6": {"dropgrad_rate": 0.6},
         "p=0.7": {"dropgrad_rate": 0.7}, "p=0.8": {"dropgrad_rate": 0.8},
         "p=0.5 full update drop": {"dropgrad_rate": 0.5},
-        "weight decay 0.1": {}, "model dropout 0.2": {},
+        "weight decay 0.1": {}, "model dropout 0.2": {}, "learning rate x0.5": {},
     }
     # every arm without DropGrad switches off the example's default rate (0.1) explicitly
     for arm in arms.values():
@@ -136,6 +138,16 @@ def test_overfit_arms_are_wired_as_named(overfit):
         "weight decay 0.1": 0.1}
     assert {a.name: a.model_dropout for a in arms.values() if a.model_dropout != 0.1} == {
         "model dropout 0.2": 0.2}
+    assert {a.name: a.learning_rate_factor for a in arms.values()
+            if a.learning_rate_factor != 1} == {"learning rate x0.5": 0.5}
+    args = SimpleNamespace(epochs=3, max_train_samples=8, max_eval_samples=8, batch_size=2,
+                           learning_rate=1e-3, max_seq_length=16)
+    argv = overfit.run_argv(arms["learning rate x0.5"], 5, args, Path("out"))
+    assert argv[argv.index("--learning_rate") + 1] == "0.0005"
+    assert argv[argv.index("--seed") + 1] == "5"
+    argv = overfit.run_argv(arms["p=0.7"], 5, args, Path("out"))
+    assert argv[argv.index("--learning_rate") + 1] == "0.001"
+    assert argv[-2:] == ["--dropgrad_rate", "0.7"]  # the arm's flags come last and win
 
 
 def test_overfit_paired_differences(overfit):
@@ -149,10 +161,11 @@ def test_overfit_paired_differences(overfit):
     assert mean == pytest.approx(0.025) and se == pytest.approx(0.025)
 
 
-#: One arm of each kind (DropGrad, full update drop, weight decay, model dropout) and the
-#: baseline: a real run of every kind of flag the study passes, at a few seconds per run.
+#: One arm of each kind (DropGrad, full update drop, weight decay, model dropout, learning
+#: rate) and the baseline: a real run of every kind of flag the study passes, a few seconds
+#: each.
 TINY_ARMS = ["baseline", "p=0.7", "p=0.5 full update drop", "weight decay 0.1",
-             "model dropout 0.2"]
+             "model dropout 0.2", "learning rate x0.5"]
 
 
 @pytest.mark.slow
@@ -188,7 +201,7 @@ def test_overfit_study_tiny_run(overfit, tmp_path):
     assert lines[0].startswith("task,arm,seed,drop_rate,") and len(lines) == 1 + len(rows)
     assert overfit.main(argv) == rows  # resumed: nothing left to train
     summary = (out / "summary.md").read_text()
-    assert "| p=0.7 | 2 |" in summary and "Missing runs" in summary  # 5 of the 10 arms
+    assert "| p=0.7 | 2 |" in summary and "Missing runs" in summary  # 6 of the 11 arms
     assert (out / "accuracy_vs_rate.png").exists() and (out / "learning_curves.png").exists()
 
 
@@ -214,6 +227,10 @@ def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):
         '{"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}')
     history = [{"step": 2, "loss": 1.0, "dropgrad_rate": 0.5}]
     overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5"], tmp_path, history)
+    overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5"], tmp_path, history, args.learning_rate)
+    with pytest.raises(RuntimeError, match="learning_rate"):  # ran at the study's rate
+        overfit.verify_run(overfit.ARMS_BY_NAME["learning rate x0.5"], tmp_path,
+                           [{"step": 2, "loss": 1.0}], args.learning_rate)
     with pytest.raises(RuntimeError, match="full_update_drop"):
         overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5 full update drop"], tmp_path, history)
     with pytest.raises(RuntimeError, match=r"0\.7"):
