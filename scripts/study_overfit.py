@@ -285,7 +285,7 @@ def append_row(row: dict, out: Path) -> list[dict]:
     with results_lock(out):
         rows = [r for r in load_rows(out) if (r["arm"], r["seed"]) != (row["arm"], row["seed"])]
         rows.append(row)
-        rows.sort(key=lambda r: (r["seed"], ARM_ORDER[r["arm"]]))
+        rows.sort(key=lambda r: (r["seed"], ARM_ORDER.get(r["arm"], len(ARM_ORDER))))
         save_rows(rows, out)
     return rows
 
