@@ -311,9 +311,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def paired(rows: list[dict], arm: str, key: str, lower_is_better: bool = False):
-    """Per-seed differences arm - baseline: (mean, s.e., seeds better, seeds compared)."""
-    base = {r["seed"]: r[key] for r in rows if r["arm"] == "baseline"}
+def paired(rows: list[dict], arm: str, key: str, lower_is_better: bool = False,
+           reference: str = "baseline"):
+    """Per-seed differences arm - reference: (mean, s.e., seeds better, worse, compared)."""
+    base = {r["seed"]: r[key] for r in rows if r["arm"] == reference}
     diffs = [r[key] - base[r["seed"]] for r in rows if r["arm"] == arm and r["seed"] in base]
     m, se = mean_se(diffs)
     better = sum(1 for d in diffs if (d < 0 if lower_is_better else d > 0))
@@ -356,6 +357,28 @@ def results_table(rows: list[dict]) -> str:
         for key in ("final_eval_loss", "min_eval_loss", "final_train_loss"):
             m, _ = mean_sd([r[key] for r in mine if r[key] is not None])
             cells.append(f"{m:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def control_table(rows: list[dict]) -> str:
+    """Each DropGrad arm against the smaller-learning-rate control, seed by seed."""
+    control = f"learning rate x{LOW_LEARNING_RATE_FACTOR:g}"
+    if not _count(rows, control):
+        return "(no runs of the learning-rate control yet)"
+    lines = [
+        f"| arm | paired Δ best accuracy vs {control} (± s.e.) | seeds better | "
+        f"paired Δ final accuracy vs {control} (± s.e.) | seeds better |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arm in ARMS:
+        if arm.kind not in ("dropgrad", "full update drop") or not _count(rows, arm.name):
+            continue
+        cells = [arm.name]
+        for key in ("best_eval_accuracy", "final_eval_accuracy"):
+            m, se, better, worse, n = paired(rows, arm.name, key, reference=control)
+            se_text = "—" if math.isnan(se) else f"{100 * se:.1f}"
+            cells += [f"{100 * m:+.1f} ± {se_text}", f"{better}/{n} (worse {worse})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -447,8 +470,11 @@ def plot_metric_vs_rate(rows: list[dict], out: Path) -> Path:
                 continue
             m, se, *_ = paired(rows, arm.name, key)
             x = arm.drop_rate + 0.015 if arm.full_update_drop else 0.02 + 0.03 * i
-            ax.errorbar([x], [100 * m], yerr=[0 if math.isnan(se) else 200 * se],
-                        marker=markers[arm.kind], capsize=4, linestyle="none", label=arm.name)
+            bar = ax.errorbar([x], [100 * m], yerr=[0 if math.isnan(se) else 200 * se],
+                              marker=markers[arm.kind], capsize=4, linestyle="none",
+                              label=arm.name)
+            if arm.learning_rate_factor != 1:  # the smaller-step control, across the plot
+                ax.axhline(100 * m, color=bar[0].get_color(), linestyle="--", linewidth=0.8)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("drop rate p (alternatives drawn near p = 0)")
         ax.set_ylabel("Δ accuracy vs baseline, points")
@@ -531,6 +557,12 @@ def report(rows: list[dict], args: argparse.Namespace, meta: dict) -> str:
         results_table(rows) + "\n",
         "## Eval and training loss, paired with the baseline\n",
         loss_table(rows) + "\n",
+        "## DropGrad against a plain smaller learning rate\n",
+        "Under AdamW, DropGrad at rate p shrinks the expected step by about sqrt(1 - p) "
+        "(docs/analysis.md §1). The control arm trains without DropGrad at "
+        f"{LOW_LEARNING_RATE_FACTOR:g} times the learning rate; here each DropGrad arm is "
+        "compared with it seed by seed (positive: DropGrad better).\n",
+        control_table(rows) + "\n",
         "## The baseline's learning curve (mean over seeds)\n",
         curve_table(rows) + "\n",
     ]
