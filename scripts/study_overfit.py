@@ -469,14 +469,14 @@ def plot_metric_vs_rate(rows: list[dict], out: Path) -> Path:
             if _count(rows, arm.name) == 0:
                 continue
             m, se, *_ = paired(rows, arm.name, key)
-            x = arm.drop_rate + 0.015 if arm.full_update_drop else 0.02 + 0.03 * i
+            x = arm.drop_rate + 0.015 if arm.full_update_drop else -0.05 * (len(others) - i)
             bar = ax.errorbar([x], [100 * m], yerr=[0 if math.isnan(se) else 200 * se],
                               marker=markers[arm.kind], capsize=4, linestyle="none",
                               label=arm.name)
             if arm.learning_rate_factor != 1:  # the smaller-step control, across the plot
                 ax.axhline(100 * m, color=bar[0].get_color(), linestyle="--", linewidth=0.8)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xlabel("drop rate p (alternatives drawn near p = 0)")
+        ax.set_xlabel("drop rate p (the alternatives, without DropGrad, left of p = 0)")
         ax.set_ylabel("Δ accuracy vs baseline, points")
         ax.set_title(f"{title}: paired Δ accuracy (mean ± 2 s.e.)", fontsize=10)
     axes[0].legend(fontsize=7)
