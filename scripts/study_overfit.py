@@ -500,13 +500,16 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
 
     shown = ["baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.7", "p=0.8",
              f"p={FULL_UPDATE_DROP_RATE:g} full update drop",
-             f"weight decay {HIGH_WEIGHT_DECAY:g}", f"model dropout {HIGH_MODEL_DROPOUT:g}"]
+             f"weight decay {HIGH_WEIGHT_DECAY:g}", f"model dropout {HIGH_MODEL_DROPOUT:g}",
+             f"learning rate x{LOW_LEARNING_RATE_FACTOR:g}"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for name in shown:
         curve = mean_curve(rows, name)
         if not curve:
             continue
         style = {"linewidth": 2.2, "color": "black"} if name == "baseline" else {}
+        if name.startswith("learning rate"):
+            style = {"linestyle": "--", "color": "black"}
         epochs = [p["epoch"] for p in curve]
         axes[0].plot(epochs, [p["train_loss"] for p in curve], label=name, **style)
         axes[1].plot(epochs, [p["eval_loss"] for p in curve], label=name, **style)
