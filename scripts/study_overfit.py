@@ -6,18 +6,20 @@ overfits (training loss near zero, eval loss rising), and evaluated after every 
 the baseline (DropGrad off), DropGrad at the rates users pick (p = 0.1, 0.3, 0.5) and at
 Child-Tuning_F's operating point (p = 0.6, 0.7, 0.8; Child-Tuning_F with keep probability
 p_F is DropGrad inside AdamW with p = 1 - p_F), full update drop at one rate, and the
-regularisers a user would otherwise reach for: a higher weight decay and higher model dropout.
-Every arm runs the same seeds; a seed fixes the data order and the initialisation of the
+regularisers a user would otherwise reach for: a higher weight decay and higher model dropout;
+and a control for DropGrad's smaller effective AdamW step, the baseline at half the learning
+rate. Every arm runs the same seeds; a seed fixes the data order and the initialisation of the
 classification head in every arm, so arms are compared with the baseline seed by seed.
 
-Runs happen in this process (the example's `main(argv)`, unchanged flags), which saves the
-5-10 s of importing transformers per run. After each run its row is appended to
-`results.json` / `results.csv` in `--out` (default `docs/study/overfit`), atomically, so an
-interrupted study resumes where it stopped: runs already there are skipped. Every run is
-checked against its arm: the drop rates the DropGrad callback logged, and the weight decay,
-full-update-drop flag and model dropout the run actually trained with.
+Runs happen in-process (the example's `main(argv)`, unchanged flags), which saves the 5-10 s
+of importing transformers per run; `--workers N` runs N such processes, each taking the next
+free run. After each run its row is appended to `results.json` / `results.csv` in `--out`
+(default `docs/study/overfit`), atomically, so an interrupted study resumes where it stopped:
+runs already there are skipped. Every run is checked against its arm: the drop rates the
+DropGrad callback logged, and the weight decay, full-update-drop flag, learning rate and model
+dropout the run actually trained with.
 
-    python scripts/study_overfit.py                  # the documented study (see --help)
+    nice -n 10 python scripts/study_overfit.py --workers 3 --threads 1   # see docs/analysis.md §6
     python scripts/study_overfit.py --report         # rebuild summary.md and plots only
     python scripts/study_overfit.py --seeds 2 --epochs 1 --max_train_samples 8 \\
         --max_eval_samples 8 --out /tmp/overfit      # a smoke run
