@@ -35,6 +35,6 @@ bench: install
 study: install data
 	$(PYTHON) scripts/study.py
 
-# Issue 14: the overfitting-regime study (10 arms x 8 seeds, resumable; see docs/analysis.md §6).
+# Issue 14: the overfitting-regime study (11 arms x 12 seeds, resumable; see docs/analysis.md §6).
 study-overfit: install data
-	nice -n 10 $(PYTHON) scripts/study_overfit.py --workers 2 --threads 1
+	nice -n 10 $(PYTHON) scripts/study_overfit.py --seeds 12 --workers 3 --threads 1

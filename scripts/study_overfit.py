@@ -19,7 +19,7 @@ runs already there are skipped. Every run is checked against its arm: the drop r
 DropGrad callback logged, and the weight decay, full-update-drop flag, learning rate and model
 dropout the run actually trained with.
 
-    nice -n 10 python scripts/study_overfit.py --workers 3 --threads 1   # see docs/analysis.md §6
+    nice -n 10 python scripts/study_overfit.py --seeds 12 --workers 3 --threads 1  # analysis §6
     python scripts/study_overfit.py --report         # rebuild summary.md and plots only
     python scripts/study_overfit.py --seeds 2 --epochs 1 --max_train_samples 8 \\
         --max_eval_samples 8 --out /tmp/overfit      # a smoke run
