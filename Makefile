@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install data demo test lint bench study
+.PHONY: install data demo test lint bench study study-overfit
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -34,3 +34,7 @@ bench: install
 
 study: install data
 	$(PYTHON) scripts/study.py
+
+# Issue 14: the overfitting-regime study (11 arms x 12 seeds, resumable; see docs/analysis.md §6).
+study-overfit: install data
+	nice -n 10 $(PYTHON) scripts/study_overfit.py --seeds 12 --workers 3 --threads 1

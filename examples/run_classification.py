@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -98,6 +99,16 @@ class ModelArguments:
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where to store models and datasets downloaded from the Hub."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Override model config attributes, as in Transformers' run_clm.py: "
+                "comma-separated key=value pairs, e.g. "
+                "hidden_dropout_prob=0.2,attention_probs_dropout_prob=0.2 (more model dropout)."
+            )
+        },
     )
 
 
@@ -267,12 +278,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_path, cache_dir=model_args.cache_dir
     )
-    model = AutoModelForSequenceClassification.from_pretrained(
+    config = AutoConfig.from_pretrained(
         model_path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id=label_to_id,
         cache_dir=model_args.cache_dir,
+    )
+    if model_args.config_overrides:
+        logger.info("Overriding config: %s", model_args.config_overrides)
+        config.update_from_string(model_args.config_overrides)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, config=config, cache_dir=model_args.cache_dir
     )
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:

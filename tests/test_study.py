@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,3 +94,144 @@ def test_check_rates_accepts_what_the_configuration_asks_for(study, tmp_path):
 def test_check_rates_rejects_a_run_with_other_rates(study, tmp_path, index, history, match):
     with pytest.raises(RuntimeError, match=match):
         study.check_rates(study.SEQ2SEQ_CONFIGS[index], history, tmp_path)
+
+
+# ---------------------------------------------------------------- scripts/study_overfit.py
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    path = ROOT / "scripts" / "study_overfit.py"
+    spec = importlib.util.spec_from_file_location("study_overfit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_overfit"] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("study_overfit", None)
+        sys.modules.pop("study", None)
+        sys.path.remove(str(path.parent))
+
+
+def test_overfit_arms_are_wired_as_named(overfit):
+    arms = {arm.name: arm for arm in overfit.ARMS}
+    assert list(arms) == [
+        "baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.6", "p=0.7", "p=0.8",
+        "p=0.5 full update drop", "weight decay 0.1", "model dropout 0.2",
+        "learning rate x0.5",
+    ]
+    expected_logs = {name: overfit.expected_rate_logs(arm.config) for name, arm in arms.items()}
+    assert expected_logs == {
+        "baseline": {}, "p=0.1": {"dropgrad_rate": 0.1}, "p=0.3": {"dropgrad_rate": 0.3},
+        "p=0.5": {"dropgrad_rate": 0.5}, "p=0.6": {"dropgrad_rate": 0.6},
+        "p=0.7": {"dropgrad_rate": 0.7}, "p=0.8": {"dropgrad_rate": 0.8},
+        "p=0.5 full update drop": {"dropgrad_rate": 0.5},
+        "weight decay 0.1": {}, "model dropout 0.2": {}, "learning rate x0.5": {},
+    }
+    # every arm without DropGrad switches off the example's default rate (0.1) explicitly
+    for arm in arms.values():
+        assert arm.flags[:2] == ("--dropgrad_rate", f"{arm.drop_rate:g}")
+    assert [a.name for a in arms.values() if a.full_update_drop] == ["p=0.5 full update drop"]
+    assert {a.name: a.weight_decay for a in arms.values() if a.weight_decay != 0.01} == {
+        "weight decay 0.1": 0.1}
+    assert {a.name: a.model_dropout for a in arms.values() if a.model_dropout != 0.1} == {
+        "model dropout 0.2": 0.2}
+    assert {a.name: a.learning_rate_factor for a in arms.values()
+            if a.learning_rate_factor != 1} == {"learning rate x0.5": 0.5}
+    args = SimpleNamespace(epochs=3, max_train_samples=8, max_eval_samples=8, batch_size=2,
+                           learning_rate=1e-3, max_seq_length=16)
+    argv = overfit.run_argv(arms["learning rate x0.5"], 5, args, Path("out"))
+    assert argv[argv.index("--learning_rate") + 1] == "0.0005"
+    assert argv[argv.index("--seed") + 1] == "5"
+    argv = overfit.run_argv(arms["p=0.7"], 5, args, Path("out"))
+    assert argv[argv.index("--learning_rate") + 1] == "0.001"
+    assert argv[-2:] == ["--dropgrad_rate", "0.7"]  # the arm's flags come last and win
+
+
+def test_overfit_paired_differences(overfit):
+    rows = [
+        {"arm": "baseline", "seed": 0, "x": 0.50}, {"arm": "baseline", "seed": 1, "x": 0.60},
+        {"arm": "p=0.7", "seed": 0, "x": 0.55}, {"arm": "p=0.7", "seed": 1, "x": 0.60},
+        {"arm": "p=0.7", "seed": 2, "x": 0.90},  # no baseline for seed 2: not paired
+    ]
+    mean, se, better, worse, n = overfit.paired(rows, "p=0.7", "x")
+    assert (better, worse, n) == (1, 0, 2)
+    assert mean == pytest.approx(0.025) and se == pytest.approx(0.025)
+
+
+#: One arm of each kind (DropGrad, full update drop, weight decay, model dropout, learning
+#: rate) and the baseline: a real run of every kind of flag the study passes, a few seconds
+#: each.
+TINY_ARMS = ["baseline", "p=0.7", "p=0.5 full update drop", "weight decay 0.1",
+             "model dropout 0.2", "learning rate x0.5"]
+
+
+@pytest.mark.slow
+def test_overfit_study_tiny_run(overfit, tmp_path):
+    """Each kind of arm trains for real on a tiny setting, its rates and settings verified
+    per run; a second call resumes (trains nothing) and the report is rebuilt."""
+    pytest.importorskip("transformers")
+    examples = ROOT / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        from offline_data import MissingDataError, minilm_path, wordnet_dir
+
+        try:
+            minilm_path(), wordnet_dir()
+        except MissingDataError as error:
+            pytest.skip(str(error))
+    finally:
+        sys.path.remove(str(examples))
+    out = tmp_path / "out"
+    argv = ["--seeds", "2", "--epochs", "2", "--max_train_samples", "2", "--batch_size", "2",
+            "--max_eval_samples", "2", "--max_seq_length", "8", "--arms", *TINY_ARMS,
+            "--out", str(out), "--scratch", str(tmp_path)]
+    rows = overfit.main(argv)
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        (arm, seed) for seed in (0, 1) for arm in TINY_ARMS]  # seed-major, arms in order
+    for row in rows:
+        arm = overfit.ARMS_BY_NAME[row["arm"]]
+        assert (row["drop_rate"], row["full_update_drop"], row["weight_decay"],
+                row["model_dropout"]) == (arm.drop_rate, arm.full_update_drop,
+                                          arm.weight_decay, arm.model_dropout)
+        assert [p["epoch"] for p in row["curve"]] == [1, 2] and row["steps"] == 2
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("task,arm,seed,drop_rate,") and len(lines) == 1 + len(rows)
+    assert overfit.main(argv) == rows  # resumed: nothing left to train
+    summary = (out / "summary.md").read_text()
+    assert "| p=0.7 | 2 |" in summary and "Missing runs" in summary  # 6 of the 11 arms
+    assert (out / "accuracy_vs_rate.png").exists() and (out / "learning_curves.png").exists()
+
+
+def test_overfit_append_row_keeps_other_workers_rows(overfit, tmp_path):
+    row = {"task": "classification", "arm": "p=0.1", "seed": 1, "curve": []}
+    overfit.append_row(dict(row, seed=1), tmp_path)
+    overfit.append_row(dict(row, arm="baseline", seed=0), tmp_path)
+    rows = overfit.append_row(dict(row, seed=0), tmp_path)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("baseline", 0), ("p=0.1", 0),
+                                                     ("p=0.1", 1)]
+    assert overfit.load_rows(tmp_path) == rows
+
+
+def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):
+    import torch
+
+    from hf_dropgrad import DropGradTrainingArguments
+
+    args = DropGradTrainingArguments(str(tmp_path), weight_decay=0.01, dropgrad_rate=0.5,
+                                     dropgrad_full_update_drop=False, use_cpu=True)
+    torch.save(args, tmp_path / "training_args.bin")
+    (tmp_path / "config.json").write_text(
+        '{"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}')
+    history = [{"step": 2, "loss": 1.0, "dropgrad_rate": 0.5}]
+    overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5"], tmp_path, history)
+    overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5"], tmp_path, history, args.learning_rate)
+    with pytest.raises(RuntimeError, match="learning_rate"):  # ran at the study's rate
+        overfit.verify_run(overfit.ARMS_BY_NAME["learning rate x0.5"], tmp_path,
+                           [{"step": 2, "loss": 1.0}], args.learning_rate)
+    with pytest.raises(RuntimeError, match="full_update_drop"):
+        overfit.verify_run(overfit.ARMS_BY_NAME["p=0.5 full update drop"], tmp_path, history)
+    with pytest.raises(RuntimeError, match=r"0\.7"):
+        overfit.verify_run(overfit.ARMS_BY_NAME["p=0.7"], tmp_path, history)
