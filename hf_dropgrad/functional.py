@@ -34,7 +34,7 @@ import torch
 
 from hf_dropgrad import kernels
 from hf_dropgrad.kernels import reference as _reference
-from hf_dropgrad.kernels.checks import check_offset, check_offsets
+from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets
 from hf_dropgrad.kernels.stream import CHUNK, GOLDEN, MASK64, RESOLUTION, WIDTH
 from hf_dropgrad.kernels.stream import M1 as _M1
 from hf_dropgrad.kernels.stream import M2 as _M2
@@ -100,39 +100,13 @@ def keep_scale(threshold: int) -> float:
     return RESOLUTION / (RESOLUTION - threshold)
 
 
-def random_bits(
-    key: int, start: int, count: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The stream's 16-bit values (as int32) of elements ``start .. start + count - 1``."""
-    return _reference.random_bits(key, start, count, device)
-
-
-def keep_mask_reference(
-    numel: int,
-    key: int,
-    threshold: int,
-    device: torch.device | str | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    offset: int = 0,
-) -> torch.Tensor:
-    """Boolean keep decisions of elements ``offset .. offset + numel - 1`` (pure torch).
-
-    Filled into ``out`` (a bool tensor of ``numel`` elements) when given.
-    """
-    return _reference.keep_mask(numel, key, threshold, device, out=out, offset=offset)
-
-
-def mask_reference_(
-    grad: torch.Tensor, key: int, threshold: int, scale: float, offset: int = 0
-) -> None:
-    """Mask ``grad`` in place, one span at a time (the single-tensor reference path).
-
-    ``grad`` holds stream elements ``offset .. offset + numel - 1`` in its logical (row-major)
-    order. ``float(g) * factor`` is rounded once to ``grad.dtype`` (``float64`` grads are
-    computed in ``float64``), exactly as the fused kernels do.
-    """
-    _reference.mask_(grad, key, threshold, scale, offset)
+#: The stream's 16-bit values (int32) of elements ``start .. start + count - 1``.
+random_bits = _reference.random_bits
+#: Boolean keep decisions of elements ``offset .. offset + numel - 1`` (pure torch).
+keep_mask_reference = _reference.keep_mask
+#: Mask one gradient in place, span by span: the single-tensor reference path, any device.
+#: ``float(g) * factor`` is rounded once to the gradient's dtype, as the fused kernels do.
+mask_reference_ = _reference.mask_
 
 
 def mask_(
@@ -158,13 +132,8 @@ def mask_(
     the rest through :func:`mask_reference_`. Non-contiguous gradients are masked through a
     contiguous copy. No host-device synchronisation.
     """
-    n = len(grads)
+    n = check_lengths(grads, keys, thresholds, scales)
     offs = check_offsets(offsets, n)
-    if not len(keys) == len(thresholds) == len(scales) == n:
-        raise ValueError(
-            f"grads, keys, thresholds and scales differ in length: "
-            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
-        )
     fused: dict[str, list[int]] = {}
     for i, grad in enumerate(grads):
         if thresholds[i] <= 0:

@@ -3,7 +3,6 @@ tests/test_deepspeed.py)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,17 +26,9 @@ def torchrun(script: Path, out: Path, *runs: str) -> list[str]:
 
 def launch(cmd: list[str], timeout: int = 600, **env_vars: str) -> None:
     """Run ``cmd`` (``{port}`` replaced by a free port); fail with its output if it fails."""
-    from tests.test_distributed import free_port, subprocess_env
+    from tests.test_distributed import run
 
-    env = {**subprocess_env(), **env_vars}
-    for _ in range(2):  # a second try only if another job took the port in between
-        proc = subprocess.run(
-            [arg.replace("{port}", str(free_port())) for arg in cmd], cwd=ROOT, env=env,
-            capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run(cmd, timeout, **env_vars)
 
 
 class Runs:

@@ -85,8 +85,9 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    env = subprocess_env()
+def run(cmd: list[str], timeout: int = 400, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (``{port}`` replaced by a free port); fail with its output if it fails."""
+    env = {**subprocess_env(), **env_vars}
     for _ in range(2):  # a second try only if another job took the port in between
         proc = subprocess.run(
             [arg.replace("{port}", str(free_port())) for arg in cmd], cwd=ROOT, env=env,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
-__all__ = ["MAX_OFFSET", "check_offset", "check_offsets"]
+__all__ = ["MAX_OFFSET", "check_lengths", "check_offset", "check_offsets"]
 
 #: Offsets (global element indices) stay below this, so ``offset + numel`` fits an int64 and the
 #: counter ``chunk * 1024 + b`` of the stream cannot wrap.
@@ -35,3 +35,14 @@ def check_offsets(offsets: Sequence[int] | None, n: int) -> list[int]:
     if len(offsets) != n:
         raise ValueError(f"offsets must have one entry per tensor ({n}), got {len(offsets)}")
     return [check_offset(o, f"offsets[{i}]") for i, o in enumerate(offsets)]
+
+
+def check_lengths(grads: Sequence, keys: Sequence, thresholds: Sequence, scales: Sequence) -> int:
+    """The number of tensors, or a ``ValueError`` if the four lists differ in length."""
+    n = len(grads)
+    if not len(keys) == len(thresholds) == len(scales) == n:
+        raise ValueError(
+            f"grads, keys, thresholds and scales differ in length: "
+            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
+        )
+    return n

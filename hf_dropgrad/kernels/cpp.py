@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from hf_dropgrad.kernels.checks import check_offset, check_offsets
+from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets
 
 __all__ = [
     "gather_dropped",
@@ -246,13 +246,8 @@ def mask_(
         offsets: global stream index of each tensor's first element (default 0 each).
     """
     lib = _require()
-    n = len(grads)
+    n = check_lengths(grads, keys, thresholds, scales)
     offs = check_offsets(offsets, n)
-    if not len(keys) == len(thresholds) == len(scales) == n:
-        raise ValueError(
-            f"grads, keys, thresholds and scales differ in length: "
-            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
-        )
     if n == 0:
         return
     # Packed with array.array (C loops), not per-item ctypes: ~1 us per tensor in all.

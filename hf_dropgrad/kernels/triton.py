@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_dropgrad.kernels.checks import check_offset, check_offsets
+from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets
 from hf_dropgrad.kernels.stream import CHUNK, MASK64, RESOLUTION, signed64
 
 __all__ = ["DTYPES", "gather_dropped", "interpreting", "mask_", "num_chunks", "scatter_dropped"]
@@ -209,13 +209,8 @@ def mask_(
         scales: factor of kept elements, rounded to float32.
         offsets: global stream index of each tensor's first element (default 0 each).
     """
-    n = len(grads)
+    n = check_lengths(grads, keys, thresholds, scales)
     offs = check_offsets(offsets, n)
-    if not len(keys) == len(thresholds) == len(scales) == n:
-        raise ValueError(
-            f"grads, keys, thresholds and scales differ in length: "
-            f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
-        )
     groups: dict[tuple[torch.device, int], list[int]] = {}
     scale_bits = array("I", array("f", [float(x) for x in scales]).tobytes())
     for i, g in enumerate(grads):
