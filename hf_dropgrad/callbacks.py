@@ -132,10 +132,12 @@ class DropGradCallback(TrainerCallback):
     """
 
     def __init__(self, **settings: Any) -> None:
-        self._init(settings, keyword_names(type(self).__name__))
-        warn_unused(DropGradSettings(**settings, names=self._names).values(), self._names)
+        validated = self._init(settings, keyword_names(type(self).__name__))
+        warn_unused(validated.values(), self._names)
 
-    def _init(self, settings: Mapping[str, Any], names: Mapping[str, str]) -> None:
+    def _init(self, settings: Mapping[str, Any], names: Mapping[str, str]) -> DropGradSettings:
+        """Set up the callback's state; returns the settings, validated (they fail here, not at
+        step 1)."""
         unknown = sorted(set(settings) - set(ARG_FIELDS))
         if unknown:
             raise TypeError(
@@ -144,12 +146,13 @@ class DropGradCallback(TrainerCallback):
             )
         self._names = dict(names)
         self._settings = dict(settings)
-        DropGradSettings(**self._settings, names=self._names)  # validate now, not at step 1
+        validated = DropGradSettings(**self._settings, names=self._names)
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
         self._attached = False
         self._log_rates = False
         self._used_rates: dict[str, float] | None = None
+        return validated
 
     @classmethod
     def from_settings(
@@ -163,10 +166,9 @@ class DropGradCallback(TrainerCallback):
         checked for values their schedule ignores (each mistake is reported once).
         """
         callback = cls.__new__(cls)
-        callback._init(settings, names)
+        validated = callback._init(settings, names)
         if warn:
-            values = DropGradSettings(**settings, names=callback._names).values()
-            warn_unused(values, callback._names, stacklevel=3)
+            warn_unused(validated.values(), callback._names, stacklevel=3)
         return callback
 
     @classmethod

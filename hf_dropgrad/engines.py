@@ -93,10 +93,9 @@ def zero_optimizer(holder: Any) -> Any:
     Raises ``ValueError`` when the chain holds another DeepSpeed optimizer wrapper (fp16/bf16
     without ZeRO), whose flat buffers DropGrad cannot map.
     """
-    seen: set[int] = set()
-    obj = holder
-    while obj is not None and id(obj) not in seen:
-        seen.add(id(obj))
+    from hf_dropgrad.optimizer import optimizer_chain
+
+    for obj in optimizer_chain(holder):
         if sharding.zero_stage(obj):
             return obj
         if type(obj).__module__.startswith("deepspeed.") and hasattr(obj, "optimizer"):
@@ -104,7 +103,6 @@ def zero_optimizer(holder: Any) -> Any:
                 f"DropGrad does not support DeepSpeed's {type(obj).__name__}: it steps flat "
                 "buffers DropGrad cannot map back to parameters. Use ZeRO stage 1, 2 or 3."
             )
-        obj = getattr(obj, "optimizer", None)
     return None
 
 

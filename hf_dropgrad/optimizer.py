@@ -13,7 +13,7 @@ from hf_dropgrad import functional as F
 from hf_dropgrad import kernels, sharding
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
-__all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad"]
+__all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad", "optimizer_chain"]
 
 _STATE_KEY = "dropgrad"
 _STATE_VERSION = 1
@@ -128,7 +128,7 @@ class DropGrad(Optimizer):
         names = self._parameter_names(model)
         self._base_drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
         rates, patterns = self._resolve_params(params, model, names)
-        position = {p: i for i, p in enumerate(self._all_params())}
+        position = self._positions()
         self._names: dict[int, str] = {position[p]: n for p, n in names.items() if p in position}
         self._rates: dict[int, float] = {position[p]: r for p, r in rates.items()}
         self._patterns: dict[int, str] = {position[p]: s for p, s in patterns.items()}
@@ -221,6 +221,10 @@ class DropGrad(Optimizer):
         for group in self.optimizer.param_groups:
             yield from group["params"]
 
+    def _positions(self) -> dict[torch.Tensor, int]:
+        """``{parameter: position}`` over the inner optimizer's groups, in order."""
+        return {p: i for i, p in enumerate(self._all_params())}
+
     def _parameter_names(self, model: torch.nn.Module | None) -> dict[torch.Tensor, str]:
         names: dict[torch.Tensor, str] = {}
         if model is not None:
@@ -299,7 +303,7 @@ class DropGrad(Optimizer):
         For a ``DropGrad`` built without ``model=`` from ``model.parameters()``: afterwards
         :meth:`current_rates`, :meth:`describe` and the Trainer's logs use names, not positions.
         """
-        position = {p: i for i, p in enumerate(self._all_params())}
+        position = self._positions()
         for name, p in model.named_parameters():
             if p in position:
                 self._names.setdefault(position[p], name)
@@ -585,12 +589,15 @@ def get_dropgrad(obj: Any) -> DropGrad | None:
     ``AcceleratedOptimizer`` or any chain of wrappers exposing ``.optimizer``.
     Returns ``None`` when there is none.
     """
+    return next((o for o in optimizer_chain(obj) if isinstance(o, DropGrad)), None)
+
+
+def optimizer_chain(obj: Any) -> Iterator[Any]:
+    """``obj``, ``obj.optimizer``, ``obj.optimizer.optimizer``, ... (each object once)."""
     seen: set[int] = set()
     while obj is not None and id(obj) not in seen:
-        if isinstance(obj, DropGrad):
-            return obj
+        yield obj
         seen.add(id(obj))
         obj = getattr(obj, "optimizer", None)
-    return None
 
 

@@ -26,6 +26,7 @@ optimizers are recognised by their attributes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -133,10 +134,7 @@ def dtensor_offset(t: Any) -> int:
             f"DropGrad: a DTensor's local shard has shape {tuple(local.shape)}, not the "
             f"{tuple(shape)} its placements {tuple(t.placements)} imply; cannot place its mask"
         )
-    row = 1
-    for size in t.shape[1:]:
-        row *= size
-    return int(offset[0]) * row if len(offset) else 0
+    return int(offset[0]) * math.prod(t.shape[1:]) if len(offset) else 0
 
 
 def _local_grad(p: Any) -> torch.Tensor | None:
@@ -287,15 +285,18 @@ def attach_deepspeed(zero: Any, dropgrad: Any) -> ZeroLayout:
                 "DropGrad does not support DeepSpeed ZeRO-3 with offload_optimizer: ZeRO then "
                 "steps some partitions with a second optimizer DropGrad does not wrap"
             )
+    if getattr(zero, "_dropgrad_attached", None) is dropgrad and dropgrad._layout is not None:
+        return dropgrad._layout  # installing wraps and attaches; training start attaches again
     layout = zero_layout(zero, dropgrad._num_params)
     dropgrad._set_layout(layout)
+    zero._dropgrad_attached = dropgrad
     if not getattr(zero, "_dropgrad_step_patched", False):
         original = zero.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             if not getattr(zero, "overflow", False):
-                dropgrad._advance()
+                zero._dropgrad_attached._advance()
             return out
 
         zero.step = step
