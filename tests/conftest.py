@@ -25,3 +25,13 @@ def trainer_one_process(tmp_path_factory):
     runs = ["single", "single-callback", "single-fud"]
     launch([sys.executable, str(TRAINER_SCRIPT), str(out), *runs])
     return Runs(out)
+
+
+@pytest.fixture
+def transformers_logs():
+    """What transformers' loggers print during the test (``handler.text``)."""
+    pytest.importorskip("transformers")
+    from tests.trainer_helpers import capture_transformers_logs
+
+    with capture_transformers_logs() as handler:
+        yield handler

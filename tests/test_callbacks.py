@@ -22,7 +22,6 @@ from hf_dropgrad import (  # noqa: E402
     get_dropgrad,
 )
 from tests.trainer_helpers import (  # noqa: E402
-    capture_transformers_logs,
     classification_data,
     common,
     seq2seq_data,
@@ -31,12 +30,6 @@ from tests.trainer_helpers import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def transformers_logs():
-    with capture_transformers_logs() as handler:
-        yield handler
 
 
 class CustomLossTrainer(Trainer):

@@ -29,7 +29,6 @@ from hf_dropgrad import (  # noqa: E402
 from hf_dropgrad import functional as F  # noqa: E402
 from tests.trainer_helpers import (  # noqa: E402
     RecordLogs,
-    capture_transformers_logs,
     classification_data,
     common,
     params_of,
@@ -39,12 +38,6 @@ from tests.trainer_helpers import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def transformers_logs():
-    with capture_transformers_logs() as handler:
-        yield handler
 
 
 def test_seq2seq_with_module_rates_logs_rates_and_the_table(tmp_path, transformers_logs) -> None:
