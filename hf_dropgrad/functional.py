@@ -135,10 +135,11 @@ def mask_(
     n = check_lengths(grads, keys, thresholds, scales)
     offs = check_offsets(offsets, n)
     fused: dict[str, list[int]] = {}
+    requested = kernels.requested_backend()  # once per call, not once per gradient
     for i, grad in enumerate(grads):
         if thresholds[i] <= 0:
             continue
-        backend = kernels.choose(grad, "mask")
+        backend = kernels.choose(grad, "mask", requested)
         if backend == "torch":
             _reference.mask_(grad, keys[i], thresholds[i], scales[i], offs[i])
         else:

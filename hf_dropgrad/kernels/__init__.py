@@ -140,9 +140,11 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
     return None
 
 
-def choose(tensor: torch.Tensor, purpose: Purpose = "mask") -> str:
+def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | None = None) -> str:
     """The backend for ``tensor``: ``"cpp"``, ``"triton"`` or ``"torch"``.
 
+    ``requested``: :func:`requested_backend`'s value, read once by callers that choose for
+    many tensors (default: read it now).
     ``purpose`` is ``"mask"`` (masking a gradient) or ``"pack"`` (saving and restoring the
     dropped values of a parameter for full update drop).
 
@@ -150,7 +152,8 @@ def choose(tensor: torch.Tensor, purpose: Purpose = "mask") -> str:
         ValueError: ``HF_DROPGRAD_BACKEND`` holds an unknown value.
         BackendUnavailableError: the forced backend cannot take ``tensor``.
     """
-    requested = requested_backend()
+    if requested is None:
+        requested = requested_backend()
     if requested == "torch":
         return "torch"
     if requested == "auto":
