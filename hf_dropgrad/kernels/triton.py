@@ -80,8 +80,12 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: Bytes a 128-bit load or store moves; the aligned path needs pointer, offset and size to be
 #: multiples of it.
 _VECTOR_BYTES = 16
-#: Warps per program: 128 threads, eight counters (and 4 x 8 elements) per thread.
+#: Warps per program of the masking kernels: 128 threads, eight counters (and 4 x 8 elements)
+#: per thread, so a bfloat16 lane moves in one 128-bit access per thread.
 _NUM_WARPS = 4
+#: Warps per program of full update drop's kernels: their in-lane prefix sums need more
+#: registers per element; 8 warps keep them at 64 registers or fewer.
+_PACK_WARPS = 8
 
 
 # Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when this module is imported.
@@ -294,14 +298,15 @@ def _all_variants() -> dict[str, Variant]:
                 {"KIND": kind, "ALIGNED": aligned}, dtype, aligned,
             ))
     found.append(Variant("count", _count_kernel, "count",
-                         {"table": "*i64", "progmap": "*i32", "counts": "*i64"}))
+                         {"table": "*i64", "progmap": "*i32", "counts": "*i64"},
+                         num_warps=_PACK_WARPS))
     for size, (int_type, name) in _MOVE_DTYPES.items():
         for gather in (True, False):
             role = "gather" if gather else "scatter"
             found.append(Variant(
                 f"{role}_{8 * size}bit", _move_kernel, role,
                 {"table": "*i64", "progmap": "*i32", "values": f"*{name}", "starts": "*i64"},
-                {"DTYPE": int_type, "GATHER": gather},
+                {"DTYPE": int_type, "GATHER": gather}, num_warps=_PACK_WARPS,
             ))
     return {v.name: v for v in found}
 
