@@ -114,9 +114,8 @@ def _jit(*params: str):
     return triton.jit(do_not_specialize=list(params), do_not_specialize_on_alignment=list(params))
 
 
-#: Columns of a row of the table the kernels read: data pointer, numel, offset, key (int64
-#: bits), first program of the tensor in the launch, threshold, scale (float32 bits), unused.
-_ROW = 8
+# A row of the table the kernels read is 8 int64: data pointer, numel, offset, key (int64
+# bits), first program of the tensor in its launch, threshold, scale (float32 bits), unused.
 
 
 @triton.jit
@@ -140,7 +139,7 @@ def _locate(table, progmap, V: tl.constexpr, ALIGNED: tl.constexpr):
     and so ``start``, ``lo`` and ``hi`` are multiples of ``V`` elements (16 bytes).
     """
     pid = tl.program_id(0)
-    row = table + tl.load(progmap + pid).to(tl.int64) * 8
+    row = table + tl.load(progmap + pid).to(tl.int64) * 8  # 8 words per row
     numel = tl.load(row + 1)
     offset = tl.load(row + 2)
     key = tl.load(row + 3).to(tl.uint64)
@@ -335,7 +334,7 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _program_map(chunks: tuple[int, ...]) -> bytes:
     """The program map of tensors (table rows) with these chunk counts: row ``r`` repeated."""
     out = array("i")
