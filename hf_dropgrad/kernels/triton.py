@@ -20,13 +20,14 @@ So a call makes one launch per dtype, or two when a dtype has tensors of both ki
 A program finds its tensor with two dependent loads and no search: the host builds a
 *program map* (one int32 per program: the row of the program's tensor in the table), and the
 program reads its entry, then its tensor's row of the table (data pointer, size, offset, key,
-first program, threshold, scale). The table and the map travel to the device in one
-asynchronous copy from pinned memory, so there is no host-device synchronisation; the map only
-depends on the tensors' sizes and offsets and is cached on the host. In-chunk indices are int32
-(the chunk's base pointer carries the 64-bit part), which keeps every masking variant well under
-64 registers per thread (``scripts/inspect_kernels.py`` prints the compiled figures). The bits
-equal the C++ kernel's and the reference's (bfloat16 is rounded in the kernel by c10's rule,
-canonical NaN included; float16 NaNs may differ from the C++ kernel's in payload only).
+first program, threshold, scale). The table and the map travel to the device in two
+asynchronous copies from pinned memory, so there is no host-device synchronisation; the map only
+depends on the tensors' sizes and offsets and is cached, pinned, on the host. In-chunk indices
+are int32 (the chunk's base pointer carries the 64-bit part), which keeps every masking variant
+well under 64 registers per thread (``scripts/inspect_kernels.py`` prints the compiled
+figures). The bits equal the C++ kernel's and the reference's (bfloat16 is rounded in the kernel
+by c10's rule, canonical NaN included; float16 NaNs may differ from the C++ kernel's in payload
+only).
 
 Full update drop (:func:`gather_dropped_many`, :func:`scatter_dropped_many`) works on a whole
 list of tensors with a fixed number of launches: a counting kernel writes the number of dropped
@@ -335,22 +336,32 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @functools.lru_cache(maxsize=16)
-def _program_map(chunks: tuple[int, ...]) -> bytes:
-    """The program map of tensors (table rows) with these chunk counts: row ``r`` repeated."""
+def _program_map(chunks: tuple[int, ...], pinned: bool) -> torch.Tensor:
+    """The program map (CPU, int32) of tensors with these chunk counts: row ``r`` repeated.
+
+    Cached (it depends only on the layout, the same at every step) and never written to; in
+    pinned memory for CUDA, so copies from it are asynchronous and need no staging.
+    """
     out = array("i")
     for r, n in enumerate(chunks):
         out.extend(array("i", [r]) * n)
-    return out.tobytes()
+    progmap = torch.frombuffer(out, dtype=torch.int32) if out else torch.empty(0, dtype=torch.int32)
+    return progmap.pin_memory() if pinned else progmap
 
 
 def _upload(table: array, chunks: tuple[int, ...], device: torch.device
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table as int64, program map as int32) on ``device``, in one copy that does not block."""
-    head = table.tobytes()
-    packed = torch.frombuffer(bytearray(head + _program_map(chunks)), dtype=torch.uint8)
-    if device.type == "cuda":  # pinned, so the copy is asynchronous: no synchronisation
-        packed = packed.pin_memory().to(device, non_blocking=True)
-    return packed[: len(head)].view(torch.int64), packed[len(head):].view(torch.int32)
+    """(table as int64, program map as int32) on ``device``, copied without blocking the host.
+
+    On CUDA both copies read pinned memory: the table is staged in torch's caching host
+    allocator (its block is reused only once the copy has run), the map is cached pinned.
+    """
+    rows = torch.frombuffer(table, dtype=torch.int64)  # holds a reference to the array
+    if device.type != "cuda":
+        return rows, _program_map(chunks, False)
+    progmap = _program_map(chunks, True)
+    return (rows.pin_memory().to(device, non_blocking=True),
+            progmap.to(device, non_blocking=True))
 
 
 def _is_aligned(tensor: torch.Tensor, offset: int) -> bool:
@@ -378,7 +389,7 @@ def mask_(
 ) -> None:
     """Mask every gradient in place: per device and dtype, one launch per path (at most two).
 
-    A table of the tensors and the program map go to the device in one asynchronous copy from
+    A table of the tensors and the program map go to the device in two asynchronous copies from
     pinned memory; every program of a launch masks one stream chunk of one tensor. Tensors whose
     pointer, offset and size are multiples of 16 bytes take the aligned (128-bit) kernel, the
     others the generic one.
@@ -488,7 +499,7 @@ def gather_dropped_many(
     Returns ``(values, starts)``: ``values`` (``tensors[0].dtype``) equals
     ``torch.cat([t.flatten()[~keep_i] for t in tensors])``; ``starts`` (int64, one per chunk of
     every tensor, tensor after tensor, plus the total) is what :func:`scatter_dropped_many`
-    needs to put them back. Launches: one copy, a count, a cumsum and a gather, whatever the
+    needs to put them back. Launches: two copies, a count, a cumsum and a gather, whatever the
     number of tensors; one host read-back (the total, to size ``values``).
 
     Args:
@@ -528,7 +539,7 @@ def scatter_dropped_many(
     """Write ``values`` back into the dropped elements of every tensor; kept ones stay.
 
     ``values`` and ``starts`` come from :func:`gather_dropped_many` with the same arguments.
-    One copy and one launch, no host read-back.
+    Two copies and one launch, no host read-back.
     """
     offs = _check_pack(tensors, keys, thresholds, offsets)
     device, dtype = tensors[0].device, tensors[0].dtype
