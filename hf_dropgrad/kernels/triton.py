@@ -222,7 +222,8 @@ def _mask_kernel(table, progmap, KIND: tl.constexpr, ALIGNED: tl.constexpr):
 
 @_jit("table", "progmap", "counts")
 def _count_kernel(table, progmap, counts):
-    """``counts[pid]``: the number of dropped elements of this program's chunk (int64)."""
+    """``counts[pid + 1]``: the number of dropped elements of this program's chunk (int64);
+    program 0 also writes ``counts[0] = 0``, so ``cumsum(counts)`` is every chunk's start."""
     row, chunk, _start, lo, hi, key = _locate(table, progmap, 1, False)
     threshold = tl.load(row + 5).to(tl.int32)
     z = _hashes(key, chunk)
@@ -233,7 +234,10 @@ def _count_kernel(table, progmap, counts):
             local < hi
         )
         total += tl.sum(dropped.to(tl.int32), axis=0)
-    tl.store(counts + tl.program_id(0), total.to(tl.int64))
+    pid = tl.program_id(0)
+    tl.store(counts + pid + 1, total.to(tl.int64))
+    if pid == 0:
+        tl.store(counts, total.to(tl.int64) * 0)
 
 
 @_jit("table", "progmap", "values", "starts")
@@ -513,13 +517,15 @@ def gather_dropped_many(
     device, dtype = tensors[0].device, tensors[0].dtype
     table, chunks = _pack_table(tensors, keys, thresholds, offs)
     programs = sum(chunks)
-    starts = torch.zeros(programs + 1, dtype=torch.int64, device=device)
     if programs == 0:
-        return torch.empty(0, dtype=dtype, device=device), starts
+        return (torch.empty(0, dtype=dtype, device=device),
+                torch.zeros(1, dtype=torch.int64, device=device))
     table_d, progmap = _upload(table, chunks, device)
     with _on_device(device):
-        _launch("count", programs, table_d, progmap, starts[1:])
-        torch.cumsum(starts, 0, out=starts)
+        counts = torch.empty(programs + 1, dtype=torch.int64, device=device)
+        _launch("count", programs, table_d, progmap, counts)
+        starts = torch.cumsum(counts, 0)
+        del counts
         total = int(starts[-1])  # sizing the output: the one host-device synchronisation
         values = torch.empty(total, dtype=dtype, device=device)
         if total:
