@@ -1,28 +1,39 @@
-"""GPU half of ``scripts/bench_overhead.py`` (``--device cuda``): the Triton backend on CUDA.
+"""GPU benchmark of the Triton backend: bandwidth, launches and host syncs per step.
 
-For the t5-small parameter set (60.5M elements) and a 1B-parameter set (TinyLlama-1.1B shapes),
-in fp32 and bf16, with random gradients on the GPU, it measures in one run:
+Run by ``scripts/gpu_check.sh`` (``python scripts/bench_cuda.py``) or through
+``scripts/bench_overhead.py --device cuda``. For the t5-small parameter set (60.5M elements) and a
+1B-parameter set (TinyLlama-1.1B shapes), in fp32 and bf16, with random gradients on the GPU, it
+measures in one run (CUDA events, median of ``--repeats``):
 
 * ``mask``: ``functional.mask_`` over every gradient (p = 0.1, one key per tensor), the path
-  ``DropGrad.step`` takes; device time from CUDA events, and host time per call;
-* ``adamw_fused``: a bare ``torch.optim.AdamW(params, fused=True).step()`` (the reference);
-* ``foreach_mul``: one read+write pass over every gradient (``torch._foreach_mul_``);
-* ``dropgrad``: a whole ``DropGrad(AdamW(fused=True), drop_rate=0.1).step()``;
+  ``DropGrad.step`` takes; moves 2 x the gradient bytes (one read, one write);
+* ``foreach_mul``: ``torch._foreach_mul_`` of the same gradients, the floor of one read+write
+  pass (same bytes as the mask);
+* ``adamw_fused``: a bare ``torch.optim.AdamW(params, fused=True).step()``; moves 7 x the
+  gradient bytes (reads the gradient, reads and writes the parameter and both moments, all in
+  the parameters' dtype);
+* ``dropgrad`` and ``dropgrad_fud``: whole ``DropGrad(AdamW(fused=True), drop_rate=0.1)`` steps,
+  without and with full update drop;
 * ``copy``: a device-to-device copy of 1 GiB, the bandwidth the device reaches in practice.
 
-Printed: masking time, the bytes it moves (2 x gradient bytes: one read, one write), achieved
-GB/s and its share of the device's peak memory bandwidth (from ``--peak-gbps`` or a table of
-known devices), the ratio to the fused AdamW step, and the kernel launches per masking call and
-per DropGrad step (torch profiler). Targets: >= 70 % of peak bandwidth, <= 0.25x a fused AdamW
-step, one launch for all gradients of a dtype, and no host-device synchronisation (checked with
-``torch.cuda.set_sync_debug_mode("error")``).
-"""
+Printed per set and dtype: for mask, foreach_mul and adamw_fused the device time, achieved GB/s
+and its share of the device's peak memory bandwidth (``--peak-gbps`` or a table of known
+devices); the mask's time against the fused AdamW step; and kernel launches and host-device
+synchronisations per call / per step (launches from the torch profiler, synchronisations
+counted with ``torch.cuda.set_sync_debug_mode("warn")``). Targets (docs/analysis.md): the mask
+>= 70 % of peak, <= 0.25x a fused AdamW step, one launch per dtype (two when a dtype has
+unaligned tensors), no synchronisation; full update drop one synchronisation per dtype.
 
+Usage: ``python scripts/bench_cuda.py [--repeats 20] [--warmup 3] [--p 0.1] [--peak-gbps N]
+[--sets t5-small,1B] [--json out.json]``. Without CUDA it exits with a message (status 2).
+"""
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -88,19 +99,6 @@ def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[floa
     return statistics.median(device), statistics.median(host)
 
 
-def synchronises(fn: Callable[[], object]) -> str | None:
-    """``None`` if ``fn`` makes no host-device synchronisation, else what torch reported."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-    except RuntimeError as exc:
-        return str(exc).splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return None
-
-
 def launches(fn: Callable[[], object]) -> dict[str, int]:
     """CUDA kernel launches of one call, by kernel name (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,6 +115,28 @@ def launches(fn: Callable[[], object]) -> dict[str, int]:
     return counts
 
 
+def synchronisations(fn: Callable[[], object]) -> int:
+    """Host-device synchronisations one call of ``fn`` makes (torch's sync debug mode)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def kernel_launches(fn: Callable[[], object]) -> tuple[int, int]:
+    """(kernel launches, memory copies) of one call of ``fn``."""
+    events = launches(fn)
+    copies = sum(v for k, v in events.items() if "memcpy" in k.lower() or "memset" in k.lower())
+    return sum(events.values()) - copies, copies
+
+
 def bench_set(
     label: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, args: argparse.Namespace
 ) -> dict:
@@ -129,7 +149,7 @@ def bench_set(
         params.append(p)
     grads = [p.grad for p in params]
     numel = sum(g.numel() for g in grads)
-    moved = 2 * sum(g.numel() * g.element_size() for g in grads)
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     threshold = F.drop_threshold(args.p)
     scale = F.keep_scale(threshold)
     keys = [F.derive_key(0, 0, i) for i in range(len(grads))]
@@ -140,41 +160,45 @@ def bench_set(
 
     adamw = torch.optim.AdamW(params, lr=1e-6, fused=True)
     wrapped = DropGrad(torch.optim.AdamW(params, lr=1e-6, fused=True), drop_rate=args.p, seed=0)
+    fud = DropGrad(torch.optim.AdamW(params, lr=1e-6, fused=True), drop_rate=args.p, seed=0,
+                   full_update_drop=True)
+    moved = {"mask": 2 * grad_bytes, "foreach_mul": 2 * grad_bytes, "adamw_fused": 7 * grad_bytes}
     fns = {
         "mask": mask,
-        "adamw_fused": adamw.step,
         "foreach_mul": lambda: torch._foreach_mul_(grads, 1.0),
+        "adamw_fused": adamw.step,
         "dropgrad": wrapped.step,
+        "dropgrad_fud": fud.step,
     }
-    row: dict = {"tensors": len(grads), "numel": numel, "bytes_moved_by_mask": moved}
+    row: dict = {"tensors": len(grads), "numel": numel, "grad_bytes": grad_bytes}
     for name, fn in fns.items():
         device_ms, host_ms = cuda_time(fn, args.warmup, args.repeats)
         row[name] = {"device_ms": device_ms, "host_ms": host_ms}
-    row["mask_synchronises"] = synchronises(mask)
-    row["dropgrad_step_synchronises"] = synchronises(wrapped.step)
-    mask_events = launches(mask)
-    row["mask_launches"] = sum(v for k, v in mask_events.items() if "memcpy" not in k.lower())
-    row["mask_copies"] = sum(v for k, v in mask_events.items() if "memcpy" in k.lower())
-    step_kernels = launches(wrapped.step)
-    bare_kernels = launches(adamw.step)
-    row["dropgrad_extra_launches"] = sum(step_kernels.values()) - sum(bare_kernels.values())
-    mask_ms = row["mask"]["device_ms"]
-    row["mask_gbps"] = moved / (mask_ms * 1e-3) / 1e9
-    row["mask_vs_adamw_fused"] = mask_ms / row["adamw_fused"]["device_ms"]
+        if name in moved:
+            row[name]["bytes"] = moved[name]
+            row[name]["gbps"] = moved[name] / (device_ms * 1e-3) / 1e9
+        row[name]["launches"], row[name]["copies"] = kernel_launches(fn)
+        row[name]["synchronisations"] = synchronisations(fn)
+    row["mask_vs_adamw_fused"] = row["mask"]["device_ms"] / row["adamw_fused"]["device_ms"]
     row["dropgrad_step_vs_adamw_fused"] = (
         row["dropgrad"]["device_ms"] / row["adamw_fused"]["device_ms"]
     )
-    print(
-        f"{label:9s} {str(dtype)[6:]:8s} {numel / 1e6:7.1f}M {len(grads):4d} tensors | mask "
-        f"{mask_ms:7.3f} ms device, {row['mask']['host_ms']:7.3f} ms host, "
-        f"{row['mask_gbps']:7.0f} GB/s{_pct(row['mask_gbps'], args.peak)} | "
-        f"{row['mask_vs_adamw_fused']:.3f}x fused AdamW ({row['adamw_fused']['device_ms']:.3f} ms)"
-        f" | DropGrad step {row['dropgrad_step_vs_adamw_fused']:.3f}x | launches "
-        f"{row['mask_launches']} kernel(s) + {row['mask_copies']} copy per mask_, "
-        f"+{row['dropgrad_extra_launches']} per step | "
-        f"syncs: mask_ {row['mask_synchronises'] or 'none'}, "
-        f"step {row['dropgrad_step_synchronises'] or 'none'}"
+    row["dropgrad_fud_step_vs_adamw_fused"] = (
+        row["dropgrad_fud"]["device_ms"] / row["adamw_fused"]["device_ms"]
     )
+    bare = row["adamw_fused"]["launches"]
+    print(f"\n{label} {str(dtype)[6:]}: {numel / 1e6:.1f}M elements in {len(grads)} tensors")
+    for name in fns:
+        r = row[name]
+        rate = (f"{r['gbps']:7.0f} GB/s{_pct(r['gbps'], args.peak)}" if "gbps" in r
+                else f"{'':27s}")
+        extra = f" (+{r['launches'] - bare} over the bare step)" if name.startswith("drop") else ""
+        print(f"  {name:12s} {r['device_ms']:8.3f} ms device {r['host_ms']:7.3f} ms host  {rate}"
+              f"  {r['launches']:4d} launches{extra}, {r['copies']} copies, "
+              f"{r['synchronisations']} host syncs per call")
+    print(f"  mask = {row['mask_vs_adamw_fused']:.3f}x fused AdamW step; DropGrad step "
+          f"{row['dropgrad_step_vs_adamw_fused']:.3f}x, with full update drop "
+          f"{row['dropgrad_fud_step_vs_adamw_fused']:.3f}x")
     return row
 
 
@@ -212,9 +236,10 @@ def full_update_drop(shapes: list[tuple[int, ...]], args: argparse.Namespace) ->
 
 def main(args: argparse.Namespace, t5_shapes: list[tuple[int, ...]]) -> dict:
     if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+        print("bench_cuda: no CUDA device here (this benchmark needs a GPU)", file=sys.stderr)
+        raise SystemExit(2)
     name = torch.cuda.get_device_name()
-    args.peak = peak_gbps(name, args.peak_gbps)
+    args.peak = peak_gbps(name, getattr(args, "peak_gbps", None))
     practical = copy_gbps(args)
     print(
         f"{name}, torch {torch.__version__}; peak bandwidth "
@@ -223,14 +248,51 @@ def main(args: argparse.Namespace, t5_shapes: list[tuple[int, ...]]) -> dict:
     )
     result: dict = {"device": name, "peak_gbps": args.peak, "copy_gbps": practical, "sets": {}}
     sets = {"t5-small": t5_shapes, "1B": tinyllama_shapes()}
-    for label, shapes in sets.items():
+    wanted = getattr(args, "sets", None) or list(sets)
+    for label in wanted:
         for dtype in (torch.float32, torch.bfloat16):
-            result["sets"][f"{label} {dtype}"] = bench_set(label, shapes, dtype, args)
+            result["sets"][f"{label} {dtype}"] = bench_set(label, sets[label], dtype, args)
             torch.cuda.empty_cache()  # the set's parameters, gradients and optimizer states
-    result["full_update_drop"] = fud = full_update_drop(t5_shapes, args)
-    print(
-        f"full update drop, save + restore of {fud['numel'] / 1e6:.1f}M fp32 elements: "
-        f"{fud['device_ms']:.3f} ms device, {fud['extra_bytes_per_element']:.3f} extra "
-        f"B/element (the values alone: {4 * args.p:.2f})"
-    )
+    try:
+        result["full_update_drop"] = fud = full_update_drop(t5_shapes, args)
+    except Exception as exc:  # report, do not lose the figures above
+        result["full_update_drop"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"full update drop section failed: {type(exc).__name__}: {exc}")
+    else:
+        print(
+            f"full update drop, save + restore of {fud['numel'] / 1e6:.1f}M fp32 elements: "
+            f"{fud['device_ms']:.3f} ms device, {fud['extra_bytes_per_element']:.3f} extra "
+            f"B/element (the values alone: {4 * args.p:.2f})"
+        )
     return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats (20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (3)")
+    parser.add_argument("--p", type=float, default=0.1, help="drop rate (0.1)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="the GPU's peak memory bandwidth in GB/s (default: from its name)")
+    parser.add_argument("--sets", default="t5-small,1B",
+                        help="comma-separated subset of t5-small,1B (both by default)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    for s in args.sets:
+        if s not in ("t5-small", "1B"):
+            parser.error(f"--sets: unknown set {s!r}; allowed: t5-small, 1B")
+    return args
+
+
+if __name__ == "__main__":
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    cli = parse_args()
+    from bench_overhead import t5_small_shapes
+
+    out = main(cli, t5_small_shapes()[0])
+    if cli.json:
+        cli.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {cli.json}")

@@ -55,9 +55,17 @@ def test_cuda_masks_equal_the_cpu_kernel_bit_for_bit(dtype: torch.dtype) -> None
                 oracle.assert_matches(gpu, want, f"{numel} {offset} {key} {t}")
 
 
-def test_one_launch_for_all_gradients_and_no_host_synchronisation() -> None:
+def _kernel_names(fn) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def test_one_launch_per_path_for_all_gradients_and_no_host_synchronisation() -> None:
+    # 1 element (4 bytes) takes the generic path, the others the aligned one: two launches
     grads = [torch.randn(n, device="cuda") for n in (1, 5000, 70000, 3_000_000)]
     args = ([1, 2, 3, 4], [6554] * 4, [F.keep_scale(6554)] * 4)
     F.mask_(grads, *args)  # compile
@@ -73,12 +81,37 @@ def test_one_launch_for_all_gradients_and_no_host_synchronisation() -> None:
         optimizer.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        F.mask_(grads, *args)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum("_mask_kernel" in name for name in names) == 1, names
+    names = _kernel_names(lambda: F.mask_(grads, *args))
+    assert sum("_mask_kernel" in name for name in names) == 2, names
+    assert len([n for n in names if "memcpy" not in n.lower()]) == 2, names
+    aligned = grads[1:]
+    names = _kernel_names(lambda: F.mask_(aligned, *(a[1:] for a in args)))
     assert len([n for n in names if "memcpy" not in n.lower()]) == 1, names
+
+
+def test_full_update_drop_batched_launches_the_same_whatever_the_tensor_count() -> None:
+    import functools
+
+    from hf_dropgrad.kernels import triton as K
+
+    launched = {}
+    for count in (1, 12):
+        tensors = [torch.randn(5000 + 97 * i, device="cuda") for i in range(count)]
+        args = (tensors, list(range(count)), [6554] * count, [0] * count)
+        values, starts = K.gather_dropped_many(*args)  # compile
+        K.scatter_dropped_many(*args, values, starts)
+        torch.cuda.synchronize()
+        names = _kernel_names(functools.partial(K.gather_dropped_many, *args))
+        names += _kernel_names(functools.partial(K.scatter_dropped_many, *args, values, starts))
+        launched[count] = sorted(n for n in names if "memcpy" not in n.lower())
+        torch.cuda.set_sync_debug_mode("error")  # scatter never reads back
+        try:
+            K.scatter_dropped_many(*args, values, starts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        keep = [F.keep_mask_reference(t.numel(), i, 6554, "cuda") for i, t in enumerate(tensors)]
+        assert torch.equal(values, torch.cat([t[~m] for t, m in zip(tensors, keep)]))
+    assert launched[1] == launched[12], launched
 
 
 def _train(device: str, full_update_drop: bool) -> list[torch.Tensor]:
