@@ -1,0 +1,106 @@
+"""The one place that knows how the supported Transformers and Accelerate releases differ.
+
+The Transformers layer (``training_args.py``, ``callbacks.py``, ``trainer.py``) supports
+transformers 4.56 to 5.x and accelerate 1.10 and later (README, "Supported versions"). Each
+of those modules imports this one first thing, so:
+
+- an older transformers or accelerate fails once, at import, with an
+  :class:`UnsupportedVersionError` naming the installed and the required versions, instead of
+  a ``TypeError`` deep inside the ``Trainer``;
+- where the APIs differ inside the supported range, the difference is detected here from the
+  API itself (a signature), never from a version string, and the rest of the layer calls the
+  helpers below.
+
+Differences handled here:
+
+- ``Trainer.create_optimizer`` takes the model to build the optimizer for (``model=None``)
+  since transformers 5.4; before, it takes no argument and always uses ``trainer.model``.
+  :func:`call_create_optimizer` passes the model only where the method accepts it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+__all__ = [
+    "MIN_VERSIONS",
+    "UnsupportedVersionError",
+    "call_create_optimizer",
+    "check_versions",
+    "create_optimizer_takes_model",
+]
+
+#: The oldest release of each package the Transformers layer is tested with (the floors of
+#: pyproject.toml's ``transformers`` extra; CI runs the tests at the latest patch of each).
+MIN_VERSIONS: dict[str, str] = {"transformers": "4.56", "accelerate": "1.10"}
+
+
+class UnsupportedVersionError(ImportError):
+    """The installed transformers or accelerate is older than the Transformers layer supports."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of ``version``: ``"4.57.0.dev0"`` -> ``(4, 57, 0)``."""
+    numbers = []
+    for part in version.split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) != len(part):  # "0rc1", "0+cpu": the rest is a pre/local tag
+            break
+    return tuple(numbers)
+
+
+def check_versions() -> None:
+    """Raise :class:`UnsupportedVersionError` unless transformers and accelerate are installed
+    at :data:`MIN_VERSIONS` or later."""
+    for package, floor in MIN_VERSIONS.items():
+        try:
+            installed = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise UnsupportedVersionError(
+                f"hf_dropgrad's Transformers layer (DropGradTrainer, DropGradCallback, "
+                f"DropGradTrainingArguments) needs {package}>={floor}, which is not installed: "
+                f"pip install 'hf-dropgrad[transformers]'. The torch core (DropGrad, the "
+                f"schedulers) works without it."
+            ) from None
+        if _release(installed) < _release(floor):
+            raise UnsupportedVersionError(
+                f"hf_dropgrad's Transformers layer needs {package}>={floor}, but {package} "
+                f"{installed} is installed: pip install -U '{package}>={floor}' (the supported "
+                f"versions are listed in hf_dropgrad's README, 'Supported versions')."
+            )
+
+
+check_versions()
+
+# transformers is imported only once the versions are known to be supported.
+from transformers import Trainer  # noqa: E402
+
+
+def create_optimizer_takes_model() -> bool:
+    """Whether ``Trainer.create_optimizer`` accepts the model to build the optimizer for."""
+    return "model" in inspect.signature(Trainer.create_optimizer).parameters
+
+
+_CREATE_OPTIMIZER_TAKES_MODEL = create_optimizer_takes_model()
+
+
+def call_create_optimizer(create_optimizer: Callable[..., Any], model: Any = None) -> Any:
+    """Call a ``Trainer``'s bound ``create_optimizer`` (e.g. ``super().create_optimizer``)
+    for ``model``, in the form the installed transformers accepts.
+
+    Where ``create_optimizer`` takes no model, the Trainer builds the optimizer for
+    ``trainer.model``; the Trainers of those releases never ask for another one.
+    """
+    if _CREATE_OPTIMIZER_TAKES_MODEL:
+        return create_optimizer(model)
+    return create_optimizer()
