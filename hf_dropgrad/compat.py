@@ -15,7 +15,9 @@ Differences handled here:
 
 - ``Trainer.create_optimizer`` takes the model to build the optimizer for (``model=None``)
   since transformers 5.4; before, it takes no argument and always uses ``trainer.model``.
-  :func:`call_create_optimizer` passes the model only where the method accepts it.
+  :func:`call_create_optimizer` passes the model only where the method accepts it (read
+  from the signature of the method actually called, so a Trainer subclass that overrides
+  ``create_optimizer`` in either form works too).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import Any
 __all__ = [
     "MIN_VERSIONS",
     "UnsupportedVersionError",
+    "accepts_model",
     "call_create_optimizer",
     "check_versions",
-    "create_optimizer_takes_model",
 ]
 
 #: The oldest release of each package the Transformers layer is tested with (the floors of
@@ -82,25 +84,20 @@ def check_versions() -> None:
 
 check_versions()
 
-# transformers is imported only once the versions are known to be supported.
-from transformers import Trainer  # noqa: E402
 
-
-def create_optimizer_takes_model() -> bool:
-    """Whether ``Trainer.create_optimizer`` accepts the model to build the optimizer for."""
-    return "model" in inspect.signature(Trainer.create_optimizer).parameters
-
-
-_CREATE_OPTIMIZER_TAKES_MODEL = create_optimizer_takes_model()
+def accepts_model(create_optimizer: Callable[..., Any]) -> bool:
+    """Whether a (bound) ``create_optimizer`` takes the model to build the optimizer for."""
+    parameters = inspect.signature(create_optimizer).parameters.values()
+    return any(p.name == "model" or p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def call_create_optimizer(create_optimizer: Callable[..., Any], model: Any = None) -> Any:
     """Call a ``Trainer``'s bound ``create_optimizer`` (e.g. ``super().create_optimizer``)
-    for ``model``, in the form the installed transformers accepts.
+    for ``model``, in the form that method accepts.
 
-    Where ``create_optimizer`` takes no model, the Trainer builds the optimizer for
+    Where it takes no model (transformers before 5.4), the Trainer builds the optimizer for
     ``trainer.model``; the Trainers of those releases never ask for another one.
     """
-    if _CREATE_OPTIMIZER_TAKES_MODEL:
+    if accepts_model(create_optimizer):
         return create_optimizer(model)
     return create_optimizer()
