@@ -103,6 +103,13 @@ def test_the_floors_are_those_of_pyproject() -> None:
     assert floors == compat.MIN_VERSIONS
 
 
+def test_the_floor_stack_of_ci_is_at_the_floors() -> None:
+    script = (ROOT / "scripts" / "test_floor.sh").read_text()
+    pins = dict(re.findall(r"^\s+([a-z]+)==([\d.]+)$", script, flags=re.MULTILINE))
+    for package, floor in compat.MIN_VERSIONS.items():
+        assert pins[package].startswith(floor + "."), (package, pins[package])
+
+
 def test_create_optimizer_is_called_in_the_form_it_accepts() -> None:
     model = object()
     assert compat.call_create_optimizer(lambda: "no model", model) == "no model"  # 4.56 - 5.3
