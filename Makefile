@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install data demo test lint bench study study-overfit
+.PHONY: install data demo test test-floor lint bench study study-overfit
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -21,9 +21,15 @@ data:
 demo: install
 	HF_HUB_OFFLINE=1 $(PYTHON) examples/run_seq2seq.py
 
+# The main suite on the latest stack, then the Transformers-layer tests on the floor stack.
 test: install data
 	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -ra
+	$(MAKE) test-floor
+
+# The floor stack (README, "Supported versions") in .venv-floor/, built on first use.
+test-floor: data
+	PYTHON=$(PYTHON) bash scripts/test_floor.sh
 
 lint:
 	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts

@@ -56,5 +56,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
+        importlib.import_module("hf_dropgrad.compat")  # unsupported versions: one clear error
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_dropgrad' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
+import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad import engines
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.patterns import resolve_pattern_rates

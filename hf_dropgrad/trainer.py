@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import Seq2SeqTrainer, Trainer
 
+from hf_dropgrad import compat  # refuses unsupported transformers/accelerate at import
 from hf_dropgrad.callbacks import DropGradCallback
 from hf_dropgrad.settings import ARG_FIELDS, keyword_names
 
@@ -46,7 +47,7 @@ class _DropGradMixin:
         `state.max_steps` during `train()`, else the `num_training_steps` given to
         `create_optimizer_and_scheduler`, else `--max_steps`.
         """
-        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        optimizer = compat.call_create_optimizer(super().create_optimizer, model)  # type: ignore[misc]
         if isinstance(optimizer, torch.optim.Optimizer):  # not DeepSpeed's DummyOptim
             args = self.args  # type: ignore[attr-defined]
             steps = (

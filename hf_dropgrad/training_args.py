@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad.settings import (
     ARG_FIELDS,
     DEFAULT_GAMMA,

@@ -168,7 +168,7 @@ def test_minilm_path_holds_a_bert_checkpoint() -> None:
 # -- metrics ------------------------------------------------------------------------------------
 
 
-def test_edit_distance_and_g2p_metrics() -> None:
+def test_edit_distance_and_g2p_metrics(tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
     transformers = pytest.importorskip("transformers")
     import run_seq2seq
@@ -178,7 +178,10 @@ def test_edit_distance_and_g2p_metrics() -> None:
     assert run_seq2seq.edit_distance([], list("abc")) == 3
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hh", "ah", "eh", "l", "ow"]
-    tokenizer = transformers.BertTokenizer(vocab=dict(zip(vocab, range(len(vocab)))))
+    # A vocab.txt loads the same way on every supported transformers (4.x's BertTokenizer has
+    # no `vocab=` argument).
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(tmp_path))
     ids = {token: i for i, token in enumerate(vocab)}
 
     def encode(phonemes: str, length: int) -> list[int]:
