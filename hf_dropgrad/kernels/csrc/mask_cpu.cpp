@@ -303,10 +303,11 @@ HFDG_INLINE void keep_chunks(uint8_t* out, int64_t off, int64_t n, uint64_t key,
 // order (tensor 0's chunks first); starts[c] is the index in `values` of the first dropped element
 // of chunk c, starts[total] the number of dropped elements. Saving is a count pass (hashes only: no
 // tensor memory is read) turned into `starts` by a prefix sum, then a gather pass; restoring is
-// the scatter pass. A move pass regenerates a chunk's keep decisions into a 4 KiB stack array,
-// packs them into 64 words of "dropped" bits and walks the set bits (count trailing zeros), so
-// the copying follows the dropped elements (p of the chunk), not every element, with one
-// mispredicted branch per 64 elements instead of per element.
+// the scatter pass. Each pass turns a chunk's hashes straight into 64 words of "dropped" bits
+// (bit r % 64 of word r / 64 for in-chunk position r: a vector compare and a movemask per 8
+// positions on AVX2); the count is their popcount, and a move walks the set bits (count trailing
+// zeros), so the copying follows the dropped elements (p of the chunk), not every element, with
+// about one mispredicted branch per 64 elements.
 struct PackSeg {
   char* data;
   int64_t numel;
@@ -315,91 +316,81 @@ struct PackSeg {
   uint32_t threshold;
 };
 
-constexpr uint64_t kOnes8 = 0x0101010101010101ULL;
+constexpr int kWords = kChunk / 64;  // words of drop bits per chunk
 
-// Bit i of the result = 1 - keep[i] for 8 keep bytes (0 or 1 each): x * M moves byte i's low bit
-// to bit 56 + i with no carries into the top byte.
-HFDG_INLINE uint64_t drop_bits8(const uint8_t* keep) {
-  uint64_t x;
-  std::memcpy(&x, keep, 8);
-  return ((x ^ kOnes8) * 0x0102040810204080ULL) >> 56;
+// Bit b of the result: position b of the 64 is dropped (its 16 bits, (w[b] >> shift) & 0xFFFF,
+// are below t).
+HFDG_INLINE uint64_t drop_bits_portable(const uint32_t* __restrict w, int shift, uint32_t t) {
+  uint64_t m = 0;
+  for (int b = 0; b < 64; ++b) {
+    m |= static_cast<uint64_t>(((w[b] >> shift) & 0xFFFFu) < t) << b;
+  }
+  return m;
 }
 
+#ifdef HFDG_X86
+__attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32_t* __restrict w,
+                                                                     int shift, uint32_t t) {
+  const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
+  const __m256i vmask = _mm256_set1_epi32(0xFFFF);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  uint64_t m = 0;
+  for (int q = 0; q < 8; ++q) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * q));
+    const __m256i u = _mm256_and_si256(_mm256_srl_epi32(word, shift_v), vmask);
+    const __m256i dropped = _mm256_cmpgt_epi32(vt, u);  // u < t (both < 2^17: signed is exact)
+    m |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(dropped))) << (8 * q);
+  }
+  return m;
+}
+#endif
+
+// words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
+// 64 counters with no valid position are not hashed.
 template <bool kAvx2>
-HFDG_INLINE int64_t count_chunk(const PackSeg& s, int64_t k, uint8_t* __restrict keep,
-                                uint32_t* __restrict lo, uint32_t* __restrict hi) {
-  const Span sp = span_of(s.offset, s.numel, k);
-  const int64_t len = sp.hi - sp.lo;
-  if (s.threshold == 0) return 0;
-  if (s.threshold >= 65536) return len;
-  keep_chunk(keep, s.key, s.threshold, sp, lo, hi);
-  uint32_t kept = 0;
-  for (int64_t i = 0; i < len; ++i) kept += keep[i];
-  return len - static_cast<int64_t>(kept);
-}
-
-template <typename T, bool kGather>
-HFDG_INLINE void move_chunk(const PackSeg& s, int64_t k, T* __restrict slots,
-                            uint8_t* __restrict keep, uint32_t* __restrict lo,
-                            uint32_t* __restrict hi) {
-  const Span sp = span_of(s.offset, s.numel, k);
-  const int64_t len = sp.hi - sp.lo;
-  T* chunk = reinterpret_cast<T*>(s.data) + (sp.c * kChunk + sp.lo - s.offset);
-  if (s.threshold == 0) return;
-  if (s.threshold >= 65536) {  // everything dropped: a plain copy
-    if (kGather) {
-      std::memcpy(slots, chunk, len * sizeof(T));
-    } else {
-      std::memcpy(chunk, slots, len * sizeof(T));
-    }
-    return;
-  }
-  keep_chunk(keep, s.key, s.threshold, sp, lo, hi);
-  const int64_t padded = (len + 63) & ~int64_t{63};
-  std::memset(keep + len, 1, padded - len);  // past the end: "kept", never moved
-  int64_t m = 0;
-  for (int64_t base = 0; base < padded; base += 64) {
-    uint64_t d = 0;
-    for (int q = 0; q < 8; ++q) d |= drop_bits8(keep + base + 8 * q) << (8 * q);
-    while (d) {
-      const int64_t i = base + __builtin_ctzll(d);
-      if (kGather) {
-        slots[m] = chunk[i];
-      } else {
-        chunk[i] = slots[m];
+HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* __restrict words,
+                            uint32_t* __restrict lo, uint32_t* __restrict hi) {
+  const uint64_t base = chunk_base(key, sp.c);
+  const bool full = sp.lo == 0 && sp.hi == kChunk;
+  for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
+    if (!full) {
+      bool any = false;
+      for (int j = 0; j < 4 && !any; ++j) {
+        any = std::max(j * kW + b0, sp.lo) < std::min(j * kW + b0 + kSub, sp.hi);
       }
-      ++m;
-      d &= d - 1;
+      if (!any) {
+        for (int j = 0; j < 4; ++j) words[(j * kW + b0) / 64] = 0;
+        continue;
+      }
+    }
+    hash_block(base, b0, kSub, lo, hi);
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t* w = j < 2 ? lo : hi;
+      const int shift = (j & 1) * 16;
+      uint64_t m;
+#ifdef HFDG_X86
+      if (kAvx2) {
+        m = drop_bits_avx2(w, shift, t);
+      } else {
+        m = drop_bits_portable(w, shift, t);
+      }
+#else
+      m = drop_bits_portable(w, shift, t);
+#endif
+      words[(j * kW + b0) / 64] = m;
     }
   }
-}
-
-template <typename T, bool kGather>
-HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* values,
-                             const int64_t* starts) {
-  alignas(64) uint32_t lo[kSub];
-  alignas(64) uint32_t hi[kSub];
-  alignas(64) uint8_t keep[kChunk];
-  for (int64_t k = k0; k < k1; ++k) {
-    move_chunk<T, kGather>(s, k, values + starts[k], keep, lo, hi);
-  }
-}
-
-template <bool kGather>
-HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,
-                                 void* values, const int64_t* starts) {
-  switch (esize) {
-    case 1:
-      move_chunks<uint8_t, kGather>(s, k0, k1, static_cast<uint8_t*>(values), starts);
-      break;
-    case 2:
-      move_chunks<uint16_t, kGather>(s, k0, k1, static_cast<uint16_t*>(values), starts);
-      break;
-    case 4:
-      move_chunks<uint32_t, kGather>(s, k0, k1, static_cast<uint32_t*>(values), starts);
-      break;
-    default:
-      move_chunks<uint64_t, kGather>(s, k0, k1, static_cast<uint64_t*>(values), starts);
+  if (!full) {  // clear the positions outside the tensor
+    for (int q = 0; q < kWords; ++q) {
+      const int64_t r0 = 64 * q;
+      const int64_t a = std::max<int64_t>(sp.lo - r0, 0), z = std::min<int64_t>(sp.hi - r0, 64);
+      if (a >= z) {
+        words[q] = 0;
+      } else {
+        const uint64_t upper = z == 64 ? ~uint64_t{0} : ((uint64_t{1} << z) - 1);
+        words[q] &= upper & ~((uint64_t{1} << a) - 1);
+      }
+    }
   }
 }
 
@@ -407,8 +398,78 @@ template <bool kAvx2>
 HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
-  alignas(64) uint8_t keep[kChunk];
-  for (int64_t k = k0; k < k1; ++k) counts[k] = count_chunk<kAvx2>(s, k, keep, lo, hi);
+  alignas(64) uint64_t words[kWords];
+  for (int64_t k = k0; k < k1; ++k) {
+    const Span sp = span_of(s.offset, s.numel, k);
+    if (s.threshold == 0) {
+      counts[k] = 0;
+    } else if (s.threshold >= 65536) {
+      counts[k] = sp.hi - sp.lo;
+    } else {
+      drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+      int64_t n = 0;
+      for (int q = 0; q < kWords; ++q) n += __builtin_popcountll(words[q]);
+      counts[k] = n;
+    }
+  }
+}
+
+template <typename T, bool kGather, bool kAvx2>
+HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __restrict values,
+                             const int64_t* starts) {
+  alignas(64) uint32_t lo[kSub];
+  alignas(64) uint32_t hi[kSub];
+  alignas(64) uint64_t words[kWords];
+  T* __restrict data = reinterpret_cast<T*>(s.data);
+  for (int64_t k = k0; k < k1; ++k) {
+    const Span sp = span_of(s.offset, s.numel, k);
+    const int64_t d0 = sp.c * kChunk - s.offset;  // data index of in-chunk position 0
+    T* __restrict slots = values + starts[k];
+    if (s.threshold == 0) continue;
+    if (s.threshold >= 65536) {  // everything dropped: a plain copy
+      const int64_t len = sp.hi - sp.lo;
+      if (kGather) {
+        std::memcpy(slots, data + d0 + sp.lo, len * sizeof(T));
+      } else {
+        std::memcpy(data + d0 + sp.lo, slots, len * sizeof(T));
+      }
+      continue;
+    }
+    drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+    int64_t m = 0;
+    for (int q = 0; q < kWords; ++q) {
+      uint64_t d = words[q];
+      const int64_t r0 = d0 + 64 * q;
+      while (d) {
+        const int64_t i = r0 + __builtin_ctzll(d);
+        if (kGather) {
+          slots[m] = data[i];
+        } else {
+          data[i] = slots[m];
+        }
+        ++m;
+        d &= d - 1;
+      }
+    }
+  }
+}
+
+template <bool kGather, bool kAvx2>
+HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,
+                                 void* values, const int64_t* starts) {
+  switch (esize) {
+    case 1:
+      move_chunks<uint8_t, kGather, kAvx2>(s, k0, k1, static_cast<uint8_t*>(values), starts);
+      break;
+    case 2:
+      move_chunks<uint16_t, kGather, kAvx2>(s, k0, k1, static_cast<uint16_t*>(values), starts);
+      break;
+    case 4:
+      move_chunks<uint32_t, kGather, kAvx2>(s, k0, k1, static_cast<uint32_t*>(values), starts);
+      break;
+    default:
+      move_chunks<uint64_t, kGather, kAvx2>(s, k0, k1, static_cast<uint64_t*>(values), starts);
+  }
 }
 
 void mask_chunks_base(const Seg& s, int64_t k0, int64_t k1) { mask_chunks<false>(s, k0, k1); }
@@ -422,7 +483,7 @@ void count_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts
 template <bool kGather>
 void move_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
                       const int64_t* starts) {
-  move_chunks_any<kGather>(s, k0, k1, esize, values, starts);
+  move_chunks_any<kGather, false>(s, k0, k1, esize, values, starts);
 }
 
 #ifdef HFDG_X86
@@ -442,7 +503,7 @@ template <bool kGather>
 __attribute__((target("avx2,f16c"))) void move_chunks_avx2(const PackSeg& s, int64_t k0,
                                                            int64_t k1, int32_t esize,
                                                            void* values, const int64_t* starts) {
-  move_chunks_any<kGather>(s, k0, k1, esize, values, starts);
+  move_chunks_any<kGather, true>(s, k0, k1, esize, values, starts);
 }
 
 bool cpu_has_avx2() {
