@@ -38,11 +38,12 @@ tensors of a call, at least 8 chunks per task; calls with fewer than 64K element
 the calling thread.
 
 Full update drop uses :func:`gather_dropped_many` and :func:`scatter_dropped_many`, over all the
-tensors of one element size at once: a counting pass (hashes only, no tensor memory read) gives
+tensors of one element size at once: a counting pass (hashes only, no tensor memory read; the
+decisions of 64 positions become one word of "dropped" bits, and a popcount counts them) gives
 the dropped elements of every chunk, their prefix sums say where each chunk's values go, and a
-move pass regenerates each chunk's decisions and copies only the dropped elements (a bit scan
-over 64 decisions at a time), as raw bits of any 1/2/4/8-byte dtype. Both run in parallel over
-the chunks of all the tensors, with no full-size mask.
+move pass regenerates each chunk's bits and copies only the dropped elements (a bit scan), as
+raw bits of any 1/2/4/8-byte dtype. Both run in parallel over the chunks of all the tensors,
+with no full-size mask: the values (``p`` times the bytes) and one int64 per chunk.
 
 Set ``HF_DROPGRAD_DISABLE_EXTENSION=1`` to skip the kernel (``load()`` then returns ``None``).
 """
