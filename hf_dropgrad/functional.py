@@ -21,14 +21,17 @@ realised keep probability: the masked gradient is unbiased.
 decisions of those elements of the full parameter (what sharded engines need).
 
 Two paths follow torch.optim's single-tensor / multi-tensor pattern: :func:`mask_reference_`
-(pure torch, any device, the test oracle) and :func:`mask_` (the fused backends of
-:mod:`hf_dropgrad.kernels`: C++ on CPU, Triton on CUDA, chosen per tensor by
-:func:`hf_dropgrad.kernels.choose`). They agree bit for bit.
+(pure torch, any device, the test oracle) and :func:`mask_` (the ``hf_dropgrad::mask_`` torch
+op: C++ on CPU, Triton on CUDA; the backend of each tensor is chosen by
+:func:`hf_dropgrad.kernels.choose`, which alone reads ``HF_DROPGRAD_BACKEND``). They agree bit
+for bit. Full update drop's :func:`save_dropped_many` / :meth:`DroppedValues.restore` go the
+same way, one call per device and dtype for all the tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +60,7 @@ __all__ = [
     "random_bits",
     "realised_drop_rate",
     "save_dropped",
+    "save_dropped_many",
 ]
 
 _MASK64 = MASK64
@@ -106,7 +110,7 @@ random_bits = _reference.random_bits
 keep_mask_reference = _reference.keep_mask
 #: Mask one gradient in place, span by span: the single-tensor reference path, any device.
 #: ``float(g) * factor`` is rounded once to the gradient's dtype, as the fused kernels do.
-mask_reference_ = _reference.mask_
+mask_reference_ = _reference.mask_tensor_
 
 
 def mask_(
@@ -127,26 +131,27 @@ def mask_(
             contiguous slice of a tensor with its offset equals the same slice of the tensor's
             mask.
 
-    Each gradient goes to the backend :func:`hf_dropgrad.kernels.choose` picks: all CPU
-    gradients in one call of the fused C++ kernel, CUDA gradients through one Triton launch each,
-    the rest through :func:`mask_reference_`. Non-contiguous gradients are masked through a
-    contiguous copy. No host-device synchronisation.
+    Each gradient goes to the backend :func:`hf_dropgrad.kernels.choose` picks; the gradients of
+    one backend and device go in one call (the ``hf_dropgrad::mask_`` op: one parallel pass of
+    the C++ kernel on CPU, one Triton launch per dtype on CUDA), the rest through the reference.
+    Non-contiguous gradients are masked through a contiguous copy. No host-device
+    synchronisation. ``torch.compile(fullgraph=True)`` traces it as one op per group.
     """
     n = check_lengths(grads, keys, thresholds, scales)
     offs = check_offsets(offsets, n)
-    fused: dict[str, list[int]] = {}
+    groups: dict[tuple[str, torch.device], list[int]] = {}
     requested = kernels.requested_backend()  # once per call, not once per gradient
     for i, grad in enumerate(grads):
         if thresholds[i] <= 0:
             continue
-        backend = kernels.choose(grad, "mask", requested)
-        if backend == "torch":
-            _reference.mask_(grad, keys[i], thresholds[i], scales[i], offs[i])
-        else:
-            fused.setdefault(backend, []).append(i)
-    for backend, index in fused.items():
-        tensors = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in index]
-        kernels.backend_module(backend).mask_(
+        groups.setdefault((kernels.choose(grad, "mask", requested), grad.device), []).append(i)
+    for (backend, device), index in groups.items():
+        fused = backend != "torch"
+        tensors = [
+            grads[i] if not fused or grads[i].is_contiguous() else grads[i].contiguous()
+            for i in index
+        ]
+        kernels.dispatch(backend, device).mask_(
             tensors,
             [keys[i] for i in index],
             [thresholds[i] for i in index],
@@ -169,28 +174,50 @@ def keep_mask(
 ) -> torch.Tensor:
     """Boolean keep decisions of elements ``offset .. offset + numel - 1`` on ``device``.
 
-    Made by the C++ kernel on CPU where it is available (and ``HF_DROPGRAD_BACKEND`` is not
-    ``torch``), by the reference otherwise. ``out``: a contiguous bool tensor of ``numel``
-    elements to fill instead of a new one.
+    Made by the backend :func:`hf_dropgrad.kernels.choose` picks for the output (the
+    ``hf_dropgrad::keep_mask_`` op: the C++ kernel on CPU), like every other entry point.
+    ``out``: a contiguous bool tensor of ``numel`` elements to fill instead of a new one.
     """
     offset = check_offset(offset)
-    if torch.device(device or "cpu").type == "cpu" and kernels.requested_backend() != "torch":
-        from hf_dropgrad.kernels import cpp
+    if out is None:
+        out = torch.empty(numel, dtype=torch.bool, device=device)
+    elif out.dtype != torch.bool or not out.is_contiguous() or out.numel() != numel:
+        raise ValueError(
+            f"out must be a contiguous bool tensor of {numel} elements, got {out.dtype} "
+            f"{tuple(out.shape)}"
+        )
+    backend = kernels.choose(out, "keep")
+    module = kernels.dispatch(backend, out.device)
+    if module is kernels.ops:
+        module.keep_mask_(out, key, threshold, offset)
+    elif backend == "triton":  # Triton's interpreter on a CPU tensor
+        kernels.ops.triton_keep_mask_(module, out, key, threshold, offset)
+    else:
+        _reference.keep_mask(numel, key, threshold, out.device, out=out, offset=offset)
+    return out
 
-        if cpp.load() is not None:
-            return cpp.keep_mask(numel, key, threshold, out=out, offset=offset)
-    return _reference.keep_mask(numel, key, threshold, device, out=out, offset=offset)
+
+class _Group(NamedTuple):
+    """Tensors of one backend, device and dtype, saved by one call."""
+
+    backend: str
+    tensors: list[torch.Tensor]
+    keys: list[int]
+    thresholds: list[int]
+    offsets: list[int]
+    values: torch.Tensor
+    starts: torch.Tensor
 
 
 class DroppedValues:
-    """The values of a tensor's dropped elements, saved by :func:`save_dropped`.
+    """The values of the dropped elements of tensors, saved by :func:`save_dropped_many`.
 
-    Holds ``p * numel`` values of the tensor's dtype (plus, on the fused backends, one int64
-    per 4096-element chunk); :meth:`restore` writes them back.
+    Holds ``p * numel`` values of each tensor's dtype (plus one int64 per 4096-element chunk);
+    :meth:`restore` writes them back. Built by :func:`save_dropped_many`, or by hand for one
+    tensor from the values and chunk starts of a ``gather_dropped_many`` call.
     """
 
-    __slots__ = ("_backend", "_key", "_offset", "_starts", "_target", "_tensor", "_threshold",
-                 "_values")
+    __slots__ = ("_groups",)
 
     def __init__(
         self,
@@ -198,47 +225,154 @@ class DroppedValues:
         key: int,
         threshold: int,
         values: torch.Tensor,
-        starts: torch.Tensor | None,
+        starts: torch.Tensor,
         *,
         offset: int = 0,
         backend: str = "torch",
     ) -> None:
-        self._tensor, self._key, self._threshold = tensor, key, threshold
-        self._values, self._starts = values, starts
-        self._offset, self._backend = offset, backend
+        offset = check_offset(offset)
+        self._groups = [_Group(backend, [tensor], [key], [threshold], [offset], values, starts)]
+
+    @classmethod
+    def _of_groups(cls, groups: list[_Group]) -> DroppedValues:
+        out = cls.__new__(cls)
+        out._groups = groups
+        return out
+
+    @property
+    def _values(self) -> torch.Tensor:
+        (group,) = self._groups
+        return group.values
+
+    @property
+    def _starts(self) -> torch.Tensor:
+        (group,) = self._groups
+        return group.starts
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the values belong to."""
+        return [t for g in self._groups for t in g.tensors]
 
     @property
     def tensor(self) -> torch.Tensor:
-        """The tensor the values belong to."""
-        return self._tensor
+        """The tensor the values belong to (of a :func:`save_dropped` of one tensor)."""
+        (tensor,) = self.tensors
+        return tensor
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend that saved (and restores) each of :attr:`tensors`."""
+        return [g.backend for g in self._groups for _ in g.tensors]
 
     @property
     def backend(self) -> str:
-        """The backend that saved the values (and restores them)."""
-        return self._backend
+        """The backend that saved the values (of a :func:`save_dropped` of one tensor)."""
+        (backend,) = self.backends
+        return backend
 
     def restore(self, buffer: torch.Tensor | None = None) -> None:
         """Write the saved values back into the dropped elements; kept elements are untouched.
 
-        ``buffer``: a bool tensor of at least ``numel`` elements on the tensor's device, reused
-        for the mask on the reference path (the fused backends need none).
+        ``buffer``: a bool tensor of at least ``numel`` elements of the largest tensor on the
+        reference path, on its device, reused for its mask (by default one is made per device;
+        the fused backends need none).
         """
-        if self._backend == "torch":
-            _reference.scatter_dropped(
-                self._tensor, self._key, self._threshold, self._values, self._offset, buffer
+        buffers = _mask_buffers(self._groups, buffer)
+        for g in self._groups:
+            device = g.tensors[0].device
+            if g.backend == "torch":
+                _reference.scatter_dropped_many(
+                    g.tensors, g.keys, g.thresholds, g.offsets, g.values, g.starts,
+                    buffer=buffers.get(device),
+                )
+                continue
+            targets = [t if t.is_contiguous() else t.contiguous() for t in g.tensors]
+            kernels.dispatch(g.backend, device).scatter_dropped_many(
+                targets, g.keys, g.thresholds, g.offsets, g.values, g.starts
             )
-            return
-        target = self._tensor if self._tensor.is_contiguous() else self._tensor.contiguous()
-        kernels.backend_module(self._backend).scatter_dropped(
-            target, self._key, self._threshold, self._values, self._starts, self._offset
-        )
-        if target is not self._tensor:
-            self._tensor.copy_(target)
+            for target, tensor in zip(targets, g.tensors):
+                if target is not tensor:
+                    tensor.copy_(target)
+
+
+def _mask_buffers(
+    groups: Sequence[_Group] | Sequence[tuple[str, list[torch.Tensor]]],
+    buffer: torch.Tensor | None,
+) -> dict[torch.device, torch.Tensor]:
+    """One bool buffer per device for the reference path's masks, sized for its largest tensor.
+
+    The reference path of full update drop (non-contiguous parameters, tensor subclasses, no
+    fused backend) needs a full-size mask per tensor; reusing one makes that 1 byte per element
+    of the largest such tensor, not of all of them.
+    """
+    sizes: dict[torch.device, int] = {}
+    for group in groups:
+        backend, tensors = group[0], group[1]
+        if backend == "torch":
+            for t in tensors:
+                sizes[t.device] = max(sizes.get(t.device, 0), t.numel())
+    out = {}
+    for device, size in sizes.items():
+        if buffer is not None and buffer.device == device and buffer.numel() >= size:
+            out[device] = buffer
+        else:
+            out[device] = torch.empty(size, dtype=torch.bool, device=device)
+    return out
 
 
 def needs_mask_buffer(tensor: torch.Tensor) -> bool:
     """Whether :func:`save_dropped` / :meth:`DroppedValues.restore` build a full-size mask."""
     return kernels.choose(tensor, "pack") == "torch"
+
+
+def save_dropped_many(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int] | None = None,
+    buffer: torch.Tensor | None = None,
+) -> DroppedValues:
+    """Save the values of the elements of every tensor that its stream ``(key, threshold)`` drops.
+
+    ``tensors[i]`` holds stream elements ``offsets[i] .. offsets[i] + numel - 1`` (default 0).
+    Full update drop's memory: only the dropped values are kept (``p`` times the tensors' bytes,
+    plus 8 bytes per 4096 elements). The backend of each tensor is chosen once, here, by
+    :func:`hf_dropgrad.kernels.choose`; the tensors of one backend, device and dtype are saved by
+    one call (``hf_dropgrad::gather_dropped_many``: on CPU one counting and one packing pass over
+    all of them, in parallel, with no full-size mask). The reference path builds a mask per
+    tensor (into ``buffer`` when given, see :meth:`DroppedValues.restore`) and uses
+    ``masked_select``.
+    """
+    n = len(tensors)
+    if not len(keys) == len(thresholds) == n:
+        raise ValueError(
+            f"tensors, keys and thresholds differ in length: {n}, {len(keys)}, {len(thresholds)}"
+        )
+    offs = check_offsets(offsets, n)
+    requested = kernels.requested_backend()
+    index: dict[tuple[str, torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        backend = kernels.choose(tensor, "pack", requested)
+        index.setdefault((backend, tensor.device, tensor.dtype), []).append(i)
+    plans = [(backend, [tensors[i] for i in ix]) for (backend, _, _), ix in index.items()]
+    buffers = _mask_buffers(plans, buffer)
+    groups = []
+    for (backend, device, _), ix in index.items():
+        group = [tensors[i] for i in ix]
+        gkeys, gthr = [keys[i] for i in ix], [thresholds[i] for i in ix]
+        goffs = [offs[i] for i in ix]
+        if backend == "torch":
+            values, starts = _reference.gather_dropped_many(
+                group, gkeys, gthr, goffs, buffer=buffers.get(device)
+            )
+        else:
+            sources = [t if t.is_contiguous() else t.contiguous() for t in group]
+            values, starts = kernels.dispatch(backend, device).gather_dropped_many(
+                sources, gkeys, gthr, goffs
+            )
+        groups.append(_Group(backend, group, gkeys, gthr, goffs, values, starts))
+    return DroppedValues._of_groups(groups)
 
 
 def save_dropped(
@@ -248,21 +382,5 @@ def save_dropped(
     buffer: torch.Tensor | None = None,
     offset: int = 0,
 ) -> DroppedValues:
-    """Save the values of the elements of ``tensor`` that the stream ``(key, threshold)`` drops.
-
-    ``tensor`` holds stream elements ``offset .. offset + numel - 1``. Full update drop's memory:
-    only the dropped values are kept (``p`` times the tensor's bytes). The fused backends
-    regenerate the keep decisions chunk by chunk and pack the dropped values in parallel, with no
-    full-size mask; the reference builds the mask (into ``buffer`` when given, see
-    :meth:`DroppedValues.restore`) and uses ``masked_select``.
-    """
-    offset = check_offset(offset)
-    backend = kernels.choose(tensor, "pack")
-    if backend == "torch":
-        values = _reference.gather_dropped(tensor, key, threshold, offset, buffer)
-        return DroppedValues(tensor, key, threshold, values, None, offset=offset)
-    source = tensor if tensor.is_contiguous() else tensor.contiguous()
-    values, starts = kernels.backend_module(backend).gather_dropped(
-        source, key, threshold, offset
-    )
-    return DroppedValues(tensor, key, threshold, values, starts, offset=offset, backend=backend)
+    """:func:`save_dropped_many` of one tensor."""
+    return save_dropped_many([tensor], [key], [threshold], [check_offset(offset)], buffer)

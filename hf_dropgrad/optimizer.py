@@ -98,7 +98,8 @@ class DropGrad(Optimizer):
             )
         if not isinstance(full_update_drop, bool):
             raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
-        kernels.requested_backend()  # an unknown HF_DROPGRAD_BACKEND fails before training
+        # An unknown HF_DROPGRAD_BACKEND, or a forced one that cannot run here, fails now.
+        kernels.check_forced_backend()
         if seed is None:
             seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -445,38 +446,16 @@ class DropGrad(Optimizer):
             [sharding.offset_of(t[0]) for t in live],
         )
 
-    @staticmethod
-    def _mask_buffers(params: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
-        """One bool buffer per device, sized for the largest parameter the fused backends skip.
-
-        The reference path of full update drop (non-contiguous parameters, tensor subclasses,
-        no fused backend) needs a full-size mask per parameter; reusing one buffer makes that
-        1 byte per element of the largest parameter, not of all of them.
-        """
-        sizes: dict[torch.device, int] = {}
-        for p in params:
-            if F.needs_mask_buffer(p):
-                sizes[p.device] = max(sizes.get(p.device, 0), p.numel())
-        return {
-            device: torch.empty(size, dtype=torch.bool, device=device)
-            for device, size in sizes.items()
-        }
-
     def _snapshot_dropped(
         self, targets: list[tuple[torch.Tensor, int, int, float]]
-    ) -> list[F.DroppedValues]:
+    ) -> F.DroppedValues:
         params = [t.data if isinstance(t, sharding.Piece) else t.detach() for t, *_ in targets]
-        buffers = self._mask_buffers(params)
-        return [
-            F.save_dropped(p, key, threshold, buffers.get(p.device), offset=sharding.offset_of(t))
-            for p, (t, key, threshold, _) in zip(params, targets)
-        ]
-
-    @classmethod
-    def _restore_dropped(cls, saved: list[F.DroppedValues]) -> None:
-        buffers = cls._mask_buffers([s.tensor for s in saved])
-        for s in saved:
-            s.restore(buffers.get(s.tensor.device))
+        return F.save_dropped_many(
+            params,
+            [t[1] for t in targets],
+            [t[2] for t in targets],
+            [sharding.offset_of(t[0]) for t in targets],
+        )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask the gradients, then take the inner optimizer's step.
@@ -486,7 +465,7 @@ class DropGrad(Optimizer):
                 (with this step's mask) each time the inner optimizer calls it.
         """
         targets = self._targets()
-        saved = []
+        saved = None
         if self.full_update_drop and targets:
             self._live(targets)  # refuse bad gradients before touching parameters
             with torch.no_grad():
@@ -506,9 +485,9 @@ class DropGrad(Optimizer):
                 return loss
 
             loss = self.optimizer.step(masked_closure)
-        if saved:
+        if saved is not None:
             with torch.no_grad():
-                self._restore_dropped(saved)
+                saved.restore()
         if self._layout is None:  # under ZeRO the engine's step advances it, once for all groups
             self._advance()
         return loss

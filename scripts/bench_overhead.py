@@ -9,10 +9,12 @@ run and interleaved repeat by repeat (so background load hits every contender al
   one key per tensor), and ``functional.mask_`` (the kernel plus its Python dispatch) when present;
 * ``foreach_mul``: one read+write pass over every gradient (``torch._foreach_mul_``), the floor
   of any in-place masking;
+* ``save+restore dropped``: full update drop's part alone, ``functional.save_dropped_many`` of
+  every parameter then ``restore()`` (p as above);
 * ``dropgrad``: when ``hf_dropgrad.DropGrad`` is importable, a full
   ``DropGrad(AdamW(...), drop_rate=p, full_update_drop=...).step()`` against the bare step of the
   same AdamW, for p in {0.1, 0.5}, fp32 and bf16 parameters/gradients, with and without full
-  update drop.
+  update drop (``--rates``, ``--dtypes`` narrow it).
 
 Overhead ratio = (extra time) / (bare AdamW step), from medians over the repeats after warm-up.
 
@@ -27,8 +29,9 @@ around the inner step (compiled path; ``full_update_drop_reference``: the ``mask
 that GPUs and non-contiguous parameters take). Linux only.
 
 Usage: ``python scripts/bench_overhead.py [--threads 2] [--repeats 15] [--json out.json]
-[--sections kernel,dropgrad,memory]``. ``--device cuda [--peak-gbps N]`` benchmarks the Triton
-backend on the GPU instead (``scripts/bench_cuda.py``).
+[--sections kernel,dropgrad,memory] [--rates 0.1,0.5] [--dtypes float32,bfloat16]``.
+``--device cuda [--peak-gbps N]`` benchmarks the Triton backend on the GPU instead
+(``scripts/bench_cuda.py``).
 On a machine shared with other jobs, 2-thread wall times of many-kernel steps (AdamW foreach:
 dozens of OpenMP regions, each a barrier) inflate far more than the kernel's single region; check
 the printed load average, and ``--threads 1 --clock cpu`` gives load-robust per-core ratios.
@@ -140,6 +143,19 @@ def kernel_section(params: list[torch.nn.Parameter], p: float, args: argparse.Na
         from hf_dropgrad import functional
 
         fns["functional.mask_"] = lambda: functional.mask_(grads, keys, thresholds, scales)
+        data = [q.detach() for q in params]
+        if hasattr(functional, "save_dropped_many"):  # full update drop's save + restore
+            fns["save+restore dropped"] = lambda: functional.save_dropped_many(
+                data, keys, thresholds
+            ).restore()
+        else:  # before the batched version: one save and one restore per tensor
+
+            def save_restore() -> None:
+                saved = [functional.save_dropped(x, k, threshold) for x, k in zip(data, keys)]
+                for s in saved:
+                    s.restore()
+
+            fns["save+restore dropped"] = save_restore
         if args.reference:
 
             def reference() -> None:
@@ -159,9 +175,10 @@ def wrapper_section(shapes: list[tuple[int, ...]], args: argparse.Namespace) -> 
     except ImportError:
         return None
     results = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
         params = make_params(shapes, dtype)
-        for p in (0.1, 0.5):
+        for p in (float(r) for r in args.rates.split(",")):
             for full_update_drop in (False, True):
                 opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
                 dg = DropGrad(opt, drop_rate=p, full_update_drop=full_update_drop, seed=0)
@@ -277,6 +294,13 @@ def main() -> None:
         help="comma-separated subset of kernel,dropgrad,memory (all three by default)",
     )
     parser.add_argument("--reference", action="store_true", help="also time the pure-torch path")
+    parser.add_argument(
+        "--rates", default="0.1,0.5", help="drop rates of the DropGrad section (0.1,0.5)"
+    )
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16",
+        help="parameter dtypes of the DropGrad section (float32,bfloat16)",
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),

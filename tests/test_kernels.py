@@ -202,3 +202,119 @@ def test_training_is_bit_identical_on_every_backend(
         monkeypatch.setenv(kernels.ENV, name)
         for a, b in zip(_train(full_update_drop), reference):
             assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- one choice
+def test_keep_mask_honours_the_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    want = F.keep_mask_reference(9001, 42, 26214, offset=5)
+    calls: list[str] = []
+    real = kernels.ops.keep_mask_
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append("op")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels.ops, "keep_mask_", spy)
+    for name in ALL:
+        monkeypatch.setenv(kernels.ENV, name)
+        calls.clear()
+        assert torch.equal(F.keep_mask(9001, 42, 26214, offset=5), want), name
+        # the op (whose CPU implementation is the C++ kernel) runs only when cpp is asked for
+        assert calls == (["op"] if name == "cpp" else []), name
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    monkeypatch.setenv("HF_DROPGRAD_DISABLE_EXTENSION", "1")
+    with pytest.raises(kernels.BackendUnavailableError, match="HF_DROPGRAD_DISABLE_EXTENSION"):
+        F.keep_mask(10, 1, 1)
+    monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
+    monkeypatch.setenv(kernels.ENV, "triton")
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
+        F.keep_mask(10, 1, 1)
+
+
+def test_a_forced_backend_that_cannot_run_here_fails_when_dropgrad_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_mlp()
+
+    def build() -> DropGrad:
+        return DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1)
+
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    monkeypatch.setenv("HF_DROPGRAD_DISABLE_EXTENSION", "1")
+    with pytest.raises(kernels.BackendUnavailableError, match=r"=cpp.*HF_DROPGRAD_DISABLE_EXT"):
+        build()
+    monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
+    if _available("cpp"):
+        build()
+    monkeypatch.setenv(kernels.ENV, "triton")
+    monkeypatch.setattr(kernels, "_triton", None)
+    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*pip install triton"):
+        build()
+    module = pytest.importorskip("hf_dropgrad.kernels.triton")
+    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setattr(module, "_INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*no CUDA device"):
+        build()
+    # CPU parameters are not refused because of their device: they may move to a GPU later
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    build()
+    monkeypatch.setattr(module, "_INTERPRETING", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    build()
+    for name in ("torch", "auto"):
+        monkeypatch.setenv(kernels.ENV, name)
+        assert kernels.check_forced_backend() == name
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_save_dropped_many_matches_the_definition(backend: str) -> None:
+    specs = [(1, 0, torch.float32), (4097, 3, torch.bfloat16), (9001, 4095, torch.float32),
+             (0, 0, torch.float16), (5000, 2**40 + 3, torch.float64), (300, 7, torch.bfloat16)]
+    tensors = [oracle.filled(n, dt, seed=i).view(-1) for i, (n, _, dt) in enumerate(specs)]
+    tensors.append(oracle.filled(60 * 70, torch.float32, seed=9).view(60, 70).t())  # strided
+    offsets = [o for _, o, _ in specs] + [11]
+    keys = [5, 2**64 - 1, 2**63, 7, 8, 9, 10]
+    thresholds = [26214, 6554, 65535, 1, 65536, 0, 19661]
+    saved = F.save_dropped_many(tensors, keys, thresholds, offsets)
+    expected = "torch" if backend == "torch" else backend
+    by_tensor = dict(zip(map(id, saved.tensors), saved.backends))
+    targets, wants = [], []
+    for i, x in enumerate(tensors):
+        if x.dtype == torch.float64 or not x.is_contiguous():
+            continue  # the fused backends take any 8-byte dtype, and copies: checked below
+        assert by_tensor[id(x)] == expected, i
+    for x, k, t, o in zip(tensors, keys, thresholds, offsets):
+        keep = F.keep_mask_reference(x.numel(), k, t, offset=o).view(x.shape)
+        y = oracle.filled(x.numel(), x.dtype, seed=77).view(x.shape)
+        y = y.t().contiguous().t() if not x.is_contiguous() else y
+        wants.append(torch.where(keep, oracle.raw(y), oracle.raw(x)))
+        targets.append(y)
+    target_of = {id(x): y for x, y in zip(tensors, targets)}
+    F.DroppedValues._of_groups(  # the saved values, restored into other tensors
+        [g._replace(tensors=[target_of[id(x)] for x in g.tensors]) for g in saved._groups]
+    ).restore()
+    for i, (y, want) in enumerate(zip(targets, wants)):
+        assert torch.equal(oracle.raw(y), want), i
+
+
+def test_a_step_chooses_the_backend_once_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_mlp()
+    n = len(list(model.parameters()))
+    opt = DropGrad(torch.optim.AdamW(model.parameters(), lr=1e-2), drop_rate=0.3, seed=4,
+                   full_update_drop=True)
+    calls: list[str] = []
+    real = kernels.choose
+
+    def counting(tensor: torch.Tensor, purpose: str = "mask", requested: str | None = None) -> str:
+        calls.append(purpose)
+        return real(tensor, purpose, requested)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "choose", counting)
+    backward(model, 0)
+    opt.step()
+    # once for each gradient (the mask) and once for each parameter (save, then restore)
+    assert sorted(calls) == ["mask"] * n + ["pack"] * n

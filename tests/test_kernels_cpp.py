@@ -323,3 +323,95 @@ def test_bad_offsets_are_rejected(bad: object) -> None:
         K.keep_mask(3, 0, 1, offset=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one entry per tensor"):
         K.mask_([torch.ones(3)], [0], [1], [1.0], [0, 0])
+
+
+# ----------------------------------------------------------------------------- batched (many)
+def _expected_many(
+    tensors: list[torch.Tensor], keys: list[int], thresholds: list[int], offsets: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """values, starts and per-tensor dropped masks, from the numpy oracle alone."""
+    values, starts, masks = [], [0], []
+    for x, k, t, o in zip(tensors, keys, thresholds, offsets, strict=True):
+        n = x.numel()
+        dropped = torch.from_numpy(_numpy_bits(k, n, o) < t) if n else torch.zeros(0, dtype=bool)
+        masks.append(dropped)
+        values.append(_raw(x).view(-1)[dropped])
+        first = o // 4096
+        for c in range(first, first + K.num_chunks(n, o)):
+            lo, hi = max(o, c * 4096) - o, min(o + n, (c + 1) * 4096) - o
+            starts.append(starts[-1] + int(dropped[lo:hi].sum()))
+    return torch.cat(values), torch.tensor(starts, dtype=torch.int64), masks
+
+
+# sizes and offsets that start, end and straddle chunks at odd places, an empty tensor included
+MANY_SPECS = [(1, 0), (4097, 3), (0, 5), (3 * 4096 + 5, 4095), (9001, 2**40 + 3), (4096, 4096)]
+
+
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=str)
+def test_gather_and_scatter_dropped_many_match_the_definition(dtype: torch.dtype) -> None:
+    tensors = [_filled(n, dtype, seed=i) for i, (n, _) in enumerate(MANY_SPECS)]
+    offsets = [o for _, o in MANY_SPECS]
+    keys = [7, 2**63, 2**64 - 1, 0, 0xDEADBEEF_CAFEF00D, 12345]
+    for thresholds in ([6554] * 6, [0, 1, 65535, 65536, 32768, 6554]):
+        values, starts = K.gather_dropped_many(tensors, keys, thresholds, offsets)
+        want_values, want_starts, masks = _expected_many(tensors, keys, thresholds, offsets)
+        assert values.dtype == dtype and starts.dtype == torch.int64
+        assert torch.equal(starts, want_starts), thresholds
+        assert torch.equal(_raw(values), want_values), thresholds
+        targets = [_filled(x.numel(), dtype, seed=100 + i) for i, x in enumerate(tensors)]
+        wants = [torch.where(m, _raw(x), _raw(y)) for m, x, y in zip(masks, tensors, targets)]
+        K.scatter_dropped_many(targets, keys, thresholds, offsets, values, starts)
+        for i, (got, want) in enumerate(zip(targets, wants)):
+            assert torch.equal(_raw(got), want), (i, thresholds)
+
+
+def test_many_equals_one_call_per_tensor_across_threads_and_code_paths() -> None:
+    tensors = [_filled(n, torch.bfloat16, seed=n) for n in (70 * 4096 + 3, 5, 200001, 4096)]
+    keys, thresholds, offsets = [11, 12, 13, 14], [19661, 6554, 1, 65535], [0, 4093, 77, 8192]
+    singles = [K.gather_dropped(x, k, t, o) for x, k, t, o in zip(tensors, keys, thresholds,
+                                                                  offsets)]
+    want_values = torch.cat([v for v, _ in singles])
+    threads = torch.get_num_threads()
+    paths = [True, False] if K.isa() == "avx2" else [False]
+    try:
+        for avx2 in paths:
+            K._set_isa(avx2)
+            for n_threads in sorted({1, 2, threads}):
+                torch.set_num_threads(n_threads)
+                values, starts = K.gather_dropped_many(tensors, keys, thresholds, offsets)
+                assert torch.equal(_raw(values), _raw(want_values)), (avx2, n_threads)
+                assert starts.numel() == sum(s.numel() - 1 for _, s in singles) + 1
+                ys = [torch.zeros_like(x) for x in tensors]
+                K.scatter_dropped_many(ys, keys, thresholds, offsets, values, starts)
+                for x, y, k, t, o in zip(tensors, ys, keys, thresholds, offsets):
+                    keep = K.keep_mask(x.numel(), k, t, offset=o)
+                    assert torch.equal(_raw(y)[~keep], _raw(x)[~keep])
+                    assert not _raw(y)[keep].any()
+    finally:
+        torch.set_num_threads(threads)
+        K._set_isa(True)
+
+
+def test_gather_and_scatter_dropped_many_reject_bad_input() -> None:
+    a, b = torch.randn(100), torch.randn(50, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one element size"):
+        K.gather_dropped_many([a, b], [1, 2], [6554, 6554], [0, 0])
+    with pytest.raises(ValueError, match="differ in length"):
+        K.gather_dropped_many([a], [1, 2], [6554], [0])
+    with pytest.raises(ValueError, match=r"tensors\[1\].*contiguous"):
+        K.gather_dropped_many([a, torch.randn(4, 4).t()], [1, 2], [1, 1], [0, 0])
+    values, starts = K.gather_dropped_many([a, a], [1, 2], [6554, 6554], [0, 0])
+    with pytest.raises(ValueError, match="starts"):
+        K.scatter_dropped_many([a], [1], [6554], [0], values, starts)
+    with pytest.raises(ValueError, match="values"):
+        K.scatter_dropped_many([a, a], [1, 2], [6554, 6554], [0, 0], values[1:], starts)
+
+
+def test_the_kernels_are_the_cpu_implementation_of_the_ops() -> None:
+    for name in ("mask_", "keep_mask_", "gather_dropped_many", "scatter_dropped_many"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hf_dropgrad::{name}", "CPU")
+    # called as a plain torch op, CPU tensors run the C++ kernel: same bits as the oracle
+    g = _grad(9001, torch.bfloat16, seed=4)
+    want = _expected(g, 2**64 - 5, 6554, _scale(6554), 33)
+    torch.ops.hf_dropgrad.mask_([g], [-5], [6554], [_scale(6554)], [33])  # int64 bits of the key
+    _assert_matches(g, want, "torch.ops.hf_dropgrad.mask_")

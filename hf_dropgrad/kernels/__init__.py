@@ -8,31 +8,45 @@ backend    module                                      runs on
 ``torch``  :mod:`hf_dropgrad.kernels.reference`        any device: the oracle and the fallback
 =========  ==========================================  =====================================
 
-``HF_DROPGRAD_BACKEND`` selects one: ``auto`` (the default) takes ``cpp`` for CPU tensors,
-``triton`` for CUDA tensors when Triton imports, and ``torch`` for everything else (other
-devices, float64 gradients, tensor subclasses, and full update drop of a non-contiguous
-parameter). A forced backend that cannot take a tensor raises
-:class:`BackendUnavailableError` instead of falling back: asking for a backend and silently
-getting another would hide exactly what the setting is for. Every backend is bit-identical to the
-reference (NaN payloads aside).
+The kernels are ``torch.library`` ops (:mod:`hf_dropgrad.kernels.ops`: ``hf_dropgrad::mask_``,
+``keep_mask_``, ``gather_dropped_many``, ``scatter_dropped_many``) whose implementation the
+dispatcher picks by the tensors' device: the C++ kernel on CPU, Triton on CUDA, the reference
+elsewhere. ``HF_DROPGRAD_BACKEND`` only forces one, and this module is the one place that reads
+it: :func:`choose` says which backend takes a tensor, :func:`dispatch` what to call for it (the
+ops when the backend is the one the device takes anyway, the backend's module otherwise), and
+:func:`check_forced_backend` refuses, when ``DropGrad`` is built, a forced backend that cannot
+run in this environment at all.
+
+``auto`` (the default) takes ``cpp`` for CPU tensors, ``triton`` for CUDA tensors when Triton
+imports, and ``torch`` for everything else (other devices, float64 gradients, tensor subclasses,
+and full update drop of a non-contiguous parameter). A forced backend that cannot take a tensor
+raises :class:`BackendUnavailableError` instead of falling back: asking for a backend and
+silently getting another would hide exactly what the setting is for. Every backend is
+bit-identical to the reference (NaN payloads aside).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Literal
 
 import torch
+
+from hf_dropgrad.kernels import ops
 
 __all__ = [
     "BACKENDS",
     "ENV",
     "BackendUnavailableError",
     "backend_module",
+    "check_forced_backend",
     "choose",
+    "dispatch",
+    "native_backend",
     "requested_backend",
+    "triton_module",
 ]
 
 ENV = "HF_DROPGRAD_BACKEND"
@@ -41,7 +55,7 @@ BACKENDS = ("auto", "cpp", "triton", "torch")
 #: Gradient dtypes the fused masking kernels take (anything else uses ``torch``).
 MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-Purpose = Literal["mask", "pack"]
+Purpose = Literal["mask", "pack", "keep"]
 
 _lock = threading.Lock()
 _triton: ModuleType | None = None
@@ -49,7 +63,7 @@ _triton_error: str | None = None
 
 
 class BackendUnavailableError(RuntimeError):
-    """The backend forced by ``HF_DROPGRAD_BACKEND`` cannot mask a given tensor here."""
+    """The backend forced by ``HF_DROPGRAD_BACKEND`` cannot run here, or cannot take a tensor."""
 
 
 def requested_backend() -> str:
@@ -91,6 +105,80 @@ def _load_triton() -> ModuleType | None:
     return _triton
 
 
+def triton_module() -> ModuleType | None:
+    """:mod:`hf_dropgrad.kernels.triton`, or ``None`` when Triton does not import."""
+    return _load_triton()
+
+
+def native_backend(device: torch.device) -> str:
+    """The backend the ``hf_dropgrad`` ops run for tensors on ``device``.
+
+    ``cpp`` on CPU once the C++ library is loaded (this loads it), ``triton`` on CUDA when
+    Triton imports, ``torch`` (the reference, the ops' default implementation) otherwise.
+    """
+    if device.type == "cpu":
+        return "cpp" if _cpp() is not None else "torch"
+    if device.type == "cuda":
+        return "triton" if _load_triton() is not None else "torch"
+    return "torch"
+
+
+def dispatch(backend: str, device: torch.device) -> ModuleType | SimpleNamespace:
+    """What to call to run ``backend`` (from :func:`choose`) on tensors of ``device``.
+
+    :mod:`hf_dropgrad.kernels.ops` (the torch ops: the dispatcher then runs the device's
+    implementation, and ``torch.compile`` sees one opaque node) when ``backend`` is what the
+    device takes anyway; otherwise the backend's own module, called directly: the reference
+    forced on CPU or CUDA, Triton's interpreter on CPU tensors. Each has ``mask_``,
+    ``gather_dropped_many`` and ``scatter_dropped_many`` with the same signatures.
+    """
+    if backend == "torch" and device.type in ("cpu", "cuda"):
+        # The ops would run the fused kernel registered for the device.
+        return backend_module("torch")
+    if backend == native_backend(device):
+        return ops
+    module = backend_module(backend)
+    if backend == "triton" and not hasattr(module, "gather_dropped_many"):
+        return ops.triton_shim(module)  # until the batched Triton kernels are merged
+    return module
+
+
+def check_forced_backend() -> str:
+    """The requested backend, after checking that a forced one can run in this environment.
+
+    Called when ``DropGrad`` is built, so a setting that can never work fails before training
+    rather than inside the first ``step()``: ``cpp`` needs the C++ library (built here if it is
+    not cached yet; not disabled by ``HF_DROPGRAD_DISABLE_EXTENSION=1``), ``triton`` needs Triton
+    to import and either a CUDA device or ``TRITON_INTERPRET=1``. It does not look at tensors:
+    parameters still on CPU that will move to a GPU are not refused.
+
+    Raises:
+        ValueError: ``HF_DROPGRAD_BACKEND`` holds an unknown value.
+        BackendUnavailableError: the forced backend cannot run here; the message names it and
+            says why.
+    """
+    requested = requested_backend()
+    if requested == "cpp" and _cpp() is None:
+        raise BackendUnavailableError(
+            f"{ENV}=cpp, but the C++ kernel is unavailable: {_cpp_error()}. Unset {ENV} (or "
+            "set it to auto) to let hf_dropgrad choose, or torch for the reference path."
+        )
+    if requested == "triton":
+        module = _load_triton()
+        if module is None:
+            raise BackendUnavailableError(
+                f"{ENV}=triton, but Triton does not import: {_triton_error} (pip install "
+                "triton)."
+            )
+        if not torch.cuda.is_available() and not module.interpreting():
+            raise BackendUnavailableError(
+                f"{ENV}=triton, but there is no CUDA device (and TRITON_INTERPRET=1 is not set "
+                f"for Triton's interpreter). Unset {ENV} (or set it to auto) to let hf_dropgrad "
+                "choose."
+            )
+    return requested
+
+
 def backend_module(name: str) -> ModuleType:
     """The module of backend ``name`` (``cpp``, ``triton`` or ``torch``), loading it if needed."""
     if name == "torch":
@@ -120,7 +208,7 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
         return f"it takes dense tensors, got layout {tensor.layout}"
     if purpose == "mask" and tensor.dtype not in MASK_DTYPES:
         return f"it masks float32, bfloat16 and float16 gradients, got {tensor.dtype}"
-    if purpose == "pack" and tensor.element_size() not in (1, 2, 4, 8):
+    if purpose in ("pack", "keep") and tensor.element_size() not in (1, 2, 4, 8):
         return f"it packs 1-, 2-, 4- or 8-byte elements, got {tensor.dtype}"
     device = tensor.device.type
     if backend == "cpp":
@@ -145,8 +233,9 @@ def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | Non
 
     ``requested``: :func:`requested_backend`'s value, read once by callers that choose for
     many tensors (default: read it now).
-    ``purpose`` is ``"mask"`` (masking a gradient) or ``"pack"`` (saving and restoring the
-    dropped values of a parameter for full update drop).
+    ``purpose`` is ``"mask"`` (masking a gradient), ``"pack"`` (saving and restoring the
+    dropped values of a parameter for full update drop) or ``"keep"`` (filling a bool tensor
+    with keep decisions).
 
     Raises:
         ValueError: ``HF_DROPGRAD_BACKEND`` holds an unknown value.

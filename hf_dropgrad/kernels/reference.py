@@ -9,12 +9,25 @@ Python scalar, so no small tensor is copied to the device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hf_dropgrad.kernels.checks import check_offset
-from hf_dropgrad.kernels.stream import GOLDEN, M1, M2, signed64
+from hf_dropgrad.kernels.stream import CHUNK, GOLDEN, M1, M2, signed64
 
-__all__ = ["SPAN", "gather_dropped", "keep_mask", "mask_", "random_bits", "scatter_dropped"]
+__all__ = [
+    "SPAN",
+    "gather_dropped",
+    "gather_dropped_many",
+    "keep_mask",
+    "mask_",
+    "mask_tensor_",
+    "num_chunks",
+    "random_bits",
+    "scatter_dropped",
+    "scatter_dropped_many",
+]
 
 #: Elements processed at once (bounds the temporaries).
 SPAN = 1 << 18
@@ -74,7 +87,9 @@ def keep_mask(
     return out
 
 
-def mask_(grad: torch.Tensor, key: int, threshold: int, scale: float, offset: int = 0) -> None:
+def mask_tensor_(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, offset: int = 0
+) -> None:
     """Mask ``grad`` in place (it holds stream elements ``offset .. offset + numel - 1``).
 
     ``float(g) * factor`` is rounded once to ``grad.dtype`` (``float64`` gradients are computed
@@ -97,6 +112,26 @@ def mask_(grad: torch.Tensor, key: int, threshold: int, scale: float, offset: in
             seg.copy_(factor.mul_(seg))
     if target is not grad:
         grad.copy_(target)
+
+
+def mask_(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int] | None = None,
+) -> None:
+    """Mask every gradient in place, one after the other (:func:`mask_tensor_`)."""
+    offs = [0] * len(grads) if offsets is None else offsets
+    for g, k, t, s, o in zip(grads, keys, thresholds, scales, offs, strict=True):
+        mask_tensor_(g, k, t, s, o)
+
+
+def num_chunks(numel: int, offset: int = 0) -> int:
+    """Number of 4096-element stream chunks that elements ``offset .. offset + numel - 1`` touch."""
+    if numel <= 0:
+        return 0
+    return (offset + numel - 1) // CHUNK - offset // CHUNK + 1
 
 
 def _dropped(
@@ -133,3 +168,69 @@ def scatter_dropped(
 ) -> None:
     """Write ``values`` (from :func:`gather_dropped`) back into the dropped elements."""
     tensor.masked_scatter_(_dropped(tensor, key, threshold, buffer, offset), values)
+
+
+def _chunk_counts(dropped: torch.Tensor, offset: int) -> torch.Tensor:
+    """Dropped elements per stream chunk (int64) of a flat bool mask starting at ``offset``."""
+    n = dropped.numel()
+    head = min(n, (-offset) % CHUNK)  # elements before the first chunk boundary
+    full = (n - head) // CHUNK
+    parts = []
+    if head:
+        parts.append(dropped[:head].sum().view(1))
+    if full:
+        parts.append(dropped[head : head + full * CHUNK].view(full, CHUNK).sum(1))
+    if head + full * CHUNK < n:
+        parts.append(dropped[head + full * CHUNK :].sum().view(1))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=dropped.device)
+    return torch.cat(parts)
+
+
+def gather_dropped_many(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+    *,
+    buffer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropped values of every tensor, concatenated, and the start of each chunk's values.
+
+    Returns ``(values, starts)`` as the fused backends do: ``values`` (``tensors[0].dtype``)
+    holds each tensor's dropped elements in stream order, tensor after tensor; ``starts[c]`` is
+    where chunk ``c`` (the chunks of tensor 0 first) begins in ``values``, ``starts[-1]`` their
+    number. Builds a 1-byte-per-element mask per tensor, into ``buffer`` when given.
+    """
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    dtype = tensors[0].dtype if len(tensors) else torch.float32
+    values: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = [torch.zeros(1, dtype=torch.int64, device=device)]
+    for x, k, t, o in zip(tensors, keys, thresholds, offsets, strict=True):
+        dropped = _dropped(x, k, t, buffer, check_offset(o))
+        values.append(x.masked_select(dropped).view(dtype))
+        counts.append(_chunk_counts(dropped.view(-1), o))
+    flat = torch.cat(values) if values else torch.empty(0, dtype=dtype, device=device)
+    return flat, torch.cat(counts).cumsum(0)
+
+
+def scatter_dropped_many(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+    values: torch.Tensor,
+    starts: torch.Tensor,
+    *,
+    buffer: torch.Tensor | None = None,
+) -> None:
+    """Write ``values`` (from :func:`gather_dropped_many`) back into the dropped elements."""
+    first = 0
+    bounds = [0]
+    for x, o in zip(tensors, offsets, strict=True):
+        first += num_chunks(x.numel(), o)
+        bounds.append(first)
+    ends = starts[bounds].tolist()  # one read-back for all the tensors
+    for i, (x, k, t, o) in enumerate(zip(tensors, keys, thresholds, offsets, strict=True)):
+        if ends[i + 1] > ends[i]:
+            scatter_dropped(x, k, t, values[ends[i] : ends[i + 1]].view(x.dtype), o, buffer)

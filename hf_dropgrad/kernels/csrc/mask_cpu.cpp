@@ -1,5 +1,7 @@
-// hf_dropgrad fused CPU masking kernel. The stream is defined in hf_dropgrad/functional.py; the
-// loader and the Python entry points are in hf_dropgrad/kernels/cpp.py.
+// hf_dropgrad fused CPU kernels: the CPU implementation of the hf_dropgrad:: torch ops. The stream
+// is defined in hf_dropgrad/kernels/stream.py; the op schemas in hf_dropgrad/kernels/ops.py (they
+// exist with or without this library, whose TORCH_LIBRARY_IMPL block at the end adds the CPU
+// kernels); the loader and the checked Python entry points in hf_dropgrad/kernels/cpp.py.
 //
 // Every entry point takes the global element offset `off` of the tensor's first element: the
 // tensor holds elements [off, off + n) of the stream, so a contiguous slice of a parameter (a
@@ -7,7 +9,10 @@
 // parameter. The chunks a tensor touches are the global chunks off / 4096 .. (off + n - 1) / 4096;
 // only the first and the last can be partial.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -293,87 +298,177 @@ HFDG_INLINE void keep_chunks(uint8_t* out, int64_t off, int64_t n, uint64_t key,
   }
 }
 
-// Full update drop: the values of the *dropped* elements of a tensor, packed in stream order.
-// counts[k] = dropped elements of the tensor's chunk k; offsets (their exclusive prefix sums) say
-// where each chunk's values start, so chunks are gathered and scattered in parallel. Within a
-// chunk the copy is branchless through a chunk-sized stack buffer (random keep decisions would
-// defeat the branch predictor; writing straight into `values` would run past the chunk's slots).
+
+// Full update drop over a list of tensors. The chunks of all the tensors are numbered in list
+// order (tensor 0's chunks first); starts[c] is the index in `values` of the first dropped element
+// of chunk c, starts[total] the number of dropped elements. Saving is a count pass (hashes only: no
+// tensor memory is read) turned into `starts` by a prefix sum, then a gather pass; restoring is
+// the scatter pass. Each pass turns a chunk's hashes straight into 64 words of "dropped" bits
+// (bit r % 64 of word r / 64 for in-chunk position r: a vector compare and a movemask per 8
+// positions on AVX2); the count is their popcount, and a move walks the set bits (count trailing
+// zeros), so the copying follows the dropped elements (p of the chunk), not every element, with
+// about one mispredicted branch per 64 elements.
+struct PackSeg {
+  char* data;
+  int64_t numel;
+  int64_t offset;
+  uint64_t key;
+  uint32_t threshold;
+};
+
+constexpr int kWords = kChunk / 64;  // words of drop bits per chunk
+
+// Bit b of the result: position b of the 64 is dropped (its 16 bits, (w[b] >> shift) & 0xFFFF,
+// are below t).
+HFDG_INLINE uint64_t drop_bits_portable(const uint32_t* __restrict w, int shift, uint32_t t) {
+  uint64_t m = 0;
+  for (int b = 0; b < 64; ++b) {
+    m |= static_cast<uint64_t>(((w[b] >> shift) & 0xFFFFu) < t) << b;
+  }
+  return m;
+}
+
+#ifdef HFDG_X86
+__attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32_t* __restrict w,
+                                                                     int shift, uint32_t t) {
+  const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
+  const __m256i vmask = _mm256_set1_epi32(0xFFFF);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  uint64_t m = 0;
+  for (int q = 0; q < 8; ++q) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * q));
+    const __m256i u = _mm256_and_si256(_mm256_srl_epi32(word, shift_v), vmask);
+    const __m256i dropped = _mm256_cmpgt_epi32(vt, u);  // u < t (both < 2^17: signed is exact)
+    m |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(dropped))) << (8 * q);
+  }
+  return m;
+}
+#endif
+
+// words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
+// 64 counters with no valid position are not hashed.
 template <bool kAvx2>
-HFDG_INLINE void count_chunks(int64_t off, int64_t n, uint64_t key, uint32_t t, int64_t k0,
-                              int64_t k1, int64_t* counts) {
+HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* __restrict words,
+                            uint32_t* __restrict lo, uint32_t* __restrict hi) {
+  const uint64_t base = chunk_base(key, sp.c);
+  const bool full = sp.lo == 0 && sp.hi == kChunk;
+  for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
+    if (!full) {
+      bool any = false;
+      for (int j = 0; j < 4 && !any; ++j) {
+        any = std::max(j * kW + b0, sp.lo) < std::min(j * kW + b0 + kSub, sp.hi);
+      }
+      if (!any) {
+        for (int j = 0; j < 4; ++j) words[(j * kW + b0) / 64] = 0;
+        continue;
+      }
+    }
+    hash_block(base, b0, kSub, lo, hi);
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t* w = j < 2 ? lo : hi;
+      const int shift = (j & 1) * 16;
+      uint64_t m;
+#ifdef HFDG_X86
+      if (kAvx2) {
+        m = drop_bits_avx2(w, shift, t);
+      } else {
+        m = drop_bits_portable(w, shift, t);
+      }
+#else
+      m = drop_bits_portable(w, shift, t);
+#endif
+      words[(j * kW + b0) / 64] = m;
+    }
+  }
+  if (!full) {  // clear the positions outside the tensor
+    for (int q = 0; q < kWords; ++q) {
+      const int64_t r0 = 64 * q;
+      const int64_t a = std::max<int64_t>(sp.lo - r0, 0), z = std::min<int64_t>(sp.hi - r0, 64);
+      if (a >= z) {
+        words[q] = 0;
+      } else {
+        const uint64_t upper = z == 64 ? ~uint64_t{0} : ((uint64_t{1} << z) - 1);
+        words[q] &= upper & ~((uint64_t{1} << a) - 1);
+      }
+    }
+  }
+}
+
+template <bool kAvx2>
+HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
-  alignas(64) uint8_t keep[kChunk];
+  alignas(64) uint64_t words[kWords];
   for (int64_t k = k0; k < k1; ++k) {
-    const Span sp = span_of(off, n, k);
-    keep_chunk(keep, key, t, sp, lo, hi);
-    const int64_t len = sp.hi - sp.lo;
-    int64_t kept = 0;
-    for (int64_t i = 0; i < len; ++i) kept += keep[i];
-    counts[k] = len - kept;
+    const Span sp = span_of(s.offset, s.numel, k);
+    if (s.threshold == 0) {
+      counts[k] = 0;
+    } else if (s.threshold >= 65536) {
+      counts[k] = sp.hi - sp.lo;
+    } else {
+      drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+      int64_t n = 0;
+      for (int q = 0; q < kWords; ++q) n += __builtin_popcountll(words[q]);
+      counts[k] = n;
+    }
   }
 }
 
 template <typename T, bool kGather, bool kAvx2>
-HFDG_INLINE void move_chunks(T* __restrict data, T* __restrict values, int64_t off, int64_t n,
-                             uint64_t key, uint32_t t, const int64_t* offsets, int64_t k0,
-                             int64_t k1) {
+HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __restrict values,
+                             const int64_t* starts) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
-  alignas(64) uint8_t keep[kChunk];
-  alignas(64) T packed[kChunk + 1];
+  alignas(64) uint64_t words[kWords];
+  T* __restrict data = reinterpret_cast<T*>(s.data);
   for (int64_t k = k0; k < k1; ++k) {
-    const Span sp = span_of(off, n, k);
-    keep_chunk(keep, key, t, sp, lo, hi);
-    const int64_t len = sp.hi - sp.lo;
-    T* chunk = data + (sp.c * kChunk + sp.lo - off);
-    T* slots = values + offsets[k];
-    if (kGather) {
-      int64_t m = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        packed[m] = chunk[i];
-        m += 1 - keep[i];
+    const Span sp = span_of(s.offset, s.numel, k);
+    const int64_t d0 = sp.c * kChunk - s.offset;  // data index of in-chunk position 0
+    T* __restrict slots = values + starts[k];
+    if (s.threshold == 0) continue;
+    if (s.threshold >= 65536) {  // everything dropped: a plain copy
+      const int64_t len = sp.hi - sp.lo;
+      if (kGather) {
+        std::memcpy(slots, data + d0 + sp.lo, len * sizeof(T));
+      } else {
+        std::memcpy(data + d0 + sp.lo, slots, len * sizeof(T));
       }
-      std::memcpy(slots, packed, m * sizeof(T));
-    } else {
-      const int64_t count = offsets[k + 1] - offsets[k];
-      std::memcpy(packed, slots, count * sizeof(T));
-      packed[count] = T(0);  // read (and discarded) when the chunk's last elements are kept
-      int64_t m = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const T drop = static_cast<T>(1 - keep[i]);
-        const T select = static_cast<T>(T(0) - drop);  // all ones where dropped
-        chunk[i] = static_cast<T>((chunk[i] & static_cast<T>(~select)) | (packed[m] & select));
-        m += drop;
+      continue;
+    }
+    drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+    int64_t m = 0;
+    for (int q = 0; q < kWords; ++q) {
+      uint64_t d = words[q];
+      const int64_t r0 = d0 + 64 * q;
+      while (d) {
+        const int64_t i = r0 + __builtin_ctzll(d);
+        if (kGather) {
+          slots[m] = data[i];
+        } else {
+          data[i] = slots[m];
+        }
+        ++m;
+        d &= d - 1;
       }
     }
   }
 }
 
 template <bool kGather, bool kAvx2>
-HFDG_INLINE void move_chunks_any(void* data, void* values, int32_t esize, int64_t off, int64_t n,
-                                 uint64_t key, uint32_t t, const int64_t* offsets, int64_t k0,
-                                 int64_t k1) {
+HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,
+                                 void* values, const int64_t* starts) {
   switch (esize) {
     case 1:
-      move_chunks<uint8_t, kGather, kAvx2>(static_cast<uint8_t*>(data),
-                                           static_cast<uint8_t*>(values), off, n, key, t,
-                                           offsets, k0, k1);
+      move_chunks<uint8_t, kGather, kAvx2>(s, k0, k1, static_cast<uint8_t*>(values), starts);
       break;
     case 2:
-      move_chunks<uint16_t, kGather, kAvx2>(static_cast<uint16_t*>(data),
-                                            static_cast<uint16_t*>(values), off, n, key, t,
-                                            offsets, k0, k1);
+      move_chunks<uint16_t, kGather, kAvx2>(s, k0, k1, static_cast<uint16_t*>(values), starts);
       break;
     case 4:
-      move_chunks<uint32_t, kGather, kAvx2>(static_cast<uint32_t*>(data),
-                                            static_cast<uint32_t*>(values), off, n, key, t,
-                                            offsets, k0, k1);
+      move_chunks<uint32_t, kGather, kAvx2>(s, k0, k1, static_cast<uint32_t*>(values), starts);
       break;
     default:
-      move_chunks<uint64_t, kGather, kAvx2>(static_cast<uint64_t*>(data),
-                                            static_cast<uint64_t*>(values), off, n, key, t,
-                                            offsets, k0, k1);
+      move_chunks<uint64_t, kGather, kAvx2>(s, k0, k1, static_cast<uint64_t*>(values), starts);
   }
 }
 
@@ -382,14 +477,13 @@ void keep_chunks_base(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32
                       int64_t k1) {
   keep_chunks<false>(out, off, n, key, t, k0, k1);
 }
-void count_chunks_base(int64_t off, int64_t n, uint64_t key, uint32_t t, int64_t k0, int64_t k1,
-                       int64_t* counts) {
-  count_chunks<false>(off, n, key, t, k0, k1, counts);
+void count_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {
+  count_chunks<false>(s, k0, k1, counts);
 }
 template <bool kGather>
-void move_chunks_base(void* data, void* values, int32_t esize, int64_t off, int64_t n,
-                      uint64_t key, uint32_t t, const int64_t* offsets, int64_t k0, int64_t k1) {
-  move_chunks_any<kGather, false>(data, values, esize, off, n, key, t, offsets, k0, k1);
+void move_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
+                      const int64_t* starts) {
+  move_chunks_any<kGather, false>(s, k0, k1, esize, values, starts);
 }
 
 #ifdef HFDG_X86
@@ -401,17 +495,15 @@ __attribute__((target("avx2,f16c"))) void keep_chunks_avx2(uint8_t* out, int64_t
                                                            int64_t k1) {
   keep_chunks<true>(out, off, n, key, t, k0, k1);
 }
-__attribute__((target("avx2,f16c"))) void count_chunks_avx2(int64_t off, int64_t n, uint64_t key,
-                                                            uint32_t t, int64_t k0, int64_t k1,
-                                                            int64_t* counts) {
-  count_chunks<true>(off, n, key, t, k0, k1, counts);
+__attribute__((target("avx2,f16c"))) void count_chunks_avx2(const PackSeg& s, int64_t k0,
+                                                            int64_t k1, int64_t* counts) {
+  count_chunks<true>(s, k0, k1, counts);
 }
 template <bool kGather>
-__attribute__((target("avx2,f16c"))) void move_chunks_avx2(void* data, void* values, int32_t esize,
-                                                           int64_t off, int64_t n, uint64_t key,
-                                                           uint32_t t, const int64_t* offsets,
-                                                           int64_t k0, int64_t k1) {
-  move_chunks_any<kGather, true>(data, values, esize, off, n, key, t, offsets, k0, k1);
+__attribute__((target("avx2,f16c"))) void move_chunks_avx2(const PackSeg& s, int64_t k0,
+                                                           int64_t k1, int32_t esize,
+                                                           void* values, const int64_t* starts) {
+  move_chunks_any<kGather, true>(s, k0, k1, esize, values, starts);
 }
 
 bool cpu_has_avx2() {
@@ -423,129 +515,242 @@ int g_isa = cpu_has_avx2() ? 1 : 0;
 int g_isa = 0;
 #endif
 
-HFDG_INLINE int64_t grain_of(int64_t off, int64_t n) {
-  return n < kMinParallelElements ? std::max<int64_t>(1, num_chunks(off, n)) : kGrainChunks;
+HFDG_INLINE int64_t grain_of(int64_t elements, int64_t chunks) {
+  return elements < kMinParallelElements ? std::max<int64_t>(1, chunks) : kGrainChunks;
 }
 
-template <bool kGather>
-void move_dropped(void* data, void* values, int32_t esize, int64_t off, int64_t n, uint64_t key,
-                  uint32_t t, const int64_t* offsets) {
-  const int isa = g_isa;
-  at::parallel_for(0, num_chunks(off, n), grain_of(off, n), [&](int64_t k0, int64_t k1) {
-#ifdef HFDG_X86
-    if (isa) {
-      move_chunks_avx2<kGather>(data, values, esize, off, n, key, t, offsets, k0, k1);
-      return;
-    }
-#endif
-    move_chunks_base<kGather>(data, values, esize, off, n, key, t, offsets, k0, k1);
-  });
-}
-
-}  // namespace
-
-extern "C" {
-
-// 1 when the AVX2 path is in use, 0 for the portable one.
-int hfdg_isa() { return g_isa; }
-
-// Selects the code path (tests use 0 to check the portable path); returns the path in use.
-int hfdg_set_isa(int isa) {
-#ifdef HFDG_X86
-  g_isa = (isa != 0 && cpu_has_avx2()) ? 1 : 0;
-#else
-  (void)isa;
-#endif
-  return g_isa;
-}
-
-// Masks n tensors in place; one parallel region over all chunks of all tensors.
-void hfdg_mask(int64_t n, void* const* data, const int64_t* numels, const int64_t* offsets,
-               const int32_t* dtypes, const uint64_t* keys, const uint32_t* thresholds,
-               const float* scales) {
-  std::vector<Seg> segs;
-  std::vector<int64_t> first;  // first task chunk of each segment, plus the total at the end
-  segs.reserve(n);
-  first.reserve(n + 1);
-  int64_t total = 0;
-  int64_t elements = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    // threshold 0 with scale 1 keeps everything unchanged: skip the pass.
-    if (numels[i] <= 0 || (thresholds[i] == 0 && scales[i] == 1.0f)) continue;
-    segs.push_back(
-        Seg{data[i], numels[i], offsets[i], keys[i], thresholds[i], scales[i], dtypes[i]});
-    first.push_back(total);
-    total += num_chunks(offsets[i], numels[i]);
-    elements += numels[i];
-  }
-  first.push_back(total);
-  const int isa = g_isa;
-  // Chunks of a segment are contiguous in [0, total): a task walks the segments it overlaps.
-  const int64_t grain = elements < kMinParallelElements ? std::max<int64_t>(1, total) : kGrainChunks;
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+// One parallel region over the chunks of all segments; first[i] is the first (list-wide) chunk
+// of segment i, first.back() the total. fn(i, k0, k1) handles chunks [k0, k1) of segment i.
+template <typename Fn>
+void for_all_chunks(const std::vector<int64_t>& first, int64_t elements, const Fn& fn) {
+  const int64_t total = first.back();
+  at::parallel_for(0, total, grain_of(elements, total), [&](int64_t begin, int64_t end) {
     int64_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     while (begin < end) {
       const int64_t stop = std::min(end, first[i + 1]);
-      const int64_t k0 = begin - first[i], k1 = stop - first[i];
-#ifdef HFDG_X86
-      if (isa) {
-        mask_chunks_avx2(segs[i], k0, k1);
-      } else {
-        mask_chunks_base(segs[i], k0, k1);
-      }
-#else
-      mask_chunks_base(segs[i], k0, k1);
-#endif
+      fn(i, begin - first[i], stop - first[i]);
       begin = stop;
       ++i;
     }
   });
 }
 
-// out[e] = keep decision of stream element off + e (1 keep, 0 drop), e in [0, n).
-void hfdg_keep_mask(uint8_t* out, int64_t n, int64_t off, uint64_t key, uint32_t threshold) {
+uint32_t checked_threshold(int64_t t) {
+  TORCH_CHECK_VALUE(0 <= t && t <= 65536, "threshold must be in [0, 65536], got ", t);
+  return static_cast<uint32_t>(t);
+}
+
+void check_lengths(int64_t n, int64_t keys, int64_t thresholds, int64_t offsets) {
+  TORCH_CHECK_VALUE(keys == n && thresholds == n && offsets == n,
+                    "tensors, keys, thresholds and offsets differ in length: ", n, ", ", keys,
+                    ", ", thresholds, ", ", offsets);
+}
+
+// ----------------------------------------------------------------------------- the ops (CPU)
+// Keys arrive as int64 bit patterns (the schema has no unsigned type); thresholds in [0, 65536];
+// offsets are global stream indices in [0, 2**62). Argument errors are ValueErrors in Python.
+
+void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+              at::ArrayRef<double> scales, at::IntArrayRef offsets) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(scales.size()) == n, "grads and scales differ in length");
+  check_lengths(n, keys.size(), thresholds.size(), offsets.size());
+  std::vector<Seg> segs;
+  std::vector<int64_t> first;
+  segs.reserve(n);
+  first.reserve(n + 1);
+  int64_t elements = 0;
+  first.push_back(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous(),
+                      "grads[", i, "] must be a contiguous dense CPU tensor");
+    int32_t dtype;
+    switch (g.scalar_type()) {
+      case at::kFloat:
+        dtype = kF32;
+        break;
+      case at::kBFloat16:
+        dtype = kBF16;
+        break;
+      case at::kHalf:
+        dtype = kF16;
+        break;
+      default:
+        TORCH_CHECK_VALUE(false, "grads[", i, "] must be float32/bfloat16/float16, got ",
+                          g.scalar_type());
+    }
+    const uint32_t t = checked_threshold(thresholds[i]);
+    const float scale = static_cast<float>(scales[i]);
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
+    // threshold 0 with scale 1 keeps everything unchanged: skip the pass.
+    if (g.numel() == 0 || (t == 0 && scale == 1.0f)) continue;
+    segs.push_back(Seg{g.data_ptr(), g.numel(), offsets[i], static_cast<uint64_t>(keys[i]), t,
+                       scale, dtype});
+    first.push_back(first.back() + num_chunks(offsets[i], g.numel()));
+    elements += g.numel();
+  }
   const int isa = g_isa;
-  at::parallel_for(0, num_chunks(off, n), grain_of(off, n), [&](int64_t k0, int64_t k1) {
+  for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
 #ifdef HFDG_X86
     if (isa) {
-      keep_chunks_avx2(out, off, n, key, threshold, k0, k1);
+      mask_chunks_avx2(segs[i], k0, k1);
       return;
     }
 #endif
-    keep_chunks_base(out, off, n, key, threshold, k0, k1);
+    (void)isa;
+    mask_chunks_base(segs[i], k0, k1);
   });
 }
 
-// offsets[0, chunks] = exclusive prefix sums of the dropped elements per chunk (offsets[chunks]
-// is their total, which is returned); chunks = num_chunks(off, n).
-int64_t hfdg_count_dropped(int64_t n, int64_t off, uint64_t key, uint32_t threshold,
-                           int64_t* offsets) {
-  const int64_t chunks = num_chunks(off, n);
+// out[e] = keep decision of stream element offset + e (1 keep, 0 drop).
+void keep_mask_cpu(const at::Tensor& out, int64_t key, int64_t threshold, int64_t offset) {
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kBool &&
+                        out.is_contiguous(),
+                    "out must be a contiguous bool CPU tensor");
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0");
+  const uint32_t t = checked_threshold(threshold);
+  const int64_t n = out.numel();
+  uint8_t* data = static_cast<uint8_t*>(out.data_ptr());
+  const uint64_t k = static_cast<uint64_t>(key);
   const int isa = g_isa;
-  at::parallel_for(0, chunks, grain_of(off, n), [&](int64_t k0, int64_t k1) {
+  const int64_t chunks = num_chunks(offset, n);
+  at::parallel_for(0, chunks, grain_of(n, chunks), [&](int64_t k0, int64_t k1) {
 #ifdef HFDG_X86
     if (isa) {
-      count_chunks_avx2(off, n, key, threshold, k0, k1, offsets + 1);
+      keep_chunks_avx2(data, offset, n, k, t, k0, k1);
       return;
     }
 #endif
-    count_chunks_base(off, n, key, threshold, k0, k1, offsets + 1);
+    (void)isa;
+    keep_chunks_base(data, offset, n, k, t, k0, k1);
   });
-  offsets[0] = 0;
-  for (int64_t k = 0; k < chunks; ++k) offsets[k + 1] += offsets[k];
-  return offsets[chunks];
 }
 
-// values[offsets[k]...] = the dropped elements of chunk k of data (esize bytes each), in order.
-void hfdg_gather_dropped(const void* data, int64_t n, int64_t off, int32_t esize, uint64_t key,
-                         uint32_t threshold, const int64_t* offsets, void* values) {
-  move_dropped<true>(const_cast<void*>(data), values, esize, off, n, key, threshold, offsets);
+std::vector<PackSeg> pack_segs(at::TensorList tensors, at::IntArrayRef keys,
+                               at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                               std::vector<int64_t>& first, int64_t& elements) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  check_lengths(n, keys.size(), thresholds.size(), offsets.size());
+  std::vector<PackSeg> segs;
+  segs.reserve(n);
+  first.assign(1, 0);
+  elements = 0;
+  const int64_t esize = n ? tensors[0].element_size() : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& x = tensors[i];
+    TORCH_CHECK_VALUE(x.device().is_cpu() && x.layout() == at::kStrided && x.is_contiguous(),
+                      "tensors[", i, "] must be a contiguous dense CPU tensor");
+    TORCH_CHECK_VALUE(x.element_size() == esize && (esize == 1 || esize == 2 || esize == 4 ||
+                                                     esize == 8),
+                      "tensors must share one element size of 1, 2, 4 or 8 bytes; tensors[", i,
+                      "] has ", x.element_size(), " and tensors[0] ", esize);
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
+    segs.push_back(PackSeg{static_cast<char*>(x.data_ptr()), x.numel(), offsets[i],
+                           static_cast<uint64_t>(keys[i]), checked_threshold(thresholds[i])});
+    first.push_back(first.back() + num_chunks(offsets[i], x.numel()));
+    elements += x.numel();
+  }
+  return segs;
 }
 
-// The inverse: the dropped elements of data are overwritten with values; kept ones are untouched.
-void hfdg_scatter_dropped(void* data, int64_t n, int64_t off, int32_t esize, uint64_t key,
-                          uint32_t threshold, const int64_t* offsets, const void* values) {
-  move_dropped<false>(data, const_cast<void*>(values), esize, off, n, key, threshold, offsets);
+std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensors,
+                                                           at::IntArrayRef keys,
+                                                           at::IntArrayRef thresholds,
+                                                           at::IntArrayRef offsets) {
+  std::vector<int64_t> first;
+  int64_t elements;
+  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  const int64_t total = first.back();
+  at::Tensor starts = at::empty({total + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* st = starts.data_ptr<int64_t>();
+  const int isa = g_isa;
+  for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
+    int64_t* counts = st + 1 + first[i];
+#ifdef HFDG_X86
+    if (isa) {
+      count_chunks_avx2(segs[i], k0, k1, counts);
+      return;
+    }
+#endif
+    (void)isa;
+    count_chunks_base(segs[i], k0, k1, counts);
+  });
+  st[0] = 0;
+  for (int64_t c = 0; c < total; ++c) st[c + 1] += st[c];
+  at::Tensor values = at::empty(
+      {st[total]}, at::TensorOptions().dtype(tensors.empty() ? at::kFloat
+                                                               : tensors[0].scalar_type()));
+  if (st[total] > 0) {
+    const int32_t esize = static_cast<int32_t>(values.element_size());
+    void* out = values.data_ptr();
+    for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
+      const int64_t* s = st + first[i];
+#ifdef HFDG_X86
+      if (isa) {
+        move_chunks_avx2<true>(segs[i], k0, k1, esize, out, s);
+        return;
+      }
+#endif
+      move_chunks_base<true>(segs[i], k0, k1, esize, out, s);
+    });
+  }
+  return {values, starts};
 }
 
-}  // extern "C"
+void scatter_dropped_many_cpu(at::TensorList tensors, at::IntArrayRef keys,
+                              at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                              const at::Tensor& values, const at::Tensor& starts) {
+  std::vector<int64_t> first;
+  int64_t elements;
+  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  const int64_t total = first.back();
+  TORCH_CHECK_VALUE(starts.device().is_cpu() && starts.scalar_type() == at::kLong &&
+                        starts.is_contiguous() && starts.numel() == total + 1,
+                    "starts must be a contiguous int64 CPU tensor of ", total + 1, " elements");
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(values.device().is_cpu() && values.is_contiguous() &&
+                        values.numel() == st[total] &&
+                        (tensors.empty() || values.element_size() == tensors[0].element_size()),
+                    "values must be a contiguous CPU tensor of ", st[total],
+                    " elements of the tensors' element size");
+  if (st[total] == 0) return;
+  const int32_t esize = static_cast<int32_t>(values.element_size());
+  void* in = values.data_ptr();
+  const int isa = g_isa;
+  for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
+    const int64_t* s = st + first[i];
+#ifdef HFDG_X86
+    if (isa) {
+      move_chunks_avx2<false>(segs[i], k0, k1, esize, in, s);
+      return;
+    }
+#endif
+    (void)isa;
+    move_chunks_base<false>(segs[i], k0, k1, esize, in, s);
+  });
+}
+
+// request < 0: report the code path in use (1 AVX2, 0 portable); 0 or 1: select it (tests use 0
+// to check the portable path) and report the one in use.
+int64_t cpu_isa(int64_t request) {
+#ifdef HFDG_X86
+  if (request >= 0) g_isa = (request != 0 && cpu_has_avx2()) ? 1 : 0;
+#else
+  (void)request;
+#endif
+  return g_isa;
+}
+
+}  // namespace
+
+// The schemas are defined in Python (hf_dropgrad/kernels/ops.py), so the ops exist without this
+// library; it adds their CPU kernels, and one CPU-only helper op of its own.
+TORCH_LIBRARY_FRAGMENT(hf_dropgrad, m) { m.def("_cpu_isa(int request) -> int", &cpu_isa); }
+
+TORCH_LIBRARY_IMPL(hf_dropgrad, CPU, m) {
+  m.impl("mask_", &mask_cpu);
+  m.impl("keep_mask_", &keep_mask_cpu);
+  m.impl("gather_dropped_many", &gather_dropped_many_cpu);
+  m.impl("scatter_dropped_many", &scatter_dropped_many_cpu);
+}
