@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -123,7 +123,7 @@ def native_backend(device: torch.device) -> str:
     return "torch"
 
 
-def dispatch(backend: str, device: torch.device) -> ModuleType | SimpleNamespace:
+def dispatch(backend: str, device: torch.device) -> ModuleType:
     """What to call to run ``backend`` (from :func:`choose`) on tensors of ``device``.
 
     :mod:`hf_dropgrad.kernels.ops` (the torch ops: the dispatcher then runs the device's
@@ -137,10 +137,7 @@ def dispatch(backend: str, device: torch.device) -> ModuleType | SimpleNamespace
         return backend_module("torch")
     if backend == native_backend(device):
         return ops
-    module = backend_module(backend)
-    if backend == "triton" and not hasattr(module, "gather_dropped_many"):
-        return ops.triton_shim(module)  # until the batched Triton kernels are merged
-    return module
+    return backend_module(backend)
 
 
 def check_forced_backend() -> str:

@@ -33,8 +33,7 @@ backend's module directly otherwise.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import torch
 
@@ -181,7 +180,7 @@ def _gather_cuda(
     module = _triton()
     if module is None:
         return reference.gather_dropped_many(tensors, keys, thresholds, offsets)
-    return triton_gather_dropped_many(module, tensors, keys, thresholds, offsets)
+    return module.gather_dropped_many(tensors, keys, thresholds, offsets)
 
 
 def _scatter_cuda(
@@ -196,7 +195,7 @@ def _scatter_cuda(
     if module is None:
         reference.scatter_dropped_many(tensors, keys, thresholds, offsets, values, starts)
     else:
-        triton_scatter_dropped_many(module, tensors, keys, thresholds, offsets, values, starts)
+        module.scatter_dropped_many(tensors, keys, thresholds, offsets, values, starts)
 
 
 _lib.impl("mask_", _mask_cuda, "CUDA")
@@ -218,62 +217,6 @@ def triton_keep_mask_(
         module.mask_([ones], [key], [threshold], [1.0], [offset])
     torch.ne(ones, 0, out=out.view(-1))
     return out
-
-
-def triton_gather_dropped_many(
-    module: ModuleType, tensors: Sequence[torch.Tensor], keys: Sequence[int],
-    thresholds: Sequence[int], offsets: Sequence[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``module.gather_dropped_many``, or a loop over the single-tensor kernels of an older module.
-
-    The loop stands in until the batched Triton kernels land (one host read-back per tensor).
-    """
-    fn = getattr(module, "gather_dropped_many", None)
-    if fn is not None:
-        return fn(tensors, keys, thresholds, offsets)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = tensors[0].dtype if tensors else torch.float32
-    values = []
-    starts = [torch.zeros(1, dtype=torch.int64, device=device)]
-    base = 0
-    for x, k, t, o in zip(tensors, keys, thresholds, offsets, strict=True):
-        v, s = module.gather_dropped(x, k, t, o)
-        values.append(v.view(dtype))
-        starts.append(s[1:] + base)
-        base += v.numel()
-    flat = torch.cat(values) if values else torch.empty(0, dtype=dtype, device=device)
-    return flat, torch.cat(starts)
-
-
-def triton_scatter_dropped_many(
-    module: ModuleType, tensors: Sequence[torch.Tensor], keys: Sequence[int],
-    thresholds: Sequence[int], offsets: Sequence[int], values: torch.Tensor,
-    starts: torch.Tensor,
-) -> None:
-    """``module.scatter_dropped_many``, or the loop matching :func:`triton_gather_dropped_many`."""
-    fn = getattr(module, "scatter_dropped_many", None)
-    if fn is not None:
-        fn(tensors, keys, thresholds, offsets, values, starts)
-        return
-    first = 0
-    for x, k, t, o in zip(tensors, keys, thresholds, offsets, strict=True):
-        chunks = num_chunks(x.numel(), o)
-        s = starts[first : first + chunks + 1]
-        lo, hi = int(s[0]), int(s[-1])
-        module.scatter_dropped(x, k, t, values[lo:hi].view(x.dtype), s - lo, o)
-        first += chunks
-
-
-def triton_shim(module: ModuleType) -> SimpleNamespace:
-    """``module``'s ``mask_`` with the batched save/restore of the loops above.
-
-    For a Triton module without ``gather_dropped_many`` (before the batched kernels land).
-    """
-    return SimpleNamespace(
-        mask_=module.mask_,
-        gather_dropped_many=partial(triton_gather_dropped_many, module),
-        scatter_dropped_many=partial(triton_scatter_dropped_many, module),
-    )
 
 
 # ----------------------------------------------------------------------------- fake (meta)
