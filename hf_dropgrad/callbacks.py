@@ -16,7 +16,9 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
-from hf_dropgrad import engines
+from hf_dropgrad.integrations import accelerate as accelerate_integration
+from hf_dropgrad.integrations import deepspeed as deepspeed_integration
+from hf_dropgrad.integrations.fsdp import check_parameters
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.patterns import resolve_pattern_rates
 from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings, keyword_names, warn_unused
@@ -35,9 +37,9 @@ def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> N
     """Refuse the setups where DropGrad cannot be exact, before training starts.
 
     FSDP2 and DeepSpeed ZeRO-1/2/3 are exact; FSDP1 and DeepSpeed's fp16/bf16 optimizer
-    without ZeRO are refused. See [`hf_dropgrad.engines.check_supported_setup`].
+    without ZeRO are refused. See [`hf_dropgrad.integrations.accelerate.check_supported_setup`].
     """
-    engines.check_supported_setup(args, accelerator)
+    accelerate_integration.check_supported_setup(args, accelerator)
 
 
 def install_dropgrad(
@@ -53,12 +55,12 @@ def install_dropgrad(
     or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
     """
     found = get_dropgrad(holder)
-    zero = engines.zero_optimizer(holder)
+    zero = deepspeed_integration.zero_optimizer(holder)
     if zero is not None and found is None:
         # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
         # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
         kwargs = settings.dropgrad_kwargs(num_training_steps)
-        return engines.install_under_deepspeed(
+        return deepspeed_integration.install_under_deepspeed(
             zero, None, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
         )
     if found is not None:
@@ -73,14 +75,7 @@ def install_dropgrad(
     # the outermost one) working: they reach param_groups and step() through it.
     dropgrad = DropGrad(parent.optimizer, model=model, **kwargs)
     parent.optimizer = dropgrad
-    if hasattr(parent, "_optimizer_patched_step_method"):
-        # Under fp16, AcceleratedOptimizer swaps in a step method it captured from the old
-        # optimizer when it was built; without re-capturing, GradScaler would call the
-        # inner optimizer's step and skip the masks.
-        from accelerate.optimizer import patch_optimizer_step
-
-        parent._optimizer_original_step_method = dropgrad.step
-        parent._optimizer_patched_step_method = patch_optimizer_step(parent, dropgrad.step)
+    accelerate_integration.rebind_step(parent, dropgrad)  # fp16: GradScaler must step DropGrad
     return dropgrad
 
 
@@ -261,11 +256,11 @@ class DropGradCallback(TrainerCallback):
         model = kwargs.get("model")
         self.install(optimizer, model, args, state.max_steps or None)
         assert self.dropgrad is not None
-        zero = engines.zero_optimizer(optimizer)
+        zero = deepspeed_integration.zero_optimizer(optimizer)
         if zero is not None:  # ZeRO steps flat partitions: map them back to the parameters
-            engines.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
+            deepspeed_integration.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
         self._engine_steps = zero is not None
-        engines.check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
+        check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
         self.dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:

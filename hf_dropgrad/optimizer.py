@@ -10,7 +10,8 @@ import torch
 from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
-from hf_dropgrad import kernels, sharding
+from hf_dropgrad import kernels
+from hf_dropgrad.layout import FlatLayout, data_of, local_target, offset_of
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate
 
 __all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad", "optimizer_chain"]
@@ -123,7 +124,7 @@ class DropGrad(Optimizer):
         self._step_count_dropgrad = 0
         # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
         # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
-        self._layout: sharding.ZeroLayout | None = None
+        self._layout: FlatLayout | None = None
         self._num_params = sum(len(group["params"]) for group in optimizer.param_groups)
         names = self._parameter_names(model)
         self._base_drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
@@ -363,7 +364,7 @@ class DropGrad(Optimizer):
 
     def _pieces(self) -> Iterator[tuple[int, Any]]:
         """``(position, target)`` of what this process masks: a parameter, or a
-        :class:`~hf_dropgrad.sharding.Piece` of one (its local shard at a global offset)."""
+        :class:`~hf_dropgrad.layout.Piece` of one (its local shard at a global offset)."""
         if self._layout is not None:
             yield from self._layout.pieces(self.optimizer.param_groups)
             return
@@ -374,19 +375,39 @@ class DropGrad(Optimizer):
                 f"DropGrad was built over {self._num_params} parameters but its optimizer now "
                 f"holds {len(params)} tensors. An engine replaced them (DeepSpeed ZeRO steps "
                 "flat partitions): the Trainer handles that; in your own DeepSpeed loop call "
-                "hf_dropgrad.engines.attach_deepspeed(engine.optimizer) after "
+                "hf_dropgrad.integrations.deepspeed.attach_deepspeed(engine.optimizer) after "
                 "deepspeed.initialize. To add parameters, use DropGrad.add_param_group."
             )
         for index, p in enumerate(params):
-            yield index, sharding.local_target(p)
+            yield index, local_target(p)
 
-    def _set_layout(self, layout: sharding.ZeroLayout | None) -> None:
-        """Mask the ranges ``layout`` maps (DeepSpeed ZeRO's flat partitions), and leave
-        advancing the step count to the engine (it calls :meth:`step` once per group)."""
+    @property
+    def num_params(self) -> int:
+        """How many parameters DropGrad was built over (positions ``0 .. num_params - 1``)."""
+        return self._num_params
+
+    @property
+    def layout(self) -> FlatLayout | None:
+        """The :class:`~hf_dropgrad.layout.FlatLayout` set by :meth:`set_layout`, if any."""
+        return self._layout
+
+    def set_layout(self, layout: FlatLayout | None) -> None:
+        """Mask the runs ``layout`` maps instead of the parameters (an engine's flat
+        partitions, e.g. DeepSpeed ZeRO's), and leave advancing the step count to the engine,
+        which calls :meth:`step` once per group and :meth:`advance` once per optimizer step.
+        ``None`` goes back to masking the parameters."""
+        if layout is not None and not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout or None, got {type(layout).__name__}")
         self._layout = layout
 
-    def _advance(self) -> None:
-        """One optimizer step is done: advance the step count and the scheduler."""
+    def name_of(self, index: int) -> str | int:
+        """The name of the parameter at position ``index``, or ``index`` when it has none."""
+        return self._names.get(index, index)
+
+    def advance(self) -> None:
+        """One optimizer step is done: advance the step count and the scheduler.
+
+        :meth:`step` calls this itself, except under a :meth:`set_layout` engine."""
         self._step_count_dropgrad += 1
         if self.drop_rate_scheduler is not None:
             self.drop_rate_scheduler.step()
@@ -416,7 +437,7 @@ class DropGrad(Optimizer):
                 "use dense gradients or leave that parameter without a rate"
             )
         if type(grad).__name__ == "DTensor":
-            # DTensor parameters are masked through their local shard (hf_dropgrad.sharding);
+            # DTensor parameters are masked through their local shard (integrations.fsdp);
             # a DTensor gradient on a plain parameter has no known place in the parameter.
             raise RuntimeError(
                 "DropGrad got a sharded (DTensor) gradient for a parameter that is not a "
@@ -442,7 +463,7 @@ class DropGrad(Optimizer):
             [t[1] for t in live],
             [t[2] for t in live],
             [t[3] for t in live],
-            [sharding.offset_of(t[0]) for t in live],
+            [offset_of(t[0]) for t in live],
         )
 
     @staticmethod
@@ -465,10 +486,10 @@ class DropGrad(Optimizer):
     def _snapshot_dropped(
         self, targets: list[tuple[torch.Tensor, int, int, float]]
     ) -> list[F.DroppedValues]:
-        params = [t.data if isinstance(t, sharding.Piece) else t.detach() for t, *_ in targets]
+        params = [data_of(t) for t, *_ in targets]
         buffers = self._mask_buffers(params)
         return [
-            F.save_dropped(p, key, threshold, buffers.get(p.device), offset=sharding.offset_of(t))
+            F.save_dropped(p, key, threshold, buffers.get(p.device), offset=offset_of(t))
             for p, (t, key, threshold, _) in zip(params, targets)
         ]
 
@@ -510,7 +531,7 @@ class DropGrad(Optimizer):
             with torch.no_grad():
                 self._restore_dropped(saved)
         if self._layout is None:  # under ZeRO the engine's step advances it, once for all groups
-            self._advance()
+            self.advance()
         return loss
 
     # -- pass-through ----------------------------------------------------------------------

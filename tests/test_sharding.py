@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_dropgrad import DropGrad, sharding
-from hf_dropgrad.engines import check_parameters, install_under_deepspeed, zero_optimizer
+from hf_dropgrad import DropGrad
+from hf_dropgrad.integrations import fsdp
+from hf_dropgrad.integrations.deepspeed import install_under_deepspeed, zero_optimizer
+from hf_dropgrad.integrations.fsdp import check_parameters
 
 SHAPES = [(7, 5), (13,), (4, 4, 3), (1,), (9, 2)]
 RATES = {0: 0.3, 1: 0.5, 2: 0.1, 3: 0.9, 4: 0.25}
@@ -82,8 +84,8 @@ def test_zero12_partitions_are_masked_as_slices_of_the_full_masks(world: int) ->
         zero, dropgrad = fake_zero12(rank, world)
         assert zero_optimizer(SimpleNamespace(optimizer=zero)) is zero
         install_under_deepspeed(zero, dropgrad, build=lambda o: None)
-        segments = dropgrad._layout.segments[id(zero.single_partition_of_fp32_groups[0])]
-        straddling += sum(1 for *_, offset in segments if offset > 0)
+        segments = dropgrad.layout.segments[id(zero.single_partition_of_fp32_groups[0])]
+        straddling += sum(1 for run in segments if run.offset > 0)
         dropgrad.set_step(5)
         dropgrad.step()
         lo, hi = bounds[rank]
@@ -190,7 +192,7 @@ def test_fsdp1_flat_parameters_are_refused() -> None:
     flat = torch.nn.Parameter(torch.zeros(4))
     flat._is_flat_param = True
     with pytest.raises(ValueError, match="FSDP1 flat parameters"):
-        sharding.check_param(flat)
+        fsdp.check_param(flat)
     opt = DropGrad(torch.optim.SGD([flat], lr=0.1), drop_rate=0.1)
     with pytest.raises(ValueError, match="FSDP1"):
         check_parameters(opt)
