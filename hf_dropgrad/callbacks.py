@@ -142,6 +142,10 @@ class DropGradCallback(TrainerCallback):
         self._names = dict(names)
         self._settings = dict(settings)
         validated = DropGradSettings(**self._settings, names=self._names)
+        # The run's settings (these merged with the Trainer's arguments), built once per
+        # arguments object, and the (model, settings) pair whose patterns were checked.
+        self._run: tuple[Any, tuple[Any, ...], DropGradSettings] | None = None
+        self._checked: tuple[Any, DropGradSettings] | None = None
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
         self._attached = False
@@ -173,8 +177,16 @@ class DropGradCallback(TrainerCallback):
         return cls.from_settings(settings.values(), settings.names, warn=False)
 
     def settings(self, args: TrainingArguments) -> DropGradSettings:
-        """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`."""
-        return DropGradSettings.from_args(args, self._settings, names=self._names)
+        """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`.
+
+        Built and validated once per `args` (again only if its `dropgrad_*` fields or seed
+        change)."""
+        read = tuple(getattr(args, arg, None) for arg in ARG_FIELDS.values())
+        read += (getattr(args, "seed", None),)
+        if self._run is None or self._run[0] is not args or self._run[1] != read:
+            settings = DropGradSettings.from_args(args, self._settings, names=self._names)
+            self._run = (args, read, settings)
+        return self._run[2]
 
     def attach(self, trainer: Any) -> DropGradCallback:
         """Put this callback in front of `trainer`'s callbacks, checking its settings now.
@@ -198,6 +210,9 @@ class DropGradCallback(TrainerCallback):
         """Check the settings against `model` now (patterns that match nothing, ...)."""
         settings = self.settings(args)
         check_supported_setup(args)
+        checked = self._checked
+        if checked is not None and checked[0] is model and checked[1] is settings:
+            return  # attach() checked this model with these settings already
         if settings.module_rates and model is not None:
             trained = {p for p in model.parameters() if p.requires_grad}
             resolve_pattern_rates(
@@ -206,6 +221,7 @@ class DropGradCallback(TrainerCallback):
                 argument=settings.names["module_rates"],
                 trained=trained,
             )
+        self._checked = (model, settings)
 
     def install(
         self,
