@@ -56,24 +56,25 @@ def install_dropgrad(
     """
     found = get_dropgrad(holder)
     zero = deepspeed_integration.zero_optimizer(holder)
-    if zero is not None and found is None:
-        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
-        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
-        kwargs = settings.dropgrad_kwargs(num_training_steps)
-        return deepspeed_integration.install_under_deepspeed(
-            zero, None, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
-        )
     if found is not None:
         return found
     kwargs = settings.dropgrad_kwargs(num_training_steps)
+
+    def build(optimizer: torch.optim.Optimizer) -> DropGrad:
+        return DropGrad(optimizer, model=model, **kwargs)
+
+    if zero is not None:
+        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
+        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
+        return deepspeed_integration.install_under_deepspeed(zero, None, build)
     if not hasattr(holder, "optimizer"):
-        return DropGrad(holder, model=model, **kwargs)
+        return build(holder)
     parent = holder
     while hasattr(parent.optimizer, "optimizer"):
         parent = parent.optimizer
     # Swapping the innermost optimizer keeps every wrapper (and the LR scheduler built on
     # the outermost one) working: they reach param_groups and step() through it.
-    dropgrad = DropGrad(parent.optimizer, model=model, **kwargs)
+    dropgrad = build(parent.optimizer)
     parent.optimizer = dropgrad
     accelerate_integration.rebind_step(parent, dropgrad)  # fp16: GradScaler must step DropGrad
     return dropgrad
@@ -208,7 +209,11 @@ class DropGradCallback(TrainerCallback):
 
     def validate(self, model: torch.nn.Module, args: TrainingArguments) -> None:
         """Check the settings against `model` now (patterns that match nothing, ...)."""
-        settings = self.settings(args)
+        self._check_model(model, self.settings(args), args)
+
+    def _check_model(
+        self, model: torch.nn.Module | None, settings: DropGradSettings, args: TrainingArguments
+    ) -> None:
         check_supported_setup(args)
         checked = self._checked
         if checked is not None and checked[0] is model and checked[1] is settings:
@@ -241,7 +246,7 @@ class DropGradCallback(TrainerCallback):
             return found
         settings = self.settings(args)
         if found is None:
-            self.validate(model, args)  # errors name the settings as the user gave them
+            self._check_model(model, settings, args)  # errors name the settings as given
             found = install_dropgrad(optimizer, model, settings, num_training_steps)
             self._log_rates = settings.enabled
         else:
