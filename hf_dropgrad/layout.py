@@ -24,7 +24,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["FlatLayout", "Piece", "Segment", "Target", "data_of", "local_target", "offset_of"]
+__all__ = [
+    "FlatLayout",
+    "Piece",
+    "Segment",
+    "Target",
+    "data_of",
+    "local_target",
+    "offset_of",
+    "register_sharded",
+]
 
 
 @dataclass(frozen=True)
@@ -64,17 +73,28 @@ def data_of(target: Target) -> torch.Tensor:
     return target.data if isinstance(target, Piece) else target.detach()
 
 
-def local_target(p: torch.Tensor) -> Target:
-    """What DropGrad masks for parameter ``p``: ``p`` itself, or its local shard as a Piece.
+_SHARDED: list[Callable[[Any], Piece | None]] = []
 
-    A sharded parameter (an FSDP2 ``DTensor``, an FSDP1 flat parameter) is handed to
-    :mod:`hf_dropgrad.integrations.fsdp`, which knows torch's sharded tensors; nothing is
-    imported for plain tensors.
+
+def register_sharded(local_piece: Callable[[Any], Piece | None]) -> None:
+    """Teach :func:`local_target` a kind of sharded parameter.
+
+    ``local_piece(p)`` returns the local :class:`Piece` of a parameter it knows (raising if it
+    cannot be masked exactly), ``None`` for others. :mod:`hf_dropgrad.integrations.fsdp`
+    registers FSDP2's ``DTensor`` (and FSDP1's refusal) when the package is imported, so the
+    core needs no import of it.
     """
-    if type(p).__name__ in ("DTensor", "FlatParameter") or getattr(p, "_is_flat_param", False):
-        from hf_dropgrad.integrations import fsdp
+    if local_piece not in _SHARDED:
+        _SHARDED.append(local_piece)
 
-        return fsdp.local_piece(p)
+
+def local_target(p: torch.Tensor) -> Target:
+    """What DropGrad masks for parameter ``p``: ``p`` itself, or its local shard as a Piece
+    (from the first :func:`register_sharded` handler that knows ``p``)."""
+    for local_piece in _SHARDED:
+        piece = local_piece(p)
+        if piece is not None:
+            return piece
     return p
 
 

@@ -63,7 +63,8 @@ def test_core_settings_and_integrations_do_not_import_transformers() -> None:
 
 def test_the_core_imports_no_integration_and_no_private_torch_module() -> None:
     core = [PACKAGE / f"{name}.py" for name in (
-        "optimizer", "functional", "schedulers", "patterns", "rates", "report", "settings",
+        "optimizer", "functional", "schedulers", "patterns", "rates", "report", "layout",
+        "settings",
     )] + sorted((PACKAGE / "kernels").glob("*.py"))
     for path in core:
         for node in _imports(path):

@@ -18,6 +18,23 @@ def test_a_plain_parameter_is_its_own_target_at_offset_zero() -> None:
     assert torch.equal(data_of(p), p.detach())
 
 
+def test_sharded_parameters_go_to_the_registered_handler() -> None:
+    from hf_dropgrad import layout
+
+    class Sharded(torch.Tensor):
+        pass
+
+    p = torch.zeros(6).as_subclass(Sharded)
+    piece = Piece(p[3:], 3, lambda: None)
+    handler = lambda t: piece if isinstance(t, Sharded) else None
+    layout.register_sharded(handler)
+    try:
+        assert local_target(p) is piece
+        assert local_target(torch.zeros(2)) is not piece
+    finally:
+        layout._SHARDED.remove(handler)
+
+
 def test_pieces_are_frozen_and_read_their_gradient_when_asked() -> None:
     grads = [None]
     piece = Piece(torch.zeros(2), 5, lambda: grads[0])

@@ -10,6 +10,6 @@ it reads. They hand the core what it needs through public objects only: a
 :class:`~hf_dropgrad.layout.Piece` per local shard, a :class:`~hf_dropgrad.layout.FlatLayout`
 given to :meth:`DropGrad.set_layout <hf_dropgrad.optimizer.DropGrad.set_layout>`. The core
 (``optimizer``, ``functional``, ``schedulers``, ``patterns``, ``kernels``) imports none of
-them, except that :func:`hf_dropgrad.layout.local_target` hands a ``DTensor`` parameter to
-:mod:`~hf_dropgrad.integrations.fsdp` when it meets one.
+them: :mod:`~hf_dropgrad.integrations.fsdp` registers its ``DTensor`` handling with
+:func:`hf_dropgrad.layout.register_sharded` when the package is imported.
 """

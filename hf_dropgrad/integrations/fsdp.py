@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hf_dropgrad.layout import Piece
+from hf_dropgrad.layout import Piece, register_sharded
 
 __all__ = ["check_param", "check_parameters", "dtensor_offset", "local_piece"]
 
@@ -116,7 +116,13 @@ def _local_grad(p: Any) -> torch.Tensor | None:
     return grad
 
 
-def local_piece(p: Any) -> Piece:
-    """The local shard of the sharded parameter ``p`` as a :class:`~hf_dropgrad.layout.Piece`."""
+def local_piece(p: Any) -> Piece | None:
+    """The local shard of the sharded parameter ``p`` as a :class:`~hf_dropgrad.layout.Piece`
+    (``None`` if ``p`` is not a ``DTensor``; an FSDP1 flat parameter is refused)."""
+    if not (_is_flat_param(p) or _is_dtensor(p)):
+        return None
     check_param(p)
     return Piece(p._local_tensor, dtensor_offset(p), lambda: _local_grad(p))
+
+
+register_sharded(local_piece)  # hf_dropgrad/__init__.py imports this module
