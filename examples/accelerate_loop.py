@@ -26,7 +26,7 @@ How DropGrad fits the loop:
   draws the same mask and the replicas stay identical (checked at the end of this script).
   FSDP2 shards are masked at their global offsets (exact); setups that cannot be exact (FSDP1,
   tensor-parallel placements) are refused with a clear error. Under DeepSpeed ZeRO call
-  ``hf_dropgrad.engines.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
+  ``hf_dropgrad.integrations.deepspeed.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         mixed_precision=args.mixed_precision, cpu=cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
-    from hf_dropgrad.callbacks import check_supported_setup
+    from hf_dropgrad.integrations.accelerate import check_supported_setup
 
     check_supported_setup(None, accelerator)  # FSDP1 & co: a clear error, not wrong masks
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:

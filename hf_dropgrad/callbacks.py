@@ -17,7 +17,9 @@ from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
-from hf_dropgrad import engines
+from hf_dropgrad.integrations import accelerate as accelerate_integration
+from hf_dropgrad.integrations import deepspeed as deepspeed_integration
+from hf_dropgrad.integrations.fsdp import check_parameters
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.patterns import resolve_pattern_rates
 from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings, keyword_names, warn_unused
@@ -36,9 +38,9 @@ def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> N
     """Refuse the setups where DropGrad cannot be exact, before training starts.
 
     FSDP2 and DeepSpeed ZeRO-1/2/3 are exact; FSDP1 and DeepSpeed's fp16/bf16 optimizer
-    without ZeRO are refused. See [`hf_dropgrad.engines.check_supported_setup`].
+    without ZeRO are refused. See [`hf_dropgrad.integrations.accelerate.check_supported_setup`].
     """
-    engines.check_supported_setup(args, accelerator)
+    accelerate_integration.check_supported_setup(args, accelerator)
 
 
 def install_dropgrad(
@@ -54,34 +56,28 @@ def install_dropgrad(
     or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
     """
     found = get_dropgrad(holder)
-    zero = engines.zero_optimizer(holder)
-    if zero is not None and found is None:
-        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
-        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
-        kwargs = settings.dropgrad_kwargs(num_training_steps)
-        return engines.install_under_deepspeed(
-            zero, None, lambda optimizer: DropGrad(optimizer, model=model, **kwargs)
-        )
+    zero = deepspeed_integration.zero_optimizer(holder)
     if found is not None:
         return found
     kwargs = settings.dropgrad_kwargs(num_training_steps)
+
+    def build(optimizer: torch.optim.Optimizer) -> DropGrad:
+        return DropGrad(optimizer, model=model, **kwargs)
+
+    if zero is not None:
+        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
+        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
+        return deepspeed_integration.install_under_deepspeed(zero, None, build)
     if not hasattr(holder, "optimizer"):
-        return DropGrad(holder, model=model, **kwargs)
+        return build(holder)
     parent = holder
     while hasattr(parent.optimizer, "optimizer"):
         parent = parent.optimizer
     # Swapping the innermost optimizer keeps every wrapper (and the LR scheduler built on
     # the outermost one) working: they reach param_groups and step() through it.
-    dropgrad = DropGrad(parent.optimizer, model=model, **kwargs)
+    dropgrad = build(parent.optimizer)
     parent.optimizer = dropgrad
-    if hasattr(parent, "_optimizer_patched_step_method"):
-        # Under fp16, AcceleratedOptimizer swaps in a step method it captured from the old
-        # optimizer when it was built; without re-capturing, GradScaler would call the
-        # inner optimizer's step and skip the masks.
-        from accelerate.optimizer import patch_optimizer_step
-
-        parent._optimizer_original_step_method = dropgrad.step
-        parent._optimizer_patched_step_method = patch_optimizer_step(parent, dropgrad.step)
+    accelerate_integration.rebind_step(parent, dropgrad)  # fp16: GradScaler must step DropGrad
     return dropgrad
 
 
@@ -148,6 +144,10 @@ class DropGradCallback(TrainerCallback):
         self._names = dict(names)
         self._settings = dict(settings)
         validated = DropGradSettings(**self._settings, names=self._names)
+        # The run's settings (these merged with the Trainer's arguments), built once per
+        # arguments object, and the (model, settings) pair whose patterns were checked.
+        self._run: tuple[Any, tuple[Any, ...], DropGradSettings] | None = None
+        self._checked: tuple[Any, DropGradSettings] | None = None
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
         self._attached = False
@@ -179,8 +179,16 @@ class DropGradCallback(TrainerCallback):
         return cls.from_settings(settings.values(), settings.names, warn=False)
 
     def settings(self, args: TrainingArguments) -> DropGradSettings:
-        """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`."""
-        return DropGradSettings.from_args(args, self._settings, names=self._names)
+        """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`.
+
+        Built and validated once per `args` (again only if its `dropgrad_*` fields or seed
+        change)."""
+        read = tuple(getattr(args, arg, None) for arg in ARG_FIELDS.values())
+        read += (getattr(args, "seed", None),)
+        if self._run is None or self._run[0] is not args or self._run[1] != read:
+            settings = DropGradSettings.from_args(args, self._settings, names=self._names)
+            self._run = (args, read, settings)
+        return self._run[2]
 
     def attach(self, trainer: Any) -> DropGradCallback:
         """Put this callback in front of `trainer`'s callbacks, checking its settings now.
@@ -202,8 +210,15 @@ class DropGradCallback(TrainerCallback):
 
     def validate(self, model: torch.nn.Module, args: TrainingArguments) -> None:
         """Check the settings against `model` now (patterns that match nothing, ...)."""
-        settings = self.settings(args)
+        self._check_model(model, self.settings(args), args)
+
+    def _check_model(
+        self, model: torch.nn.Module | None, settings: DropGradSettings, args: TrainingArguments
+    ) -> None:
         check_supported_setup(args)
+        checked = self._checked
+        if checked is not None and checked[0] is model and checked[1] is settings:
+            return  # attach() checked this model with these settings already
         if settings.module_rates and model is not None:
             trained = {p for p in model.parameters() if p.requires_grad}
             resolve_pattern_rates(
@@ -212,6 +227,7 @@ class DropGradCallback(TrainerCallback):
                 argument=settings.names["module_rates"],
                 trained=trained,
             )
+        self._checked = (model, settings)
 
     def install(
         self,
@@ -231,7 +247,7 @@ class DropGradCallback(TrainerCallback):
             return found
         settings = self.settings(args)
         if found is None:
-            self.validate(model, args)  # errors name the settings as the user gave them
+            self._check_model(model, settings, args)  # errors name the settings as given
             found = install_dropgrad(optimizer, model, settings, num_training_steps)
             self._log_rates = settings.enabled
         else:
@@ -262,11 +278,11 @@ class DropGradCallback(TrainerCallback):
         model = kwargs.get("model")
         self.install(optimizer, model, args, state.max_steps or None)
         assert self.dropgrad is not None
-        zero = engines.zero_optimizer(optimizer)
+        zero = deepspeed_integration.zero_optimizer(optimizer)
         if zero is not None:  # ZeRO steps flat partitions: map them back to the parameters
-            engines.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
+            deepspeed_integration.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
         self._engine_steps = zero is not None
-        engines.check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
+        check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
         self.dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
-from hf_dropgrad import kernels, sharding
-from hf_dropgrad.schedulers import DropRateScheduler, check_rate
+from hf_dropgrad import kernels, report
+from hf_dropgrad.layout import FlatLayout, Target, data_of, local_target, offset_of
+from hf_dropgrad.rates import RateTable
+from hf_dropgrad.schedulers import DropRateScheduler, check_rate_number
 
 __all__ = ["SEED_LIMIT", "DropGrad", "get_dropgrad", "optimizer_chain"]
 
@@ -19,6 +22,23 @@ _STATE_KEY = "dropgrad"
 _STATE_VERSION = 1
 #: Seeds are ints in ``[0, SEED_LIMIT)``: the masks' stream is keyed by 64 bits.
 SEED_LIMIT = 2**64
+
+
+@dataclass(frozen=True)
+class MaskTarget:
+    """What one step masks for one parameter (or a local piece of one): its ``target``
+    (``target.grad`` is masked), the mask's ``key`` and ``threshold``, and the ``scale`` of the
+    kept elements."""
+
+    target: Target
+    key: int
+    threshold: int
+    scale: float
+
+    @property
+    def offset(self) -> int:
+        """Global element offset of the target in its parameter."""
+        return offset_of(self.target)
 
 
 class DropGrad(Optimizer):
@@ -110,6 +130,46 @@ class DropGrad(Optimizer):
             )
 
         self.optimizer = optimizer
+        self._init_optimizer_hooks()
+
+        self.seed = seed
+        self.full_update_drop = full_update_drop
+        self._step_count_dropgrad = 0
+        self._layout: FlatLayout | None = None
+        # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
+        # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
+        self._table = RateTable.resolve(
+            optimizer.param_groups, drop_rate, params, model, drop_rate_scheduler
+        )
+
+        if drop_rate is None and not self._table.rates and drop_rate_scheduler is None:
+            raise ValueError(
+                "DropGrad needs drop_rate (a float in [0, 1]), params ({parameter or name "
+                "pattern: rate}) or drop_rate_scheduler"
+            )
+        if drop_rate_scheduler is not None:
+            initial = drop_rate_scheduler.rate_at(0)
+            if self._table.rates and initial == 0.0:
+                raise ValueError(
+                    "drop_rate_scheduler starts at 0 but per-parameter rates were given: the "
+                    "schedule scales each parameter's rate by r(k) / r(0), which is undefined "
+                    "for r(0) = 0. Start the schedule above 0, or drop params= and let the "
+                    "schedule set every parameter's rate."
+                )
+            if not self._table.rates and drop_rate is not None and drop_rate != initial:
+                raise ValueError(
+                    f"drop_rate={drop_rate} conflicts with drop_rate_scheduler, whose initial "
+                    f"rate is {initial}: pass one of them, or make them agree"
+                )
+
+    def _init_optimizer_hooks(self) -> None:
+        # The one place DropGrad imitates torch.optim.Optimizer.__init__, which it cannot call:
+        # that would give DropGrad param_groups, state and defaults of its own, while LR
+        # schedulers, GradScaler and Accelerate must see the inner optimizer's (shared through
+        # the properties below). torch has no public way to set up only the hooks: the public
+        # register_step_pre_hook & co. need these dicts, and the private
+        # _patch_step_function (checked against torch 2.13) wraps step() so that hooks run
+        # and LR schedulers see the step counter they check.
         self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
@@ -117,42 +177,6 @@ class DropGrad(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
-
-        self.seed = seed
-        self.full_update_drop = full_update_drop
-        self.drop_rate_scheduler = drop_rate_scheduler
-        self._step_count_dropgrad = 0
-        # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
-        # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
-        self._layout: sharding.ZeroLayout | None = None
-        self._num_params = sum(len(group["params"]) for group in optimizer.param_groups)
-        names = self._parameter_names(model)
-        self._base_drop_rate = None if drop_rate is None else check_rate(drop_rate, "drop_rate")
-        rates, patterns = self._resolve_params(params, model, names)
-        position = self._positions()
-        self._names: dict[int, str] = {position[p]: n for p, n in names.items() if p in position}
-        self._rates: dict[int, float] = {position[p]: r for p, r in rates.items()}
-        self._patterns: dict[int, str] = {position[p]: s for p, s in patterns.items()}
-
-        if drop_rate is None and not self._rates and drop_rate_scheduler is None:
-            raise ValueError(
-                "DropGrad needs drop_rate (a float in [0, 1]), params ({parameter or name "
-                "pattern: rate}) or drop_rate_scheduler"
-            )
-        if drop_rate_scheduler is not None:
-            initial = drop_rate_scheduler.rate_at(0)
-            if self._rates and initial == 0.0:
-                raise ValueError(
-                    "drop_rate_scheduler starts at 0 but per-parameter rates were given: the "
-                    "schedule scales each parameter's rate by r(k) / r(0), which is undefined "
-                    "for r(0) = 0. Start the schedule above 0, or drop params= and let the "
-                    "schedule set every parameter's rate."
-                )
-            if not self._rates and drop_rate is not None and drop_rate != initial:
-                raise ValueError(
-                    f"drop_rate={drop_rate} conflicts with drop_rate_scheduler, whose initial "
-                    f"rate is {initial}: pass one of them, or make them agree"
-                )
 
     # -- sharing the inner optimizer's attributes -------------------------------------------
 
@@ -181,21 +205,26 @@ class DropGrad(Optimizer):
         self.optimizer.defaults = value
 
     @property
+    def drop_rate_scheduler(self) -> DropRateScheduler | None:
+        """The drop-rate schedule, stepped after every optimizer step (or ``None``)."""
+        return self._table.scheduler
+
+    @drop_rate_scheduler.setter
+    def drop_rate_scheduler(self, value: DropRateScheduler | None) -> None:
+        self._table.scheduler = value
+
+    @property
     def drop_rate(self) -> float | None:
         """The default rate at the current step (scheduled when a scheduler is set)."""
-        if self.drop_rate_scheduler is not None and not self._rates:
-            return self.drop_rate_scheduler.get_last_rate()
-        if self._base_drop_rate is None:
-            return None
-        return min(1.0, self._base_drop_rate * self._schedule_factor())
+        return self._table.default_rate()
 
     @drop_rate.setter
     def drop_rate(self, value: float | None) -> None:
-        if self.drop_rate_scheduler is not None and not self._rates:
+        if self._table.scheduled_uniformly:
             raise ValueError(
                 "drop_rate is set by drop_rate_scheduler; change the scheduler instead"
             )
-        self._base_drop_rate = None if value is None else check_rate(value, "drop_rate")
+        self._table.base_rate = None if value is None else check_rate_number(value, "drop_rate")
 
     @property
     def step_count(self) -> int:
@@ -216,87 +245,11 @@ class DropGrad(Optimizer):
         if self.drop_rate_scheduler is not None:
             self.drop_rate_scheduler.last_step = step
 
-    # -- rates ---------------------------------------------------------------------------------
+    # -- rates (a RateTable; the report in hf_dropgrad.report) ------------------------------
 
     def _all_params(self) -> Iterator[torch.Tensor]:
         for group in self.optimizer.param_groups:
             yield from group["params"]
-
-    def _positions(self) -> dict[torch.Tensor, int]:
-        """``{parameter: position}`` over the inner optimizer's groups, in order."""
-        return {p: i for i, p in enumerate(self._all_params())}
-
-    def _parameter_names(self, model: torch.nn.Module | None) -> dict[torch.Tensor, str]:
-        names: dict[torch.Tensor, str] = {}
-        if model is not None:
-            for name, p in model.named_parameters():
-                names.setdefault(p, name)
-            return names
-        for group in self.optimizer.param_groups:
-            for name, p in zip(group.get("param_names", ()), group["params"]):
-                names.setdefault(p, name)
-        return names
-
-    def _named_for_patterns(self, model: torch.nn.Module | None) -> list[tuple[str, torch.Tensor]]:
-        if model is not None:
-            # remove_duplicate=False lists tied parameters under every alias. Parameters the
-            # optimizer does not own are kept so a pattern naming only them says so.
-            return list(model.named_parameters(remove_duplicate=False))
-        named = []
-        for group in self.optimizer.param_groups:
-            if "param_names" not in group:
-                raise ValueError(
-                    "params has name patterns but DropGrad cannot see parameter names: pass "
-                    "model=<your model>, or build the optimizer from model.named_parameters() "
-                    "(torch >= 2.6 then keeps param_groups[i]['param_names'])"
-                )
-            named.extend(zip(group["param_names"], group["params"]))
-        return named
-
-    def _resolve_params(
-        self,
-        params: Mapping[Any, float] | None,
-        model: torch.nn.Module | None,
-        names: dict[torch.Tensor, str],
-    ) -> tuple[dict[torch.Tensor, float], dict[torch.Tensor, str]]:
-        rates: dict[torch.Tensor, float] = {}
-        patterns: dict[torch.Tensor, str] = {}
-        if params is None:
-            return rates, patterns
-        if not isinstance(params, Mapping):
-            raise TypeError(
-                "params must be a mapping {parameter: rate} or {name pattern: rate}, "
-                f"got {type(params).__name__}"
-            )
-        owned = set(self._all_params())
-        by_pattern: dict[str, float] = {}
-        for key, value in params.items():
-            if isinstance(key, str):
-                by_pattern[key] = check_rate(value, f"params[{key!r}]")
-            elif isinstance(key, torch.Tensor):
-                if key not in owned:
-                    raise ValueError(
-                        f"params has a tensor of shape {tuple(key.shape)} that is not a "
-                        "parameter of the wrapped optimizer"
-                    )
-                rates[key] = check_rate(value, f"params[<parameter {tuple(key.shape)}>]")
-            else:
-                raise TypeError(
-                    "params keys must be parameters (torch.nn.Parameter) or name patterns "
-                    f"(str), got {type(key).__name__}"
-                )
-        if by_pattern:
-            from hf_dropgrad.patterns import resolve_pattern_rates
-
-            resolved = resolve_pattern_rates(
-                self._named_for_patterns(model), by_pattern, trained=owned
-            )
-            for p, (rate, name, pattern) in resolved.items():
-                names.setdefault(p, name)
-                if p not in rates:  # an explicit Parameter key beats any pattern
-                    rates[p] = rate
-                    patterns[p] = pattern
-        return rates, patterns
 
     def name_parameters(self, model: torch.nn.Module) -> None:
         """Name the parameters that have no name yet after ``model``'s ``named_parameters()``.
@@ -304,107 +257,94 @@ class DropGrad(Optimizer):
         For a ``DropGrad`` built without ``model=`` from ``model.parameters()``: afterwards
         :meth:`current_rates`, :meth:`describe` and the Trainer's logs use names, not positions.
         """
-        position = self._positions()
+        position = {p: i for i, p in enumerate(self._all_params())}
         for name, p in model.named_parameters():
             if p in position:
-                self._names.setdefault(position[p], name)
-
-    def _schedule_factor(self) -> float:
-        sched = self.drop_rate_scheduler
-        if sched is None:
-            return 1.0
-        return sched.get_last_rate() / sched.rate_at(0)
-
-    def _rate_of(self, index: int) -> float | None:
-        sched = self.drop_rate_scheduler
-        if sched is not None and not self._rates:
-            return sched.get_last_rate()
-        base = self._rates.get(index, self._base_drop_rate)
-        if base is None:
-            return None
-        return min(1.0, base * self._schedule_factor())
+                self._table.name(position[p], name)
 
     def current_rates(self) -> dict[str | int, float]:
         """``{parameter name (or position when unnamed): rate}`` for the next step.
 
         Parameters with no rate are left out; an explicit ``0.0`` is listed.
         """
-        out: dict[str | int, float] = {}
-        for index in range(self._num_params):
-            rate = self._rate_of(index)
-            if rate is not None:
-                out[self._names.get(index, index)] = rate
-        return out
+        return self._table.current_rates()
 
     def rate_groups(self) -> dict[str, float]:
         """Current rate by where it came from: ``{"default": r}`` for ``drop_rate``, the pattern
         for name-pattern rates, ``"params"`` for ``{parameter: rate}`` entries (their largest
         rate). What the Trainer layer logs.
         """
-        out: dict[str, float] = {}
-        for index in range(self._num_params):
-            rate = self._rate_of(index)
-            if rate is None:
-                continue
-            label = self._patterns.get(index) or ("params" if index in self._rates else "default")
-            out[label] = max(rate, out.get(label, 0.0))
-        return out
+        return report.rate_groups(self._table)
 
     def describe(self) -> str:
         """A table of which parameters got which rate (printed by the Trainer layer)."""
-        from hf_dropgrad.patterns import format_rate_table
-
-        rows = []
-        for index in range(self._num_params):
-            name = self._names.get(index, str(index))
-            rows.append((name, self._rate_of(index), self._patterns.get(index)))
-        return format_rate_table(rows)
+        return report.describe(self._table)
 
     # -- the step ------------------------------------------------------------------------------
 
     def _pieces(self) -> Iterator[tuple[int, Any]]:
         """``(position, target)`` of what this process masks: a parameter, or a
-        :class:`~hf_dropgrad.sharding.Piece` of one (its local shard at a global offset)."""
+        :class:`~hf_dropgrad.layout.Piece` of one (its local shard at a global offset)."""
         if self._layout is not None:
             yield from self._layout.pieces(self.optimizer.param_groups)
             return
         params = list(self._all_params())
-        if len(params) != self._num_params:
+        if len(params) != self.num_params:
             # Positions key the masks: with other tensors in param_groups they would be wrong.
             raise RuntimeError(
-                f"DropGrad was built over {self._num_params} parameters but its optimizer now "
+                f"DropGrad was built over {self.num_params} parameters but its optimizer now "
                 f"holds {len(params)} tensors. An engine replaced them (DeepSpeed ZeRO steps "
                 "flat partitions): the Trainer handles that; in your own DeepSpeed loop call "
-                "hf_dropgrad.engines.attach_deepspeed(engine.optimizer) after "
+                "hf_dropgrad.integrations.deepspeed.attach_deepspeed(engine.optimizer) after "
                 "deepspeed.initialize. To add parameters, use DropGrad.add_param_group."
             )
         for index, p in enumerate(params):
-            yield index, sharding.local_target(p)
+            yield index, local_target(p)
 
-    def _set_layout(self, layout: sharding.ZeroLayout | None) -> None:
-        """Mask the ranges ``layout`` maps (DeepSpeed ZeRO's flat partitions), and leave
-        advancing the step count to the engine (it calls :meth:`step` once per group)."""
+    @property
+    def num_params(self) -> int:
+        """How many parameters DropGrad was built over (positions ``0 .. num_params - 1``)."""
+        return self._table.num_params
+
+    @property
+    def layout(self) -> FlatLayout | None:
+        """The :class:`~hf_dropgrad.layout.FlatLayout` set by :meth:`set_layout`, if any."""
+        return self._layout
+
+    def set_layout(self, layout: FlatLayout | None) -> None:
+        """Mask the runs ``layout`` maps instead of the parameters (an engine's flat
+        partitions, e.g. DeepSpeed ZeRO's), and leave advancing the step count to the engine,
+        which calls :meth:`step` once per group and :meth:`advance` once per optimizer step.
+        ``None`` goes back to masking the parameters."""
+        if layout is not None and not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout or None, got {type(layout).__name__}")
         self._layout = layout
 
-    def _advance(self) -> None:
-        """One optimizer step is done: advance the step count and the scheduler."""
+    def name_of(self, index: int) -> str | int:
+        """The name of the parameter at position ``index``, or ``index`` when it has none."""
+        return self._table.name_of(index)
+
+    def advance(self) -> None:
+        """One optimizer step is done: advance the step count and the scheduler.
+
+        :meth:`step` calls this itself, except under a :meth:`set_layout` engine."""
         self._step_count_dropgrad += 1
         if self.drop_rate_scheduler is not None:
             self.drop_rate_scheduler.step()
 
-    def _targets(self) -> list[tuple[Any, int, int, float]]:
-        """``(target, key, threshold, scale)`` of every parameter (or local piece of one) with a
-        positive rate; ``target.grad`` is what gets masked."""
+    def _targets(self) -> list[MaskTarget]:
+        """A :class:`MaskTarget` for every parameter (or local piece of one) with a positive
+        rate."""
         out = []
         for index, target in self._pieces():
-            rate = self._rate_of(index)
+            rate = self._table.rate_of(index)
             if not rate:
                 continue
             threshold = F.drop_threshold(rate)
             if threshold == 0:
                 continue
             key = F.derive_key(self.seed, self._step_count_dropgrad, index)
-            out.append((target, key, threshold, F.keep_scale(threshold)))
+            out.append(MaskTarget(target, key, threshold, F.keep_scale(threshold)))
         return out
 
     @staticmethod
@@ -417,7 +357,7 @@ class DropGrad(Optimizer):
                 "use dense gradients or leave that parameter without a rate"
             )
         if type(grad).__name__ == "DTensor":
-            # DTensor parameters are masked through their local shard (hf_dropgrad.sharding);
+            # DTensor parameters are masked through their local shard (integrations.fsdp);
             # a DTensor gradient on a plain parameter has no known place in the parameter.
             raise RuntimeError(
                 "DropGrad got a sharded (DTensor) gradient for a parameter that is not a "
@@ -427,34 +367,29 @@ class DropGrad(Optimizer):
         if not grad.is_floating_point():
             raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
 
-    def _live(
-        self, targets: list[tuple[torch.Tensor, int, int, float]]
-    ) -> list[tuple[torch.Tensor, int, int, float]]:
+    def _live(self, targets: list[MaskTarget]) -> list[MaskTarget]:
         """The targets that have a gradient, each checked by :meth:`_check_grad`."""
-        live = [t for t in targets if t[0].grad is not None]
-        for p, *_ in live:
-            self._check_grad(p)
+        live = [t for t in targets if t.target.grad is not None]
+        for t in live:
+            self._check_grad(t.target)  # type: ignore[arg-type]
         return live
 
-    def _mask(self, targets: list[tuple[torch.Tensor, int, int, float]]) -> None:
+    def _mask(self, targets: list[MaskTarget]) -> None:
         live = self._live(targets)
         F.mask_(
-            [p.grad for p, *_ in live],  # type: ignore[misc]
-            [t[1] for t in live],
-            [t[2] for t in live],
-            [t[3] for t in live],
-            [sharding.offset_of(t[0]) for t in live],
+            [t.target.grad for t in live],  # type: ignore[misc]
+            [t.key for t in live],
+            [t.threshold for t in live],
+            [t.scale for t in live],
+            [t.offset for t in live],
         )
 
-    def _snapshot_dropped(
-        self, targets: list[tuple[torch.Tensor, int, int, float]]
-    ) -> F.DroppedValues:
-        params = [t.data if isinstance(t, sharding.Piece) else t.detach() for t, *_ in targets]
+    def _snapshot_dropped(self, targets: list[MaskTarget]) -> F.DroppedValues:
         return F.save_dropped_many(
-            params,
-            [t[1] for t in targets],
-            [t[2] for t in targets],
-            [sharding.offset_of(t[0]) for t in targets],
+            [data_of(t.target) for t in targets],
+            [t.key for t in targets],
+            [t.threshold for t in targets],
+            [t.offset for t in targets],
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -470,7 +405,7 @@ class DropGrad(Optimizer):
             self._live(targets)  # refuse bad gradients before touching parameters
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
-                live = [t for t in targets if closure is not None or t[0].grad is not None]
+                live = [t for t in targets if closure is not None or t.target.grad is not None]
                 saved = self._snapshot_dropped(live)
         if closure is None:
             with torch.no_grad():
@@ -489,7 +424,7 @@ class DropGrad(Optimizer):
             with torch.no_grad():
                 saved.restore()
         if self._layout is None:  # under ZeRO the engine's step advances it, once for all groups
-            self._advance()
+            self.advance()
         return loss
 
     # -- pass-through ----------------------------------------------------------------------
@@ -501,9 +436,7 @@ class DropGrad(Optimizer):
         """Add a group to the inner optimizer; its parameters get the default rate."""
         self.optimizer.add_param_group(param_group)
         added = self.optimizer.param_groups[-1]
-        for offset, name in enumerate(added.get("param_names", ())):
-            self._names.setdefault(self._num_params + offset, name)
-        self._num_params += len(added["params"])
+        self._table.add_positions(len(added["params"]), added.get("param_names", ()))
 
     def train(self) -> None:
         """Call the inner optimizer's ``train()`` where it has one (schedule-free optimizers)."""
@@ -553,7 +486,7 @@ class DropGrad(Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        rates = sorted({r for r in map(self._rate_of, range(self._num_params)) if r is not None})
+        rates = sorted({row.rate for row in self._table.rows() if row.rate is not None})
         shown = ", ".join(f"{r:g}" for r in rates[:6]) + (", ..." if len(rates) > 6 else "")
         return (
             f"DropGrad(rates=[{shown}], full_update_drop={self.full_update_drop}, "

@@ -25,12 +25,16 @@ __all__ = [
     "DropRateScheduler",
     "LinearDropRateScheduler",
     "StepDropRateScheduler",
-    "check_rate",
+    "check_rate_number",
 ]
 
 
-def check_rate(value: Any, name: str) -> float:
-    """Return ``value`` as a float in ``[0, 1]`` or raise naming the argument ``name``."""
+def check_rate_number(value: Any, name: str) -> float:
+    """Return ``value``, an ``int`` or ``float`` (not a bool, not a string), as a float in
+    ``[0, 1]``; ``TypeError``/``ValueError`` naming the argument ``name`` otherwise.
+
+    The core's rule for rates given in Python. The Trainer layer's settings also read
+    numeric strings (:func:`hf_dropgrad.settings.parse_rate`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{name} must be a number in [0, 1] (the probability that a gradient element is "
@@ -61,7 +65,7 @@ class DropRateScheduler:
     """
 
     def __init__(self, initial_drop_rate: float) -> None:
-        self.initial_drop_rate = check_rate(initial_drop_rate, "initial_drop_rate")
+        self.initial_drop_rate = check_rate_number(initial_drop_rate, "initial_drop_rate")
         self.last_step = 0
 
     def rate_at(self, step: int) -> float:
@@ -101,7 +105,7 @@ class ConstantDropRateScheduler(DropRateScheduler):
     """
 
     def __init__(self, drop_rate: float) -> None:
-        super().__init__(check_rate(drop_rate, "drop_rate"))
+        super().__init__(check_rate_number(drop_rate, "drop_rate"))
 
     def rate_at(self, step: int) -> float:
         return self.initial_drop_rate
@@ -112,7 +116,7 @@ class _RampDropRateScheduler(DropRateScheduler):
 
     def __init__(self, initial_drop_rate: float, final_drop_rate: float, num_steps: int) -> None:
         super().__init__(initial_drop_rate)
-        self.final_drop_rate = check_rate(final_drop_rate, "final_drop_rate")
+        self.final_drop_rate = check_rate_number(final_drop_rate, "final_drop_rate")
         self.num_steps = _check_positive_int(num_steps, "num_steps")
 
 
@@ -197,7 +201,7 @@ class StepDropRateScheduler(DropRateScheduler):
                     raise ValueError(
                         f"drop_rate_schedule keys must be non-negative int steps, got {k!r}"
                     )
-                schedule[k] = check_rate(v, f"drop_rate_schedule[{k}]")
+                schedule[k] = check_rate_number(v, f"drop_rate_schedule[{k}]")
         self.drop_rate_schedule = schedule
         self.step_size = None if step_size is None else _check_positive_int(step_size, "step_size")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
@@ -214,3 +218,17 @@ class StepDropRateScheduler(DropRateScheduler):
             return rate
         assert self.step_size is not None
         return min(1.0, self.initial_drop_rate * self.gamma ** (step // self.step_size))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "check_rate":  # listed in __all__ before it was renamed
+        import warnings
+
+        warnings.warn(
+            "hf_dropgrad.schedulers.check_rate is renamed check_rate_number; the old name will "
+            "be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return check_rate_number
+    raise AttributeError(f"module 'hf_dropgrad.schedulers' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-r"""DropGrad's settings for the Trainer layer: one object, one parser, every check.
+r"""DropGrad's settings for the Trainer layer: declared once, one parser, every check.
 
 The Transformers-facing classes (``DropGradTrainingArguments``, ``DropGradTrainer``,
 ``DropGradCallback``) take the same nine settings under different spellings: flags
@@ -7,9 +7,14 @@ The Transformers-facing classes (``DropGradTrainingArguments``, ``DropGradTraine
 Transformers, only the torch core's :mod:`~hf_dropgrad.schedulers`, :mod:`~hf_dropgrad.patterns`
 and :mod:`~hf_dropgrad.optimizer`:
 
-* :class:`DropGradSettings`, the validated settings of one run, with the run-dependent
-  defaults resolved (the seed falls back to ``args.seed``, a schedule's length to the run's
-  optimizer steps) and the keyword arguments of ``DropGrad`` they stand for;
+* :class:`DropGradSettings`, **the one declaration** of the nine settings: each field carries
+  its default, its help (``metadata["help"]``), its ``TrainingArguments`` field name
+  (``metadata["arg"]``) and type (``metadata["arg_type"]``). The argument classes' fields, the
+  command-line flags, the README's flags table (``scripts/gen_flags_table.py``) and
+  ``DropGradCallback``'s keywords are all generated from it (:data:`SETTING_FIELDS`). An
+  instance is the validated, immutable settings of one run, with the run-dependent defaults
+  resolved (the seed falls back to ``args.seed``, a schedule's length to the run's optimizer
+  steps) and the keyword arguments of ``DropGrad`` they stand for;
 * :func:`parse_module_rates`, the ``PATTERN=RATE`` parser;
 * the validators, in one dialect.
 
@@ -41,7 +46,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, InitVar, dataclass, field, fields
 from typing import Any
 
 from hf_dropgrad.optimizer import SEED_LIMIT
@@ -59,6 +64,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "FLAGS",
     "SCHEDULERS",
+    "SETTING_FIELDS",
     "DropGradSettings",
     "keyword_names",
     "parse_module_rates",
@@ -74,23 +80,6 @@ SCHEDULERS: dict[str, type[DropRateScheduler]] = {
     "cosine": CosineAnnealingDropRateScheduler,
     "step": StepDropRateScheduler,
 }
-
-#: Setting -> ``TrainingArguments`` field. Settings drop the prefix so that they read like
-#: ``DropGrad``'s and ``DropGradCallback``'s keyword arguments (``drop_rate=``, ...).
-ARG_FIELDS: dict[str, str] = {
-    "drop_rate": "dropgrad_rate",
-    "module_rates": "dropgrad_module_rates",
-    "scheduler": "dropgrad_scheduler",
-    "final_rate": "dropgrad_final_rate",
-    "scheduler_steps": "dropgrad_scheduler_steps",
-    "step_size": "dropgrad_step_size",
-    "gamma": "dropgrad_gamma",
-    "full_update_drop": "dropgrad_full_update_drop",
-    "seed": "dropgrad_seed",
-}
-
-#: How messages name each setting when it came from the command line or a config file.
-FLAGS: dict[str, str] = {key: f"--{arg}" for key, arg in ARG_FIELDS.items()}
 
 DEFAULT_GAMMA = 0.5
 
@@ -153,8 +142,10 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def check_rate(value: Any, name: str) -> float:
-    """``value`` as a float in ``[0, 1]``; ``ValueError`` naming ``name`` otherwise."""
+def parse_rate(value: Any, name: str) -> float:
+    """``value``, a number or a numeric string (not a bool), as a float in ``[0, 1]``;
+    ``ValueError`` naming ``name`` otherwise. (The core's rule for Python arguments,
+    :func:`hf_dropgrad.schedulers.check_rate_number`, takes numbers only.)"""
     number = _as_float(value)
     if number is None or not 0.0 <= number <= 1.0:  # the comparison also rejects NaN
         raise _fail(name, f"a number in [0, 1] ({_RATE_MEANING})", value)
@@ -303,7 +294,7 @@ def parse_module_rates(
         if key in rates:
             raise ValueError(f"{name}: pattern {key!r} is given more than once.")
         check_pattern(key, name)
-        rates[key] = check_rate(rate, f"{name}: the rate of {key!r}")
+        rates[key] = parse_rate(rate, f"{name}: the rate of {key!r}")
     return rates or None
 
 
@@ -352,8 +343,8 @@ def validate_settings(values: Mapping[str, Any], names: Mapping[str, str]) -> di
         ValueError: naming the setting(s) at fault.
     """
     out = dict(values)
-    out["drop_rate"] = check_rate(values["drop_rate"], names["drop_rate"])
-    out["final_rate"] = check_rate(values["final_rate"], names["final_rate"])
+    out["drop_rate"] = parse_rate(values["drop_rate"], names["drop_rate"])
+    out["final_rate"] = parse_rate(values["final_rate"], names["final_rate"])
     out["module_rates"] = parse_module_rates(values["module_rates"], names["module_rates"])
     kind = out["scheduler"] = check_choice(values["scheduler"], names["scheduler"], SCHEDULERS)
     for key in ("scheduler_steps", "step_size"):
@@ -422,6 +413,12 @@ def _default_names() -> dict[str, str]:
     return keyword_names("DropGradSettings")
 
 
+def _setting(default: Any, *, arg: str, arg_type: Any, help: str) -> Any:
+    """One setting of :class:`DropGradSettings`: its default, its help, and the name and type
+    of the ``TrainingArguments`` field generated from it."""
+    return field(default=default, metadata={"help": help, "arg": arg, "arg_type": arg_type})
+
+
 @dataclass(frozen=True)
 class DropGradSettings:
     """DropGrad's settings for one run, validated, with the run-dependent defaults resolved.
@@ -446,7 +443,8 @@ class DropGradSettings:
       fills it from ``args.seed``.
 
     Two fields do not take part in comparisons: ``names`` (how messages name each setting,
-    as the user wrote it) and ``given`` (the settings the user set away from their default).
+    as the user wrote it) and ``given`` (the settings set away from their default, worked out
+    at construction; the seed counts unless ``seed_from_args=True`` says it is ``args.seed``).
 
     Example::
 
@@ -455,22 +453,118 @@ class DropGradSettings:
         {'initial_drop_rate': 0.1, 'final_drop_rate': 0.0, 'num_steps': 1000}
     """
 
-    drop_rate: float = 0.0
-    module_rates: dict[str, float] | None = None
-    scheduler: str = "constant"
-    final_rate: float = 0.0
-    scheduler_steps: int | None = None
-    step_size: int | None = None
-    gamma: float = DEFAULT_GAMMA
-    full_update_drop: bool = False
-    seed: int | None = None
+    drop_rate: float = _setting(
+        0.0,
+        arg="dropgrad_rate",
+        arg_type=float,
+        help=(
+            "DropGrad rate: the probability, in [0, 1], that each gradient element is zeroed "
+            "before an optimizer step (kept elements are divided by the keep probability, so "
+            "the gradient stays unbiased). Applies to every trainable parameter that no "
+            "--dropgrad_module_rates pattern matches, and is the first value of a schedule. "
+            "0 is an exact no-op."
+        ),
+    )
+    module_rates: dict[str, float] | None = _setting(  # noqa: RUF009 (returns a field())
+        None,
+        arg="dropgrad_module_rates",
+        arg_type=dict | str | None,
+        help=(
+            "Per-module DropGrad rates: comma-separated PATTERN=RATE pairs, e.g. "
+            "encoder=0.1,decoder=0.2 (blanks allowed), or a JSON object string, e.g. "
+            "'{\"encoder\": 0.1}'; a mapping in JSON/YAML config files. A PATTERN of letters, "
+            "digits, _ and . only is a module name: it matches that submodule and everything "
+            "below it on '.' boundaries ('encoder' matches 'model.encoder.layer.0.weight', "
+            "not 'pre_encoder.x'). Any other PATTERN is a regex that must match the whole "
+            "parameter name (e.g. '.*attention.*'). A regex beats a module name; a longer "
+            "module name beats a shorter one. In the pair form, a comma inside (), [] or {} "
+            "(as in 'layer\\.\\d{1,2}\\..*=0.1') or escaped as '\\,' belongs to the pattern, "
+            "and the rate follows the last '='. Parameters no pattern matches get "
+            "--dropgrad_rate, or no rate at all when it is 0."
+        ),
+    )
+    scheduler: str = _setting(
+        "constant",
+        arg="dropgrad_scheduler",
+        arg_type=str,
+        help=(
+            "DropGrad rate schedule over optimizer steps, one of: 'constant'; 'linear' or "
+            "'cosine' (from --dropgrad_rate to --dropgrad_final_rate over "
+            "--dropgrad_scheduler_steps steps, then constant); 'step' (multiply the rate by "
+            "--dropgrad_gamma every --dropgrad_step_size steps). The first step uses "
+            "--dropgrad_rate. With --dropgrad_module_rates, every module rate is scaled by "
+            "rate(step) / --dropgrad_rate, which must then be > 0."
+        ),
+    )
+    final_rate: float = _setting(
+        0.0,
+        arg="dropgrad_final_rate",
+        arg_type=float,
+        help="DropGrad rate, in [0, 1], at the end of a 'linear' or 'cosine' schedule.",
+    )
+    scheduler_steps: int | None = _setting(
+        None,
+        arg="dropgrad_scheduler_steps",
+        arg_type=int | None,
+        help=(
+            "Length in optimizer steps (a positive integer) of a 'linear' or 'cosine' "
+            "DropGrad schedule. Defaults to the run's total number of optimizer steps "
+            "(--max_steps, or what the Trainer computes from --num_train_epochs)."
+        ),
+    )
+    step_size: int | None = _setting(
+        None,
+        arg="dropgrad_step_size",
+        arg_type=int | None,
+        help=(
+            "Optimizer steps (a positive integer) between two decays of the 'step' DropGrad "
+            "schedule, which requires it."
+        ),
+    )
+    gamma: float = _setting(
+        DEFAULT_GAMMA,
+        arg="dropgrad_gamma",
+        arg_type=float,
+        help=(
+            "Factor (> 0) the DropGrad rate is multiplied by every --dropgrad_step_size "
+            "optimizer steps in the 'step' schedule; the rate is capped at 1."
+        ),
+    )
+    full_update_drop: bool = _setting(
+        False,
+        arg="dropgrad_full_update_drop",
+        arg_type=bool,
+        help=(
+            "Freeze dropped elements for the step: their values after the step equal those "
+            "before, reverting the whole optimizer update for them (momentum, weight decay, "
+            "...), not only the gradient term. Costs extra memory during the step."
+        ),
+    )
+    seed: int | None = _setting(
+        None,
+        arg="dropgrad_seed",
+        arg_type=int | None,
+        help=(
+            "Seed (an integer in [0, 2**64)) of the DropGrad masks, which depend only on "
+            "(seed, optimizer step, parameter), so they are the same on every replica and "
+            "after resuming. Defaults to --seed."
+        ),
+    )
     names: Mapping[str, str] = field(default_factory=_default_names, compare=False, repr=False)
-    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    given: frozenset[str] = field(init=False, compare=False, repr=False)
+    seed_from_args: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, seed_from_args: bool) -> None:
+        # Validation, normalisation ("0.1" -> 0.1, "a=0.1" -> {"a": 0.1}) and `given` are part
+        # of construction, the one place they happen; afterwards nothing changes the object.
         values = validate_settings(self.values(), self.names)
         for key, value in values.items():
             object.__setattr__(self, key, value)
+        defaults = {f.name: f.default for f in SETTING_FIELDS}
+        given = {key for key in ARG_FIELDS if key != "seed" and values[key] != defaults[key]}
+        if values["seed"] is not None and not seed_from_args:
+            given.add("seed")
+        object.__setattr__(self, "given", frozenset(given))
 
     def values(self) -> dict[str, Any]:
         """The nine settings as a dict (``names`` and ``given`` left out)."""
@@ -514,19 +608,10 @@ class DropGradSettings:
                 values[key], used_names[key] = getattr(args, arg), FLAGS[key]
             else:
                 values[key], used_names[key] = defaults[key], keyword[key]
-        explicit_seed = values["seed"] is not None
-        if not explicit_seed:
+        seed_from_args = values["seed"] is None
+        if seed_from_args:
             values["seed"] = getattr(args, "seed", None)
-        settings = cls(**values, names=used_names)
-        given = {
-            key
-            for key in ARG_FIELDS
-            if key != "seed" and getattr(settings, key) != defaults[key]
-        }
-        if explicit_seed:
-            given.add("seed")
-        object.__setattr__(settings, "given", frozenset(given))
-        return settings
+        return cls(**values, names=used_names, seed_from_args=seed_from_args)
 
     @property
     def enabled(self) -> bool:
@@ -608,3 +693,16 @@ class DropGradSettings:
             "full_update_drop": self.full_update_drop,
             "seed": self.seed,
         }
+
+
+#: The nine settings' fields, in declaration order: what every spelling is generated from.
+SETTING_FIELDS: tuple[Field, ...] = tuple(
+    f for f in fields(DropGradSettings) if "arg" in f.metadata
+)
+
+#: Setting -> ``TrainingArguments`` field. Settings drop the prefix so that they read like
+#: ``DropGrad``'s and ``DropGradCallback``'s keyword arguments (``drop_rate=``, ...).
+ARG_FIELDS: dict[str, str] = {f.name: f.metadata["arg"] for f in SETTING_FIELDS}
+
+#: How messages name each setting when it came from the command line or a config file.
+FLAGS: dict[str, str] = {key: f"--{arg}" for key, arg in ARG_FIELDS.items()}

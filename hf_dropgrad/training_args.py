@@ -6,8 +6,10 @@ the command line, a JSON file or a YAML file, ``__post_init__`` validates them w
 arguments are created (so a bad value fails at parse time, naming its flag), and they are
 saved with the other arguments (``to_dict()``, ``to_json_string()``, ``training_args.bin``).
 
-This module only declares the fields and their help, written once: the docstrings' parameter
-lists are generated from the help. Parsing and validation live in :mod:`hf_dropgrad.settings`.
+The fields, their defaults and their help are declared once, in
+:class:`hf_dropgrad.settings.DropGradSettings`, and generated here (with the ``dropgrad_``
+prefix); so are the docstrings' parameter lists. Parsing and validation live in
+:mod:`hf_dropgrad.settings`.
 
 Example::
 
@@ -28,8 +30,8 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad.settings import (
     ARG_FIELDS,
-    DEFAULT_GAMMA,
     FLAGS,
+    SETTING_FIELDS,
     parse_module_rates,
     validate_settings,
     warn_unused,
@@ -42,108 +44,10 @@ __all__ = [
 ]
 
 
-@dataclass
 class _DropGradArgumentsMixin:
     # First among the bases of the public classes, so that these fields come last in `--help`
-    # and `to_dict()`, and this __post_init__ runs the parent's first.
-
-    dropgrad_rate: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "DropGrad rate: the probability, in [0, 1], that each gradient element is zeroed "
-                "before an optimizer step (kept elements are divided by the keep probability, so "
-                "the gradient stays unbiased). Applies to every trainable parameter that no "
-                "--dropgrad_module_rates pattern matches, and is the first value of a schedule. "
-                "0 is an exact no-op."
-            )
-        },
-    )
-    dropgrad_module_rates: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Per-module DropGrad rates: comma-separated PATTERN=RATE pairs, e.g. "
-                "encoder=0.1,decoder=0.2 (blanks allowed), or a JSON object string, e.g. "
-                "'{\"encoder\": 0.1}'; a mapping in JSON/YAML config files. A PATTERN of letters, "
-                "digits, _ and . only is a module name: it matches that submodule and everything "
-                "below it on '.' boundaries ('encoder' matches 'model.encoder.layer.0.weight', "
-                "not 'pre_encoder.x'). Any other PATTERN is a regex that must match the whole "
-                "parameter name (e.g. '.*attention.*'). A regex beats a module name; a longer "
-                "module name beats a shorter one. In the pair form, a comma inside (), [] or {} "
-                "(as in 'layer\\.\\d{1,2}\\..*=0.1') or escaped as '\\,' belongs to the pattern, "
-                "and the rate follows the last '='. Parameters no pattern matches get "
-                "--dropgrad_rate, or no rate at all when it is 0."
-            )
-        },
-    )
-    dropgrad_scheduler: str = field(
-        default="constant",
-        metadata={
-            "help": (
-                "DropGrad rate schedule over optimizer steps, one of: 'constant'; 'linear' or "
-                "'cosine' (from --dropgrad_rate to --dropgrad_final_rate over "
-                "--dropgrad_scheduler_steps steps, then constant); 'step' (multiply the rate by "
-                "--dropgrad_gamma every --dropgrad_step_size steps). The first step uses "
-                "--dropgrad_rate. With --dropgrad_module_rates, every module rate is scaled by "
-                "rate(step) / --dropgrad_rate, which must then be > 0."
-            )
-        },
-    )
-    dropgrad_final_rate: float = field(
-        default=0.0,
-        metadata={
-            "help": "DropGrad rate, in [0, 1], at the end of a 'linear' or 'cosine' schedule."
-        },
-    )
-    dropgrad_scheduler_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Length in optimizer steps (a positive integer) of a 'linear' or 'cosine' "
-                "DropGrad schedule. Defaults to the run's total number of optimizer steps "
-                "(--max_steps, or what the Trainer computes from --num_train_epochs)."
-            )
-        },
-    )
-    dropgrad_step_size: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Optimizer steps (a positive integer) between two decays of the 'step' DropGrad "
-                "schedule, which requires it."
-            )
-        },
-    )
-    dropgrad_gamma: float = field(
-        default=DEFAULT_GAMMA,
-        metadata={
-            "help": (
-                "Factor (> 0) the DropGrad rate is multiplied by every --dropgrad_step_size "
-                "optimizer steps in the 'step' schedule; the rate is capped at 1."
-            )
-        },
-    )
-    dropgrad_full_update_drop: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Freeze dropped elements for the step: their values after the step equal those "
-                "before, reverting the whole optimizer update for them (momentum, weight decay, "
-                "...), not only the gradient term. Costs extra memory during the step."
-            )
-        },
-    )
-    dropgrad_seed: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Seed (an integer in [0, 2**64)) of the DropGrad masks, which depend only on "
-                "(seed, optimizer step, parameter), so they are the same on every replica and "
-                "after resuming. Defaults to --seed."
-            )
-        },
-    )
+    # and `to_dict()`, and this __post_init__ runs the parent's first. Its fields are
+    # generated below from hf_dropgrad.settings.DropGradSettings, where they are declared.
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -152,6 +56,19 @@ class _DropGradArgumentsMixin:
         for key, value in values.items():
             setattr(self, ARG_FIELDS[key], value)
         warn_unused(values, FLAGS, stacklevel=3)  # the caller of the dataclass __init__
+
+
+_DropGradArgumentsMixin.__annotations__ = {
+    f.metadata["arg"]: f.metadata["arg_type"] for f in SETTING_FIELDS
+}
+for _setting in SETTING_FIELDS:
+    setattr(
+        _DropGradArgumentsMixin,
+        _setting.metadata["arg"],
+        field(default=_setting.default, metadata={"help": _setting.metadata["help"]}),
+    )
+del _setting
+_DropGradArgumentsMixin = dataclass(_DropGradArgumentsMixin)
 
 
 def _parameters_doc() -> str:

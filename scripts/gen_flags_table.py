@@ -1,4 +1,4 @@
-"""Write the README's `--dropgrad_*` flags table from the dataclass help texts.
+"""Write the README's `--dropgrad_*` flags table from the settings' one declaration.
 
     python scripts/gen_flags_table.py          # rewrite README.md between the markers
     python scripts/gen_flags_table.py --check  # exit 1 if README.md is out of date (tests use it)
@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,16 +16,19 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def flags_table() -> str:
-    """A Markdown table of every `dropgrad_*` field: flag, type, default, help."""
-    from hf_dropgrad.training_args import DropGradTrainingArguments
+    """A Markdown table of every `dropgrad_*` field: flag, type, default, help.
+
+    Read from `hf_dropgrad.settings.SETTING_FIELDS`, the declaration the `TrainingArguments`
+    fields are generated from.
+    """
+    from hf_dropgrad.settings import SETTING_FIELDS
 
     rows = ["| flag | type | default | what it does |", "| --- | --- | --- | --- |"]
-    for field in dataclasses.fields(DropGradTrainingArguments):
-        if not field.name.startswith("dropgrad_"):
-            continue
-        kind = (getattr(field.type, "__name__", None) or str(field.type)).replace("|", "\\|")
+    for field in SETTING_FIELDS:
+        arg, arg_type = field.metadata["arg"], field.metadata["arg_type"]
+        kind = (getattr(arg_type, "__name__", None) or str(arg_type)).replace("|", "\\|")
         text = " ".join(field.metadata["help"].split()).replace("|", "\\|")
-        rows.append(f"| `--{field.name}` | `{kind}` | `{field.default!r}` | {text} |")
+        rows.append(f"| `--{arg}` | `{kind}` | `{field.default!r}` | {text} |")
     return "\n".join(rows)
 
 

@@ -41,6 +41,7 @@ TESTS=(
     tests/test_training_args.py
     tests/test_settings.py
     tests/test_init.py
+    tests/test_integrations_accelerate.py
     tests/test_readme.py
     tests/test_examples.py::test_extract_cmudict_rows_and_split
     tests/test_examples.py::test_edit_distance_and_g2p_metrics

@@ -25,8 +25,9 @@ script for the setup). What is compared, and why:
   (The Trainer's update itself is then twice the 1-process one under DeepSpeed, with or
   without DropGrad: a loss-scaling matter of Trainer + DeepSpeed, checked here so that a
   change shows up.)
-- A plain DeepSpeed loop (no Trainer) with ``hf_dropgrad.engines.attach_deepspeed``: ZeRO-2
-  and ZeRO-3 equal the 1-process run whose optimizer holds the parameters in the same order.
+- A plain DeepSpeed loop (no Trainer) with
+  ``hf_dropgrad.integrations.deepspeed.attach_deepspeed``: ZeRO-2 and ZeRO-3 equal the
+  1-process run whose optimizer holds the parameters in the same order.
 - bf16: the fp32 master gradients are masked, so with SGD every dropped element's bf16 value
   stays put (the oracle's drops are a subset of the unchanged elements, while most others move).
 - The shipped ``examples/accelerate_configs/deepspeed_zero2.yaml`` under ``accelerate launch``.

@@ -24,15 +24,60 @@ def _is_submodule(name: str) -> bool:
     return (PACKAGE / f"{name}.py").exists() or (PACKAGE / name / "__init__.py").exists()
 
 
-def test_core_and_settings_do_not_import_transformers() -> None:
+#: The modules that must import without Transformers or Accelerate (docs/design.md): the
+#: torch core, the settings (Transformers-free by design) and the engines' integrations.
+TRANSFORMERS_FREE = [
+    "hf_dropgrad",
+    "hf_dropgrad.optimizer",
+    "hf_dropgrad.functional",
+    "hf_dropgrad.schedulers",
+    "hf_dropgrad.patterns",
+    "hf_dropgrad.rates",
+    "hf_dropgrad.report",
+    "hf_dropgrad.layout",
+    "hf_dropgrad.kernels",
+    "hf_dropgrad.settings",
+    "hf_dropgrad.integrations.deepspeed",
+    "hf_dropgrad.integrations.fsdp",
+    "hf_dropgrad.integrations.accelerate",
+]
+
+
+def test_core_settings_and_integrations_do_not_import_transformers() -> None:
+    """The one check of the import rule: each module alone, in a fresh interpreter."""
     code = (
-        "import sys\n"
-        "from hf_dropgrad import DropGrad, ConstantDropRateScheduler, LinearDropRateScheduler\n"
-        "from hf_dropgrad import CosineAnnealingDropRateScheduler, StepDropRateScheduler\n"
-        "import hf_dropgrad.settings, hf_dropgrad.patterns\n"
-        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        # kernels.ops stays loaded: its torch.library ops can be defined once per process.
+        "    for loaded in [m for m in sys.modules if m.startswith('hf_dropgrad')\n"
+        "                   and m != 'hf_dropgrad.kernels.ops']:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+        "    if name == 'hf_dropgrad':\n"
+        "        from hf_dropgrad import DropGrad, ConstantDropRateScheduler  # noqa: F401\n"
+        "        from hf_dropgrad import LinearDropRateScheduler, StepDropRateScheduler  # noqa\n"
+        "        from hf_dropgrad import CosineAnnealingDropRateScheduler  # noqa: F401\n"
+        "    bad = {'transformers', 'accelerate', 'deepspeed'} & set(sys.modules)\n"
+        "    assert not bad, f'{name} imports {sorted(bad)}'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code, *TRANSFORMERS_FREE], check=True)
+
+
+def test_the_core_imports_no_integration_and_no_private_torch_module() -> None:
+    core = [PACKAGE / f"{name}.py" for name in (
+        "optimizer", "functional", "schedulers", "patterns", "rates", "report", "layout",
+        "settings",
+    )] + sorted((PACKAGE / "kernels").glob("*.py"))
+    for path in core:
+        for node in _imports(path):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                alias.name for alias in node.names
+            ]
+            for name in names:
+                assert not name.startswith(("hf_dropgrad.integrations", "deepspeed")), (
+                    path.name, name
+                )
+                assert "._" not in name, f"{path.name} imports the private module {name}"
 
 
 def test_trainer_layer_is_lazy() -> None:
@@ -73,11 +118,10 @@ def test_no_private_names_across_modules(path: Path) -> None:
             assert not private, f"{path.name}:{node.lineno} imports {private} from {node.module}"
 
 
-def test_settings_imports_no_transformers_and_the_core_directly() -> None:
+def test_settings_imports_the_core_directly() -> None:
     modules = {
         node.module if isinstance(node, ast.ImportFrom) else alias.name
         for node in _imports(PACKAGE / "settings.py")
         for alias in node.names
     }
     assert {"hf_dropgrad.schedulers", "hf_dropgrad.patterns"} <= modules
-    assert not any(str(m).startswith(("transformers", "accelerate")) for m in modules)

@@ -159,3 +159,13 @@ def test_scheduled_rate_is_realised_in_the_masks() -> None:
     second = _masked_fraction(opt, model)
     assert first == pytest.approx(F.realised_drop_rate(0.5), abs=0.01)
     assert second == pytest.approx(F.realised_drop_rate(0.1), abs=0.01)
+
+
+def test_check_rate_number_takes_numbers_only_and_the_old_name_warns() -> None:
+    from hf_dropgrad import schedulers
+
+    assert schedulers.check_rate_number(1, "r") == 1.0
+    with pytest.raises(TypeError, match="r must be a number"):
+        schedulers.check_rate_number("0.1", "r")  # numeric strings are the settings' dialect
+    with pytest.warns(FutureWarning, match="renamed check_rate_number"):
+        assert schedulers.check_rate is schedulers.check_rate_number

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,11 +16,6 @@ from hf_dropgrad.settings import (
     parse_module_rates,
     validate_settings,
 )
-
-
-def test_module_does_not_import_transformers() -> None:
-    code = "import sys, hf_dropgrad.settings; assert 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

@@ -144,12 +144,33 @@ def test_wraps_an_optimizer_passed_through_optimizers(tmp_path) -> None:
     model = tiny_bert_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    params = list(model.parameters())
+    # what reaches the optimizer passed in: after clipping (unmasked), and at its step (masked)
+    unmasked: list[list[torch.Tensor]] = []
+    stepped: list[list[torch.Tensor]] = []
+
+    class Before(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            unmasked.append([p.grad.clone() for p in params])
+
+    opt.register_step_pre_hook(lambda *_: stepped.append([p.grad.clone() for p in params]))
     trainer = DropGradTrainer(
         model=model, args=TrainingArguments(**common(tmp_path, max_steps=2)),
         train_dataset=classification_data(), optimizers=(opt, sched), dropgrad_rate=0.1,
+        callbacks=[Before()],
     )
     trainer.train()
-    assert get_dropgrad(trainer).optimizer is opt
+    dropgrad = get_dropgrad(trainer)
+    assert dropgrad.optimizer is opt
+    assert len(unmasked) == len(stepped) == 2
+    threshold = F.drop_threshold(0.1)
+    for step, (before, after) in enumerate(zip(unmasked, stepped)):
+        for index, (g, m) in enumerate(zip(before, after)):
+            keep = F.keep_mask(g.numel(), F.derive_key(dropgrad.seed, step, index), threshold)
+            want = torch.where(keep.view_as(g), g * F.keep_scale(threshold), 0.0)
+            assert torch.equal(m, want), (step, index)
+    dropped = sum(int(((m == 0) & (g != 0)).sum()) for g, m in zip(unmasked[0], stepped[0]))
+    assert dropped > 0  # opt stepped masked gradients
 
 
 def test_one_mask_per_optimizer_step_over_the_accumulated_gradient(tmp_path) -> None:

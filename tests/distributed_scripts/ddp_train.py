@@ -63,10 +63,11 @@ class NaiveDropGrad(DropGrad):
     """
 
     def _mask(self, targets):
-        for p, _key, threshold, scale in targets:
+        for t in targets:  # MaskTarget(target, key, threshold, scale)
+            p = t.target
             if p.grad is not None:
-                keep = torch.bernoulli(torch.full_like(p.grad, 1 - threshold / F.RESOLUTION))
-                p.grad.mul_(keep).mul_(scale)
+                keep = torch.bernoulli(torch.full_like(p.grad, 1 - t.threshold / F.RESOLUTION))
+                p.grad.mul_(keep).mul_(t.scale)
 
 
 def sequences() -> list[dict[str, list[int]]]:

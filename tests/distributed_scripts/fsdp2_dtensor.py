@@ -27,8 +27,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
-from hf_dropgrad import DropGrad, sharding
+from hf_dropgrad import DropGrad
 from hf_dropgrad import functional as F
+from hf_dropgrad.integrations import fsdp
 
 
 def refused(label: str, fn) -> bool:
@@ -83,7 +84,7 @@ def main() -> int:
         w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
         w.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
         tp = DropGrad(torch.optim.SGD([w], lr=0.1), drop_rate=0.5)
-        ok &= refused("Shard(1)", lambda: sharding.check_param(w))
+        ok &= refused("Shard(1)", lambda: fsdp.check_param(w))
         ok &= refused("Shard(1)", tp.step)
         ok &= bool((w.grad.full_tensor() == 1).all())  # refused before touching anything
 

@@ -133,7 +133,7 @@ def train(
 
 
 def run(name: str, rank: int, world: int) -> dict:
-    from hf_dropgrad import sharding
+    from hf_dropgrad.integrations import fsdp as sharding
 
     kind, *variant = name.split("-")
     sharded = world > 1

@@ -42,8 +42,8 @@ A RUN is ``zero<stage>[-<variant>]``:
   module attributes so ``fully_shard`` shards one tensor. Accelerate then replaces the
   parameters inside the optimizer's ``param_groups`` with their ``DTensor`` shards.
 - ``loop-zero2``, ``loop-zero3``: a plain DeepSpeed loop (``deepspeed.initialize`` with a
-  ``DropGrad`` as its optimizer, ``hf_dropgrad.engines.attach_deepspeed``); its optimizer holds
-  the parameters in model order, like ``single-callback``.
+  ``DropGrad`` as its optimizer, ``hf_dropgrad.integrations.deepspeed.attach_deepspeed``);
+  its optimizer holds the parameters in model order, like ``single-callback``.
 - ``single`` (1 process): a ``DropGradTrainer`` without DeepSpeed, 8 sequences per step;
   ``single-callback``: a plain ``Trainer`` with ``DropGradCallback`` and an SGD over
   ``model.parameters()`` (one group, model order, as DeepSpeed's optimizer block builds it:
@@ -126,9 +126,13 @@ def gathered(model: torch.nn.Module, stage: int | None) -> dict[str, torch.Tenso
 
 
 def run(name: str, out: Path, rank: int) -> dict:
+    import dataclasses
+
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from hf_dropgrad import DropGradCallback, DropGradTrainer, get_dropgrad, sharding
+    from hf_dropgrad import DropGradCallback, DropGradTrainer, get_dropgrad
+    from hf_dropgrad.integrations import deepspeed as sharding
+    from hf_dropgrad.layout import FlatLayout
 
     kind, *variant = name.split("-")
     stage = int(kind[4:]) if kind.startswith("zero") else None
@@ -160,9 +164,10 @@ def run(name: str, out: Path, rank: int) -> dict:
             record["placements"] = {
                 n: str(getattr(p, "placements", None)) for n, p in model.named_parameters()
             }
-            layout = dropgrad._layout  # (start in partition, numel, position, offset) runs
+            layout = dropgrad.layout  # Segment(start in partition, numel, position, offset) runs
             record["segments"] = [] if layout is None else [
-                run for runs in layout.segments.values() for run in runs
+                (run.start, run.numel, run.position, run.offset)
+                for runs in layout.segments.values() for run in runs
             ]
 
             def hook(*_):
@@ -199,9 +204,10 @@ def run(name: str, out: Path, rank: int) -> dict:
 
         def no_offsets(zero, num_params):  # the bug the offsets prevent
             layout = real(zero, num_params)
-            for runs in layout.segments.values():
-                runs[:] = [(start, numel, index, 0) for start, numel, index, _ in runs]
-            return layout
+            return FlatLayout({
+                key: [dataclasses.replace(run, offset=0) for run in runs]
+                for key, runs in layout.segments.items()
+            }, layout.engine)
 
         sharding.zero_layout = no_offsets
     common = dict(model=model, args=args, train_dataset=rows())
@@ -242,12 +248,12 @@ def run(name: str, out: Path, rank: int) -> dict:
 
 def run_loop(name: str) -> dict:
     """``loop-zero<stage>``: a plain DeepSpeed loop (no Trainer) around a ``DropGrad`` made exact
-    by ``hf_dropgrad.engines.attach_deepspeed``; compare with ``single-callback``."""
+    by ``hf_dropgrad.integrations.deepspeed.attach_deepspeed``; compare with ``single-callback``."""
     import deepspeed
     import torch.distributed as dist
 
     from hf_dropgrad import DropGrad, LinearDropRateScheduler
-    from hf_dropgrad.engines import attach_deepspeed
+    from hf_dropgrad.integrations.deepspeed import attach_deepspeed
 
     stage = int(name.split("-")[1][4:])
     model = tiny_t5()

@@ -1,4 +1,4 @@
-"""The shard -> (parameter position, global element offset) mapping, in one process.
+"""hf_dropgrad/integrations/deepspeed.py: ZeRO partitions -> (parameter, element offset).
 
 ZeRO's partition layouts are imitated with plain objects carrying the attributes DeepSpeed
 0.19.8 sets (``bit16_groups`` + ``single_partition_of_fp32_groups`` + ``_hp_mapping`` for
@@ -15,8 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_dropgrad import DropGrad, sharding
-from hf_dropgrad.engines import check_parameters, install_under_deepspeed, zero_optimizer
+from hf_dropgrad import DropGrad
+from hf_dropgrad.integrations.deepspeed import (
+    attach_deepspeed,
+    install_under_deepspeed,
+    zero_optimizer,
+    zero_stage,
+)
+from hf_dropgrad.layout import FlatLayout
 
 SHAPES = [(7, 5), (13,), (4, 4, 3), (1,), (9, 2)]
 RATES = {0: 0.3, 1: 0.5, 2: 0.1, 3: 0.9, 4: 0.25}
@@ -82,8 +88,8 @@ def test_zero12_partitions_are_masked_as_slices_of_the_full_masks(world: int) ->
         zero, dropgrad = fake_zero12(rank, world)
         assert zero_optimizer(SimpleNamespace(optimizer=zero)) is zero
         install_under_deepspeed(zero, dropgrad, build=lambda o: None)
-        segments = dropgrad._layout.segments[id(zero.single_partition_of_fp32_groups[0])]
-        straddling += sum(1 for *_, offset in segments if offset > 0)
+        segments = dropgrad.layout.segments[id(zero.single_partition_of_fp32_groups[0])]
+        straddling += sum(1 for run in segments if run.offset > 0)
         dropgrad.set_step(5)
         dropgrad.step()
         lo, hi = bounds[rank]
@@ -186,11 +192,45 @@ def test_rates_survive_the_parameters_being_replaced_in_place() -> None:
     assert opt.rate_groups() == {"1": 0.5}
 
 
-def test_fsdp1_flat_parameters_are_refused() -> None:
-    flat = torch.nn.Parameter(torch.zeros(4))
-    flat._is_flat_param = True
-    with pytest.raises(ValueError, match="FSDP1 flat parameters"):
-        sharding.check_param(flat)
-    opt = DropGrad(torch.optim.SGD([flat], lr=0.1), drop_rate=0.1)
-    with pytest.raises(ValueError, match="FSDP1"):
-        check_parameters(opt)
+def test_zero_stage_reads_the_attributes_of_each_stage() -> None:
+    assert zero_stage(object()) == 0
+    assert zero_stage(SimpleNamespace(bit16_groups=[], single_partition_of_fp32_groups=[])) == 1
+    assert zero_stage(SimpleNamespace(
+        bit16_groups=[], single_partition_of_fp32_groups=[], partition_gradients=True
+    )) == 2
+    assert zero_stage(SimpleNamespace(fp16_groups=[], fp32_partitioned_groups_flat=[])) == 3
+
+
+def test_attach_deepspeed_needs_zero_and_a_dropgrad() -> None:
+    opt = DropGrad(torch.optim.SGD(parameters(), lr=1.0), drop_rate=0.1)
+    with pytest.raises(ValueError, match="attach_deepspeed needs a DeepSpeed ZeRO"):
+        attach_deepspeed(opt)
+    zero, dropgrad = fake_zero12(0, 2)
+    assert attach_deepspeed(SimpleNamespace(optimizer=zero)) is dropgrad
+    assert isinstance(dropgrad.layout, FlatLayout)
+
+
+def test_zero_step_advances_dropgrad_once_per_step_and_not_on_overflow() -> None:
+    zero, dropgrad = fake_zero12(0, 2)
+    install_under_deepspeed(zero, dropgrad, build=lambda o: None)
+    install_under_deepspeed(zero, dropgrad, build=lambda o: None)  # twice: one wrapper
+    dropgrad.step()
+    dropgrad.step()  # ZeRO steps the client once per group: no advance
+    assert dropgrad.step_count == 0
+    zero.step()
+    assert dropgrad.step_count == 1
+    zero.overflow = True
+    zero.step()
+    assert dropgrad.step_count == 1
+
+
+def test_the_engines_module_is_a_deprecated_shim() -> None:
+    import hf_dropgrad.engines as engines
+    from hf_dropgrad.integrations import accelerate
+
+    with pytest.warns(FutureWarning, match="integrations.deepspeed.attach_deepspeed"):
+        assert engines.attach_deepspeed is attach_deepspeed
+    with pytest.warns(FutureWarning, match="integrations.accelerate.check_supported_setup"):
+        assert engines.check_supported_setup is accelerate.check_supported_setup
+    with pytest.raises(AttributeError):
+        engines.nope  # noqa: B018

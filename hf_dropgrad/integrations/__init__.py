@@ -1,0 +1,15 @@
+"""What DropGrad knows about other libraries' internals, one module per engine.
+
+* :mod:`~hf_dropgrad.integrations.fsdp`: FSDP2 ``DTensor`` shards (and FSDP1's refusal);
+* :mod:`~hf_dropgrad.integrations.deepspeed`: DeepSpeed ZeRO-1/2/3 partitions;
+* :mod:`~hf_dropgrad.integrations.accelerate`: which launcher setups are exact, and the step
+  method Accelerate's ``AcceleratedOptimizer`` captures under fp16.
+
+Each module says which version of the library it was checked against, next to the internals
+it reads. They hand the core what it needs through public objects only: a
+:class:`~hf_dropgrad.layout.Piece` per local shard, a :class:`~hf_dropgrad.layout.FlatLayout`
+given to :meth:`DropGrad.set_layout <hf_dropgrad.optimizer.DropGrad.set_layout>`. The core
+(``optimizer``, ``functional``, ``schedulers``, ``patterns``, ``kernels``) imports none of
+them: :mod:`~hf_dropgrad.integrations.fsdp` registers its ``DTensor`` handling with
+:func:`hf_dropgrad.layout.register_sharded` when the package is imported.
+"""
