@@ -98,7 +98,10 @@ class DropGrad(Optimizer):
             )
         if not isinstance(full_update_drop, bool):
             raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
-        kernels.requested_backend()  # an unknown HF_DROPGRAD_BACKEND fails before training
+        # An unknown HF_DROPGRAD_BACKEND, or a forced backend that cannot run here at all,
+        # fails before training; whether it takes each parameter is checked once they sit on
+        # their device (check_backend, at the first step or the Trainer's on_train_begin).
+        kernels.check_forced_backend()
         if seed is None:
             seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -121,6 +124,7 @@ class DropGrad(Optimizer):
         self.full_update_drop = full_update_drop
         self.drop_rate_scheduler = drop_rate_scheduler
         self._step_count_dropgrad = 0
+        self._backend_checked = False
         # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
         # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
         self._layout: sharding.ZeroLayout | None = None
@@ -361,6 +365,28 @@ class DropGrad(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
+    def check_backend(self) -> None:
+        """Fail now if ``HF_DROPGRAD_BACKEND`` forces a backend that cannot mask a parameter
+        that has a rate (its device or dtype: ``cpp`` and a float64 or CUDA parameter, ...).
+
+        :meth:`step` calls it before its first step, before the inner optimizer or any
+        gradient is touched; the Trainer layer calls it at the start of training, when the
+        parameters sit on their device (Accelerate may move them after ``DropGrad`` is built,
+        so construction does not check them).
+
+        Raises:
+            ~hf_dropgrad.kernels.BackendUnavailableError: naming the parameter and why.
+        """
+        named = []
+        for index, target in self._pieces():
+            rate = self._rate_of(index)
+            if rate is None or (rate == 0.0 and self.drop_rate_scheduler is None):
+                continue  # never masked
+            data = target.data if isinstance(target, sharding.Piece) else target.detach()
+            named.append((self._names.get(index, f"parameter {index}"), data))
+        kernels.check_backend_accepts(named)
+        self._backend_checked = True
+
     def _pieces(self) -> Iterator[tuple[int, Any]]:
         """``(position, target)`` of what this process masks: a parameter, or a
         :class:`~hf_dropgrad.sharding.Piece` of one (its local shard at a global offset)."""
@@ -485,6 +511,8 @@ class DropGrad(Optimizer):
             closure: re-evaluates the model and returns the loss; its gradients are masked
                 (with this step's mask) each time the inner optimizer calls it.
         """
+        if not getattr(self, "_backend_checked", False):
+            self.check_backend()  # before anything is touched
         targets = self._targets()
         saved = []
         if self.full_update_drop and targets:

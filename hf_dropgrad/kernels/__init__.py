@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Literal
 
@@ -31,6 +32,8 @@ __all__ = [
     "ENV",
     "BackendUnavailableError",
     "backend_module",
+    "check_backend_accepts",
+    "check_forced_backend",
     "choose",
     "requested_backend",
 ]
@@ -138,6 +141,60 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
                 f"on {tensor.device}"
             )
     return None
+
+
+def check_forced_backend() -> None:
+    """Fail now if the backend forced by ``HF_DROPGRAD_BACKEND`` cannot run here at all.
+
+    Called when a ``DropGrad`` is built, so that ``cpp`` without a usable kernel (disabled by
+    ``HF_DROPGRAD_DISABLE_EXTENSION=1``, no compiler) or ``triton`` without CUDA (and without
+    ``TRITON_INTERPRET=1``) fails before training rather than at the first step. Whether a
+    given tensor fits (device, dtype) is :func:`check_backend_accepts`'s job, once the tensors
+    sit where they will be trained.
+
+    Raises:
+        ValueError: ``HF_DROPGRAD_BACKEND`` holds an unknown value.
+        BackendUnavailableError: the forced backend cannot run, naming it and why.
+    """
+    requested = requested_backend()
+    reason = None
+    if requested == "cpp" and _cpp() is None:
+        reason = _cpp_error()
+    elif requested == "triton":
+        if _load_triton() is None:
+            reason = f"Triton does not import: {_triton_error} (pip install triton)"
+        elif not torch.cuda.is_available() and not _triton.interpreting():  # type: ignore[union-attr]
+            reason = "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"{ENV}={requested} cannot run here: {reason}. Unset {ENV} (or set it to auto) "
+            "to let hf_dropgrad choose, or torch for the reference path."
+        )
+
+
+def check_backend_accepts(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fail now if the backend forced by ``HF_DROPGRAD_BACKEND`` cannot mask one of the tensors.
+
+    ``named_tensors`` are ``(name, tensor)`` pairs of what will be masked (a parameter's local
+    tensor, whose device and dtype its gradient shares). With ``auto`` or ``torch`` every
+    tensor is accepted. Used at the start of training, before any gradient exists, so a model
+    the forced backend cannot take (``cpp`` and a float64 model, ``triton`` and CPU
+    parameters) fails before the first forward pass.
+
+    Raises:
+        BackendUnavailableError: naming the first tensor the backend cannot take, and why.
+    """
+    requested = requested_backend()
+    if requested in ("auto", "torch"):
+        return
+    for name, tensor in named_tensors:
+        reason = _why_not(requested, tensor, "mask")
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"{ENV}={requested} cannot mask the gradient of {name} ({tensor.dtype}, shape "
+                f"{tuple(tensor.shape)}, on {tensor.device}): {reason}. Unset {ENV} (or set it "
+                "to auto) to let hf_dropgrad choose, or torch for the reference path."
+            )
 
 
 def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | None = None) -> str:
