@@ -200,6 +200,10 @@ class DropGrad(Optimizer):
             )
         self._base_drop_rate = None if value is None else check_rate(value, "drop_rate")
 
+    def get_drop_rate(self) -> float | None:
+        """Alias of :attr:`drop_rate` (the ``dropgrad`` packages' name for the current rate)."""
+        return self.drop_rate
+
     @property
     def step_count(self) -> int:
         """Optimizer steps taken so far (the step part of the masks' key)."""
