@@ -381,6 +381,9 @@ class DropGrad(Optimizer):
         Raises:
             ~hf_dropgrad.kernels.BackendUnavailableError: naming the parameter and why.
         """
+        if kernels.requested_backend() in ("auto", "torch"):  # these take every tensor
+            self._backend_checked = True
+            return
         named = []
         for index, target in self._pieces():
             rate = self._rate_of(index)
