@@ -219,8 +219,24 @@ def main(argv: list[str] | None = None) -> dict:
             path.write_text(json.dumps(results, indent=2))
     if not identical or not all(math.isfinite(x) for x in losses):
         raise SystemExit("replicas diverged or the loss is not finite")
-    accelerator.end_training()
+    finish(accelerator)
     return results
+
+
+def finish(accelerator: Accelerator) -> None:
+    """End the run without racing the interpreter's exit (gloo, on the CPU).
+
+    A gloo worker thread frees the tensors of the last collective (here ``gather``'s, which
+    Accelerate creates in Python) *after* the caller has its result, and freeing a tensor
+    Python created needs the GIL. If the script ends at once, that thread may ask for the GIL
+    while the interpreter is already shutting down: Python then ends the thread from inside a
+    C++ destructor and the process aborts (``terminate called without an active exception``)
+    after training succeeded. ``destroy_process_group()`` does not stop gloo's worker threads
+    (the DDP wrapper still holds the group). A barrier waits, with the GIL released, until every
+    process is here, which leaves the worker threads the time to finish.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

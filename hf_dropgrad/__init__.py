@@ -19,7 +19,7 @@ from hf_dropgrad.schedulers import (
     StepDropRateScheduler,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "DropGradTrainingArguments": "hf_dropgrad.training_args",

@@ -33,6 +33,45 @@ __all__ = ["DropGradCallback", "check_supported_setup", "install_dropgrad"]
 #: Prefix of the keys DropGrad adds to the Trainer's logs.
 LOG_KEY = "dropgrad_rate"
 
+#: Key of DropGrad's entry in `TrainerState.stateful_callbacks`, which every checkpoint saves in
+#: its trainer_state.json: the settings the run trained with, compared with a resumed run's.
+#: (Not a callback's class name, so `restore_callback_states_from_checkpoint` leaves it alone.)
+RECORD_KEY = "hf_dropgrad"
+
+
+def settings_record(settings: DropGradSettings, num_training_steps: int | None) -> dict[str, Any]:
+    """The settings a run trains with, as plain data (JSON): the run-dependent defaults resolved
+    (the seed, a schedule's length) and the settings its schedule ignores left out."""
+    values = settings.values()
+    record = {key: values[key] for key in
+              ("drop_rate", "module_rates", "scheduler", "full_update_drop", "seed")}
+    if settings.scheduler in ("linear", "cosine"):
+        record["final_rate"] = settings.final_rate
+        record["scheduler_steps"] = settings.num_scheduler_steps(num_training_steps)
+    elif settings.scheduler == "step":
+        record["step_size"] = settings.step_size
+        record["gamma"] = settings.gamma
+    return record
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+def changed_settings(
+    previous: Mapping[str, Any], current: Mapping[str, Any], names: Mapping[str, str]
+) -> list[str]:
+    """`"<name> <old> -> <new>"` for each setting both records hold that differs."""
+    return [
+        f"{names[key]} {_shown(previous[key])} -> {_shown(current[key])}"
+        for key in current
+        if key in previous and previous[key] != current[key]
+    ]
+
 
 def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> None:
     """Refuse the setups where DropGrad cannot be exact, before training starts.
@@ -150,6 +189,8 @@ class DropGradCallback(TrainerCallback):
         self._checked: tuple[Any, DropGradSettings] | None = None
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
+        self._built = False  # whether this callback built the DropGrad (else: the user's)
+        self._built_steps: int | None = None
         self._attached = False
         self._log_rates = False
         self._used_rates: dict[str, float] | None = None
@@ -189,6 +230,13 @@ class DropGradCallback(TrainerCallback):
             settings = DropGradSettings.from_args(args, self._settings, names=self._names)
             self._run = (args, read, settings)
         return self._run[2]
+
+    def config(self, args: TrainingArguments) -> DropGradSettings:
+        """Deprecated (0.1.0's name): use [`~DropGradCallback.settings`]."""
+        from hf_dropgrad.deprecated import warn_deprecated
+
+        warn_deprecated("DropGradCallback.config(args)", "DropGradCallback.settings(args)")
+        return self.settings(args)
 
     def attach(self, trainer: Any) -> DropGradCallback:
         """Put this callback in front of `trainer`'s callbacks, checking its settings now.
@@ -250,6 +298,8 @@ class DropGradCallback(TrainerCallback):
             self._check_model(model, settings, args)  # errors name the settings as given
             found = install_dropgrad(optimizer, model, settings, num_training_steps)
             self._log_rates = settings.enabled
+            # This callback built it, for this many steps: on resume it re-applies the settings.
+            self._built, self._built_steps = True, num_training_steps
         else:
             self._check_no_settings(settings)
             if model is not None:
@@ -283,6 +333,13 @@ class DropGradCallback(TrainerCallback):
             deepspeed_integration.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
         self._engine_steps = zero is not None
         check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
+        if zero is None:
+            # A forced HF_DROPGRAD_BACKEND that cannot take a parameter (its device or dtype)
+            # fails here, before the first forward pass, now that the parameters sit on their
+            # device. (Under ZeRO the partitions DropGrad masks appear at the step, which
+            # checks them before touching anything.)
+            self.dropgrad.check_backend()
+        self._apply_run_settings(args, state)
         self.dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:
@@ -300,6 +357,41 @@ class DropGradCallback(TrainerCallback):
         logger.log(
             level, "DropGrad rates (step %d):\n%s", state.global_step, self.dropgrad.describe()
         )
+
+    def _apply_run_settings(self, args: TrainingArguments, state: TrainerState) -> None:
+        """On resume, the settings of this run apply from the resumed step on; say which
+        differ from the checkpoint's.
+
+        The Trainer restores `optimizer.pt` before training starts, and `DropGrad.load_state_dict`
+        restores the checkpoint's seed and schedule into a `DropGrad` built before that
+        (`DropGradTrainer`). The run's own seed and schedule are put back here; the masks of
+        the steps already taken are not affected. The checkpoint's settings are read from its
+        trainer_state.json (`RECORD_KEY`), and this run's are written there for its own
+        checkpoints. A `DropGrad` passed through `optimizers=` is left as loaded (it comes with
+        no settings).
+        """
+        dropgrad = self.dropgrad
+        if dropgrad is None or not self._built:
+            return
+        steps = self._built_steps or state.max_steps or None
+        settings = self.settings(args)
+        current = settings_record(settings, steps)
+        entry = state.stateful_callbacks.get(RECORD_KEY)
+        previous = entry.get("attributes", {}).get("settings") if isinstance(entry, dict) else None
+        if previous is None and state.global_step > 0:
+            # A checkpoint without the record (hf_dropgrad 0.1.0): what DropGrad loaded.
+            previous = {"seed": dropgrad.seed}
+        changes = changed_settings(previous or {}, current, settings.names)
+        if settings.seed is not None:
+            dropgrad.seed = settings.seed
+        dropgrad.drop_rate_scheduler = settings.build_scheduler(steps)  # set_step positions it
+        state.stateful_callbacks[RECORD_KEY] = {"args": {}, "attributes": {"settings": current}}
+        if changes and getattr(args, "should_log", state.is_world_process_zero):
+            logger.warning(
+                "Resuming at step %d with DropGrad settings that differ from the checkpoint's; "
+                "this run's apply from step %d on (the steps already taken keep their masks): %s",
+                state.global_step, state.global_step, "; ".join(changes),
+            )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

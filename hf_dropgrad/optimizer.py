@@ -118,7 +118,9 @@ class DropGrad(Optimizer):
             )
         if not isinstance(full_update_drop, bool):
             raise TypeError(f"full_update_drop must be a bool, got {full_update_drop!r}")
-        # An unknown HF_DROPGRAD_BACKEND, or a forced one that cannot run here, fails now.
+        # An unknown HF_DROPGRAD_BACKEND, or a forced backend that cannot run here at all,
+        # fails before training; whether it takes each parameter is checked once they sit on
+        # their device (check_backend, at the first step or the Trainer's on_train_begin).
         kernels.check_forced_backend()
         if seed is None:
             seed = torch.initial_seed()
@@ -135,6 +137,7 @@ class DropGrad(Optimizer):
         self.seed = seed
         self.full_update_drop = full_update_drop
         self._step_count_dropgrad = 0
+        self._backend_checked = False
         self._layout: FlatLayout | None = None
         # Rates, names and patterns are keyed by parameter *position*, never by tensor object:
         # Accelerate's FSDP2 preparation and DeepSpeed replace the tensors in param_groups.
@@ -226,6 +229,10 @@ class DropGrad(Optimizer):
             )
         self._table.base_rate = None if value is None else check_rate_number(value, "drop_rate")
 
+    def get_drop_rate(self) -> float | None:
+        """Alias of :attr:`drop_rate` (the ``dropgrad`` packages' name for the current rate)."""
+        return self.drop_rate
+
     @property
     def step_count(self) -> int:
         """Optimizer steps taken so far (the step part of the masks' key)."""
@@ -281,6 +288,31 @@ class DropGrad(Optimizer):
         return report.describe(self._table)
 
     # -- the step ------------------------------------------------------------------------------
+
+    def check_backend(self) -> None:
+        """Fail now if ``HF_DROPGRAD_BACKEND`` forces a backend that cannot mask a parameter
+        that has a rate (its device or dtype: ``cpp`` and a float64 or CUDA parameter, ...).
+
+        :meth:`step` calls it before its first step, before the inner optimizer or any
+        gradient is touched; the Trainer layer calls it at the start of training, when the
+        parameters sit on their device (Accelerate may move them after ``DropGrad`` is built,
+        so construction does not check them).
+
+        Raises:
+            ~hf_dropgrad.kernels.BackendUnavailableError: naming the parameter and why.
+        """
+        if kernels.requested_backend() in ("auto", "torch"):  # these take every tensor
+            self._backend_checked = True
+            return
+        named = []
+        for index, target in self._pieces():
+            rate = self._table.rate_of(index)
+            if rate is None or (rate == 0.0 and self.drop_rate_scheduler is None):
+                continue  # never masked
+            name = self._table.name_of(index)
+            named.append((f"parameter {name}" if isinstance(name, int) else name, data_of(target)))
+        kernels.check_backend_accepts(named)
+        self._backend_checked = True
 
     def _pieces(self) -> Iterator[tuple[int, Any]]:
         """``(position, target)`` of what this process masks: a parameter, or a
@@ -399,6 +431,8 @@ class DropGrad(Optimizer):
             closure: re-evaluates the model and returns the loss; its gradients are masked
                 (with this step's mask) each time the inner optimizer calls it.
         """
+        if not self._backend_checked:
+            self.check_backend()  # before anything is touched
         targets = self._targets()
         saved = None
         if self.full_update_drop and targets:
@@ -483,6 +517,7 @@ class DropGrad(Optimizer):
         return self.__dict__
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_backend_checked", False)  # pickled before the check existed
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

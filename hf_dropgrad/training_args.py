@@ -24,6 +24,7 @@ Example::
 
 import textwrap
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -56,6 +57,18 @@ class _DropGradArgumentsMixin:
         for key, value in values.items():
             setattr(self, ARG_FIELDS[key], value)
         warn_unused(values, FLAGS, stacklevel=3)  # the caller of the dataclass __init__
+
+    @property
+    def dropgrad_config(self) -> Any:
+        """Deprecated (0.1.0's name): use `DropGradSettings.from_args(args)`."""
+        from hf_dropgrad.deprecated import warn_deprecated
+        from hf_dropgrad.settings import DropGradSettings
+
+        warn_deprecated(
+            f"{type(self).__name__}.dropgrad_config",
+            "hf_dropgrad.settings.DropGradSettings.from_args(args)",
+        )
+        return DropGradSettings.from_args(self)
 
 
 _DropGradArgumentsMixin.__annotations__ = {
@@ -143,3 +156,11 @@ class DropGradSeq2SeqTrainingArguments(_DropGradArgumentsMixin, Seq2SeqTrainingA
 """
         + _parameters_doc()
     )
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1.0's DropGradConfig and DROPGRAD_SCHEDULERS: deprecated aliases with a FutureWarning
+    # (hf_dropgrad/deprecated.py), removed in 0.3.0.
+    from hf_dropgrad.deprecated import module_attribute
+
+    return module_attribute(__name__, name)

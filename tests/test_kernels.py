@@ -318,3 +318,42 @@ def test_a_step_chooses_the_backend_once_per_tensor(monkeypatch: pytest.MonkeyPa
     opt.step()
     # once for each gradient (the mask) and once for each parameter (save, then restore)
     assert sorted(calls) == ["mask"] * n + ["pack"] * n
+
+
+@pytest.mark.parametrize("full_update_drop", [False, True])
+def test_a_forced_backend_that_cannot_take_a_parameter_fails_before_the_step_touches_anything(
+    full_update_drop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "cpp" not in FUSED:
+        pytest.skip("the cpp backend is not available here")
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    model = tiny_mlp().double()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Built on CPU with float64 parameters: no refusal yet (Accelerate may still move or cast
+    # them before training).
+    opt = DropGrad(inner, drop_rate=0.3, full_update_drop=full_update_drop, model=model)
+    inner_steps = []
+    inner.register_step_pre_hook(lambda *_: inner_steps.append(1))
+    model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    with pytest.raises(kernels.BackendUnavailableError,
+                       match=r"HF_DROPGRAD_BACKEND=cpp cannot mask the gradient of 0\.weight "
+                             r"\(torch\.float64"):
+        opt.step()
+    assert not inner_steps and opt.step_count == 0
+    for p, (value, grad) in zip(model.parameters(), before):
+        assert torch.equal(p, value) and torch.equal(p.grad, grad)
+
+
+def test_a_parameter_without_a_rate_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    if "cpp" not in FUSED:
+        pytest.skip("the cpp backend is not available here")
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    model = tiny_mlp()
+    extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))  # never masked: no rate
+    opt = DropGrad(torch.optim.SGD([*model.parameters(), extra], lr=0.1),
+                   params={model[0].weight: 0.5})
+    backward(model, 0)
+    extra.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert opt.step_count == 1

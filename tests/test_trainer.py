@@ -462,3 +462,130 @@ def test_unused_setting_warns_once_naming_the_flag(tmp_path) -> None:
         "DropGradTrainer(dropgrad_final_rate=...) is ignored with "
         "DropGradTrainer(dropgrad_scheduler=...) 'constant'."
     ]
+
+
+@pytest.mark.parametrize("use_callback", [False, True])
+def test_a_forced_backend_that_cannot_take_the_model_fails_before_the_first_forward(
+    tmp_path, monkeypatch, use_callback: bool
+) -> None:
+    # Issue 18: HF_DROPGRAD_BACKEND=cpp with a float64 model failed inside the first
+    # optimizer.step(), after a full forward and backward.
+    from hf_dropgrad import kernels
+    from hf_dropgrad.kernels import cpp
+
+    if cpp.load() is None:
+        pytest.skip("the cpp backend is not available here")
+    monkeypatch.setenv(kernels.ENV, "cpp")
+    model = tiny_t5().double()
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    kw = common(tmp_path, max_steps=2)
+    if use_callback:
+        trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=seq2seq_data())
+        DropGradCallback(drop_rate=0.1).attach(trainer)
+    else:
+        args = DropGradTrainingArguments(**kw, dropgrad_rate=0.1)
+        trainer = DropGradTrainer(model=model, args=args, train_dataset=seq2seq_data())
+    with pytest.raises(kernels.BackendUnavailableError,
+                       match=r"HF_DROPGRAD_BACKEND=cpp cannot mask the gradient of shared\.weight "
+                             r"\(torch\.float64"):
+        trainer.train()
+    assert not forwards
+
+
+class MaskProbe(TrainerCallback):
+    """Keeps, per optimizer step, one parameter's gradient before and after DropGrad masked it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._before: torch.Tensor | None = None
+
+    def _param(self, model):
+        return dict(model.named_parameters())[self.name]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._before = self._param(model).grad.detach().clone()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # keyed by the 0-based optimizer step (global_step is incremented after this event)
+        self.steps[state.global_step] = (self._before, self._param(model).grad.detach().clone())
+
+
+def _position(dropgrad: DropGrad, param: torch.Tensor) -> int:
+    flat = [p for group in dropgrad.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(flat) if p is param)
+
+
+RESUME_FLAGS = ["--dropgrad_seed", "1", "--dropgrad_rate", "0.8", "--dropgrad_scheduler", "linear"]
+
+
+@pytest.mark.parametrize(
+    ("changed", "rates", "seed", "named"),
+    [
+        ([], [0.4, 0.2], 1, []),
+        (["--dropgrad_seed", "999", "--dropgrad_rate", "0.4"], [0.2, 0.1], 999,
+         ["--dropgrad_seed 1 -> 999", "--dropgrad_rate 0.8 -> 0.4"]),
+        (["--dropgrad_final_rate", "0.4"], [0.6, 0.5], 1, ["--dropgrad_final_rate 0 -> 0.4"]),
+        (["--dropgrad_scheduler", "constant"], [0.8, 0.8], 1,
+         ["--dropgrad_scheduler linear -> constant"]),
+    ],
+    ids=["unchanged", "seed-and-rate", "final-rate", "schedule-kind"],
+)
+def test_resume_with_changed_flags_applies_them_from_the_resumed_step_and_says_so(
+    tmp_path, transformers_logs, changed: list[str], rates: list[float], seed: int,
+    named: list[str],
+) -> None:
+    # Issue 18: the checkpoint's seed and schedule silently won over the resumed run's flags.
+    from transformers import HfArgumentParser
+
+    def make(flags: list[str], callbacks=()) -> DropGradTrainer:
+        base = ["--output_dir", str(tmp_path), "--max_steps", "4", "--logging_steps", "1",
+                "--save_strategy", "steps", "--save_steps", "100", "--per_device_train_batch_size",
+                "8", "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "--seed", "7",
+                "--disable_tqdm", "true"]
+        (args,) = HfArgumentParser(DropGradTrainingArguments).parse_args_into_dataclasses(
+            base + flags
+        )
+        return DropGradTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data(),
+                               callbacks=list(callbacks))
+
+    make(RESUME_FLAGS, callbacks=[StopAt(2)]).train()
+    probe = MaskProbe("decoder.block.0.layer.2.DenseReluDense.wi.weight")
+    resumed = make(RESUME_FLAGS + changed, callbacks=[probe])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+    logged = [e["dropgrad_rate"] for e in resumed.state.log_history if "loss" in e]
+    assert logged[-2:] == pytest.approx(rates)  # steps 3 and 4
+    dropgrad = get_dropgrad(resumed)
+    assert dropgrad.seed == seed
+    index = _position(dropgrad, probe._param(resumed.model))
+    for step, rate in zip((2, 3), rates):  # 0-based optimizer steps of the resumed run
+        before, after = probe.steps[step]
+        threshold = F.drop_threshold(rate)
+        F.mask_reference_(before, F.derive_key(seed, step, index), threshold,
+                          F.keep_scale(threshold))
+        assert torch.equal(before, after), step
+    warnings = [line for line in transformers_logs.text.splitlines() if "differ" in line]
+    if named:
+        assert len(warnings) == 1, warnings
+        for change in named:
+            assert change in warnings[0]
+        assert "from step 2 on" in warnings[0]
+    else:
+        assert not warnings
+
+
+def test_resume_with_a_changed_callback_seed_says_so(tmp_path, transformers_logs) -> None:
+    def make(seed: int, callbacks=()) -> Trainer:
+        kw = common(tmp_path, max_steps=4, logging_steps=1, save_strategy="steps", save_steps=100)
+        trainer = Trainer(model=tiny_t5(), args=TrainingArguments(**kw),
+                          train_dataset=seq2seq_data(), callbacks=list(callbacks))
+        DropGradCallback(drop_rate=0.3, seed=seed).attach(trainer)
+        return trainer
+
+    make(1, callbacks=[StopAt(2)]).train()
+    resumed = make(5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert get_dropgrad(resumed).seed == 5
+    assert "DropGradCallback(seed=...) 1 -> 5" in transformers_logs.text

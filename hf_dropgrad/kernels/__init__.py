@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "ENV",
     "BackendUnavailableError",
     "backend_module",
+    "check_backend_accepts",
     "check_forced_backend",
     "choose",
     "dispatch",
@@ -223,6 +225,31 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
                 f"on {tensor.device}"
             )
     return None
+
+
+def check_backend_accepts(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Fail now if the backend forced by ``HF_DROPGRAD_BACKEND`` cannot mask one of the tensors.
+
+    ``named_tensors`` are ``(name, tensor)`` pairs of what will be masked (a parameter's local
+    tensor, whose device and dtype its gradient shares). With ``auto`` or ``torch`` every
+    tensor is accepted. Used at the start of training, before any gradient exists, so a model
+    the forced backend cannot take (``cpp`` and a float64 model, ``triton`` and CPU
+    parameters) fails before the first forward pass.
+
+    Raises:
+        BackendUnavailableError: naming the first tensor the backend cannot take, and why.
+    """
+    requested = requested_backend()
+    if requested in ("auto", "torch"):
+        return
+    for name, tensor in named_tensors:
+        reason = _why_not(requested, tensor, "mask")
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"{ENV}={requested} cannot mask the gradient of {name} ({tensor.dtype}, shape "
+                f"{tuple(tensor.shape)}, on {tensor.device}): {reason}. Unset {ENV} (or set it "
+                "to auto) to let hf_dropgrad choose, or torch for the reference path."
+            )
 
 
 def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | None = None) -> str:
