@@ -447,9 +447,20 @@ class DropGrad(Optimizer):
         )
 
     def _snapshot_dropped(
-        self, targets: list[tuple[torch.Tensor, int, int, float]]
+        self, targets: list[tuple[torch.Tensor, int, int, float]], mask: bool = False
     ) -> F.DroppedValues:
+        """Save the parameters' dropped values; with ``mask``, mask the gradients too (one
+        hashing pass fewer: the mask counts what the save packs)."""
         params = [t.data if isinstance(t, sharding.Piece) else t.detach() for t, *_ in targets]
+        if mask:
+            return F.mask_and_save_dropped_many(
+                [t[0].grad for t in targets],  # type: ignore[misc]
+                params,
+                [t[1] for t in targets],
+                [t[2] for t in targets],
+                [t[3] for t in targets],
+                [sharding.offset_of(t[0]) for t in targets],
+            )
         return F.save_dropped_many(
             params,
             [t[1] for t in targets],
@@ -471,10 +482,11 @@ class DropGrad(Optimizer):
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
                 live = [t for t in targets if closure is not None or t[0].grad is not None]
-                saved = self._snapshot_dropped(live)
+                saved = self._snapshot_dropped(live, mask=closure is None)
         if closure is None:
-            with torch.no_grad():
-                self._mask(targets)
+            if saved is None:  # else _snapshot_dropped masked them
+                with torch.no_grad():
+                    self._mask(targets)
             loss = self.optimizer.step()
         else:
 
