@@ -370,9 +370,14 @@ __attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32
 
 // words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
 // 64 counters with no valid position are not hashed.
-template <bool kAvx2>
+// pf (0: none): address of the chunk's in-chunk position 0 in the tensor, of esize-byte elements;
+// each block prefetches the tensor memory its words cover (4 runs of 64 elements), so the moves
+// that follow find the chunk in cache (integer addresses: a partial chunk's runs may lie outside
+// the tensor, and a prefetch never faults).
+template <bool kAvx2, bool kWrite = false>
 HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* __restrict words,
-                            uint32_t* __restrict lo, uint32_t* __restrict hi) {
+                            uint32_t* __restrict lo, uint32_t* __restrict hi, uintptr_t pf = 0,
+                            int64_t esize = 0) {
   const uint64_t base = chunk_base(key, sp.c);
   const bool full = sp.lo == 0 && sp.hi == kChunk;
   for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
@@ -384,6 +389,14 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
       if (!any) {
         for (int j = 0; j < 4; ++j) words[(j * kW + b0) / 64] = 0;
         continue;
+      }
+    }
+    if (pf != 0) {
+      for (int j = 0; j < 4; ++j) {
+        const uintptr_t run = pf + (j * kW + b0) * esize;
+        for (int64_t line = 0; line < kSub * esize; line += 64) {
+          __builtin_prefetch(reinterpret_cast<const void*>(run + line), kWrite ? 1 : 0, 3);
+        }
       }
     }
     hash_block(base, b0, kSub, lo, hi);
@@ -458,7 +471,8 @@ HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __rest
       }
       continue;
     }
-    drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+    drop_words<kAvx2, !kGather>(s.key, s.threshold, sp, words, lo, hi,
+                                reinterpret_cast<uintptr_t>(data) + d0 * sizeof(T), sizeof(T));
     int64_t m = 0;
     for (int q = 0; q < kWords; ++q) {
       uint64_t d = words[q];
