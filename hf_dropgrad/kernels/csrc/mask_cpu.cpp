@@ -160,6 +160,38 @@ __attribute__((target("avx2,f16c"))) void apply_f16_avx2(uint16_t* __restrict g,
   }
   apply_f16_portable(g + b, w + b, shift, n - b, t, scale);
 }
+
+// apply_bf16 eight at a time: the same float product and the same integer round-to-nearest-even,
+// NaN lanes replaced by 0x7FC0, the 32-bit results packed back to 16 bits (exact: all <= 0xFFFF).
+__attribute__((target("avx2,f16c"))) void apply_bf16_avx2(uint16_t* __restrict g,
+                                                          const uint32_t* __restrict w, int shift,
+                                                          int64_t n, uint32_t t, float scale) {
+  const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
+  const __m256i vmask = _mm256_set1_epi32(0xFFFF);
+  const __m256i vone = _mm256_set1_epi32(1);
+  const __m256i vround = _mm256_set1_epi32(0x7FFF);
+  const __m256i vnan = _mm256_set1_epi32(0x7FC0);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b));
+    const __m256i u = _mm256_and_si256(_mm256_srl_epi32(word, shift_v), vmask);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_add_epi32(u, vone), vt);
+    const __m256 f = _mm256_and_ps(_mm256_castsi256_ps(keep), vscale);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g + b));
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    const __m256 v = _mm256_mul_ps(x, f);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), vone);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, lsb), vround), 16);
+    const __m256i isnan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, vnan, isnan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g + b), _mm256_castsi256_si128(packed));
+  }
+  apply_bf16(g + b, w + b, shift, n - b, t, scale);
+}
 #endif
 
 // Where a tensor of n elements at global offset `off` meets global chunk `c`: the valid in-chunk
@@ -190,6 +222,12 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
   if (DT == kF32) {
     apply_f32(static_cast<float*>(g), w, shift, n, t, scale);
   } else if (DT == kBF16) {
+#ifdef HFDG_X86
+    if (kAvx2) {
+      apply_bf16_avx2(static_cast<uint16_t*>(g), w, shift, n, t, scale);
+      return;
+    }
+#endif
     apply_bf16(static_cast<uint16_t*>(g), w, shift, n, t, scale);
   } else {
 #ifdef HFDG_X86
