@@ -416,7 +416,18 @@ class DropGrad(Optimizer):
             [t.offset for t in live],
         )
 
-    def _snapshot_dropped(self, targets: list[MaskTarget]) -> F.DroppedValues:
+    def _snapshot_dropped(self, targets: list[MaskTarget], mask: bool = False) -> F.DroppedValues:
+        """Save the parameters' dropped values; with ``mask``, mask the gradients too (one
+        hashing pass fewer: the mask counts what the save packs)."""
+        if mask:
+            return F.mask_and_save_dropped_many(
+                [t.target.grad for t in targets],  # type: ignore[misc]
+                [data_of(t.target) for t in targets],
+                [t.key for t in targets],
+                [t.threshold for t in targets],
+                [t.scale for t in targets],
+                [t.offset for t in targets],
+            )
         return F.save_dropped_many(
             [data_of(t.target) for t in targets],
             [t.key for t in targets],
@@ -440,10 +451,11 @@ class DropGrad(Optimizer):
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
                 live = [t for t in targets if closure is not None or t.target.grad is not None]
-                saved = self._snapshot_dropped(live)
+                saved = self._snapshot_dropped(live, mask=closure is None)
         if closure is None:
-            with torch.no_grad():
-                self._mask(targets)
+            if saved is None:  # else _snapshot_dropped masked them
+                with torch.no_grad():
+                    self._mask(targets)
             loss = self.optimizer.step()
         else:
 

@@ -150,3 +150,44 @@ def test_keep_mask_matches_the_masking() -> None:
     F.mask_([g], [42], [t], [F.keep_scale(t)])
     assert torch.equal(F.keep_mask(g.numel(), 42, t), g != 0)
     assert torch.equal(F.keep_mask_reference(g.numel(), 42, t), g != 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_mask_and_save_dropped_many_equals_mask_then_save(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_DROPGRAD_BACKEND", backend)
+    gen = torch.Generator().manual_seed(3)
+    # odd sizes and offsets, two parameter dtypes, a bf16 gradient of an fp32 parameter, a
+    # non-contiguous parameter (reference path) and a zero threshold
+    specs = [(4097, 3, torch.float32, torch.float32), (5, 4093, torch.bfloat16, torch.bfloat16),
+             (70_001, 0, torch.float32, torch.bfloat16), (3 * 4096, 8192, torch.float16,
+                                                          torch.float16), (333, 11, torch.float32,
+                                                                            torch.float32)]
+    params = [torch.randn(n, generator=gen).to(pd) for n, _, pd, _ in specs]
+    params[4] = torch.randn(2 * 333, generator=gen)[::2]
+    grads = [torch.randn(n, generator=gen).to(gd) for n, _, _, gd in specs]
+    keys = [F.derive_key(1, 2, i) for i in range(len(specs))]
+    thresholds = [F.drop_threshold(p) for p in (0.1, 0.5, 0.3, 0.0, 0.2)]
+    scales = [F.keep_scale(t) for t in thresholds]
+    offsets = [o for _, o, _, _ in specs]
+    want_grads = [g.clone() for g in grads]
+    F.mask_(want_grads, keys, thresholds, scales, offsets)
+    want = F.save_dropped_many(params, keys, thresholds, offsets)
+    got = F.mask_and_save_dropped_many(grads, params, keys, thresholds, scales, offsets)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g.view(torch.int16 if g.element_size() == 2 else torch.int32),
+                           w.view(torch.int16 if w.element_size() == 2 else torch.int32))
+    originals = [p.clone() for p in params]
+    for p in params:
+        p.fill_(7)
+    got.restore()
+    for p, o, k, t, off in zip(params, originals, keys, thresholds, offsets):
+        dropped = ~F.keep_mask(p.numel(), k, t, offset=off)
+        assert torch.equal(p.reshape(-1)[dropped], o.reshape(-1)[dropped])
+        assert (p.reshape(-1)[~dropped] == 7).all()
+    assert sorted(map(str, (t.dtype for t in got.tensors))) == sorted(
+        map(str, (t.dtype for t in want.tensors))
+    )
+    with pytest.raises(ValueError, match="differ in length"):
+        F.mask_and_save_dropped_many(grads[:2], params, keys, thresholds, scales, offsets)

@@ -357,3 +357,20 @@ def test_a_parameter_without_a_rate_is_not_checked(monkeypatch: pytest.MonkeyPat
     extra.grad = torch.ones(3, dtype=torch.float64)
     opt.step()
     assert opt.step_count == 1
+
+
+def test_mask_counted_and_gather_at_references_match_mask_and_gather() -> None:
+    from hf_dropgrad.kernels import ops, reference
+
+    tensors = [torch.randn(n) for n in (4097, 5, 0, 9000)]
+    keys, thresholds, offsets = [1, 2**63, 3, 4], [6554, 65536, 1, 0], [3, 4093, 0, 2**40 + 1]
+    scales = [1.25, 0.0, 1.0, 1.0]
+    want = [t.clone() for t in tensors]
+    reference.mask_(want, keys, thresholds, scales, offsets)
+    values, starts = reference.gather_dropped_many(tensors, keys, thresholds, offsets)
+    got = [t.clone() for t in tensors]
+    out = torch.full_like(starts, -1)
+    ops._mask_counted_reference(got, keys, thresholds, scales, offsets, out)
+    assert torch.equal(out, starts)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(ops._gather_at_reference(tensors, keys, thresholds, offsets, out), values)

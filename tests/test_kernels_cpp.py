@@ -407,8 +407,84 @@ def test_gather_and_scatter_dropped_many_reject_bad_input() -> None:
         K.scatter_dropped_many([a, a], [1, 2], [6554, 6554], [0, 0], values[1:], starts)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_counted_masks_as_mask_and_counts_as_gather(dtype: torch.dtype) -> None:
+    grads = [_grad(n, dtype) for n, _ in MANY_SPECS]
+    offsets = [o for _, o in MANY_SPECS]
+    keys = [7, 2**63, 2**64 - 1, 0, 0xDEADBEEF_CAFEF00D, 12345]
+    # 0 with a scale other than 1 is masked; 0 with scale 1 is skipped by the mask but counted
+    for thresholds in ([6554] * 6, [0, 1, 65535, 65536, 32768, 6554]):
+        scales = [_scale(t) for t in thresholds]
+        if thresholds[0] == 0:
+            scales[0] = 1.0
+        want_grads = [g.clone() for g in grads]
+        K.mask_(want_grads, keys, thresholds, scales, offsets)
+        _, want_starts, _ = _expected_many(grads, keys, thresholds, offsets)
+        got = [g.clone() for g in grads]
+        starts = torch.full((want_starts.numel(),), -7, dtype=torch.int64)
+        K.mask_counted_(got, keys, thresholds, scales, offsets, starts)
+        assert torch.equal(starts, want_starts), thresholds
+        for i, (g, w) in enumerate(zip(got, want_grads)):
+            assert torch.equal(_raw(g), _raw(w)), (i, thresholds)
+
+
+@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=str)
+def test_gather_dropped_at_equals_gather_dropped_many(dtype: torch.dtype) -> None:
+    tensors = [_filled(n, dtype, seed=i) for i, (n, _) in enumerate(MANY_SPECS)]
+    offsets = [o for _, o in MANY_SPECS]
+    keys = [3, 2**63 + 1, 99, 0, 5, 2**64 - 2]
+    for thresholds in ([6554] * 6, [0, 1, 65535, 65536, 32768, 6554]):
+        want_values, want_starts, _ = _expected_many(tensors, keys, thresholds, offsets)
+        starts = torch.empty(want_starts.numel(), dtype=torch.int64)
+        grads = [torch.zeros(x.numel()) for x in tensors]
+        K.mask_counted_(grads, keys, thresholds, [1.0] * 6, offsets, starts)
+        values = K.gather_dropped_at(tensors, keys, thresholds, offsets, starts)
+        assert values.dtype == dtype
+        assert torch.equal(_raw(values), want_values), thresholds
+
+
+def test_mask_counted_and_gather_at_agree_across_threads_and_code_paths() -> None:
+    grads = [_grad(n, torch.bfloat16) for n in (70 * 4096 + 3, 5, 200001, 4096)]
+    params = [_filled(g.numel(), torch.float32, seed=i) for i, g in enumerate(grads)]
+    keys, thresholds, offsets = [11, 12, 13, 14], [19661, 6554, 1, 65535], [0, 4093, 77, 8192]
+    scales = [_scale(t) for t in thresholds]
+    want_grads = [g.clone() for g in grads]
+    K.mask_(want_grads, keys, thresholds, scales, offsets)
+    want_values, want_starts = K.gather_dropped_many(params, keys, thresholds, offsets)
+    threads = torch.get_num_threads()
+    paths = [True, False] if K.isa() == "avx2" else [False]
+    try:
+        for avx2 in paths:
+            K._set_isa(avx2)
+            for n_threads in sorted({1, 2, threads}):
+                torch.set_num_threads(n_threads)
+                got = [g.clone() for g in grads]
+                starts = torch.empty_like(want_starts)
+                K.mask_counted_(got, keys, thresholds, scales, offsets, starts)
+                assert torch.equal(starts, want_starts), (avx2, n_threads)
+                assert all(torch.equal(_raw(a), _raw(b)) for a, b in zip(got, want_grads))
+                values = K.gather_dropped_at(params, keys, thresholds, offsets, starts)
+                assert torch.equal(_raw(values), _raw(want_values)), (avx2, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+        K._set_isa(True)
+
+
+def test_mask_counted_and_gather_at_reject_bad_starts() -> None:
+    a = torch.randn(5000)
+    for bad in (torch.empty(2, dtype=torch.int64), torch.empty(3, dtype=torch.int32),
+                torch.empty(6, dtype=torch.int64)[::2]):
+        with pytest.raises(ValueError, match="starts"):
+            K.mask_counted_([a.clone()], [1], [6554], [1.1], [0], bad)
+        with pytest.raises(ValueError, match="starts"):
+            K.gather_dropped_at([a], [1], [6554], [0], bad)
+    with pytest.raises(ValueError, match="differ in length"):
+        K.mask_counted_([a], [1, 2], [6554], [1.1], [0], torch.empty(3, dtype=torch.int64))
+
+
 def test_the_kernels_are_the_cpu_implementation_of_the_ops() -> None:
-    for name in ("mask_", "keep_mask_", "gather_dropped_many", "scatter_dropped_many"):
+    for name in ("mask_", "keep_mask_", "gather_dropped_many", "scatter_dropped_many",
+                 "mask_counted_", "gather_dropped_at"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hf_dropgrad::{name}", "CPU")
     # called as a plain torch op, CPU tensors run the C++ kernel: same bits as the oracle
     g = _grad(9001, torch.bfloat16, seed=4)

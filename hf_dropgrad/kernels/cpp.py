@@ -44,6 +44,10 @@ the dropped elements of every chunk, their prefix sums say where each chunk's va
 move pass regenerates each chunk's bits and copies only the dropped elements (a bit scan), as
 raw bits of any 1/2/4/8-byte dtype. Both run in parallel over the chunks of all the tensors,
 with no full-size mask: the values (``p`` times the bytes) and one int64 per chunk.
+:func:`mask_counted_` masks gradients and also writes those chunk starts, counted from the hashes
+the mask makes anyway (a compare and a subtract per 8 stream values), and
+:func:`gather_dropped_at` packs with starts so given: DropGrad's full update drop uses the pair
+(the parameters' dropped elements are the gradients'), one hashing pass fewer per step.
 
 Set ``HF_DROPGRAD_DISABLE_EXTENSION=1`` to skip the kernel (``load()`` then returns ``None``).
 """
@@ -69,11 +73,13 @@ from hf_dropgrad.kernels.ops import num_chunks
 
 __all__ = [
     "gather_dropped",
+    "gather_dropped_at",
     "gather_dropped_many",
     "isa",
     "keep_mask",
     "load",
     "mask_",
+    "mask_counted_",
     "num_chunks",
     "packable",
     "scatter_dropped",
@@ -259,6 +265,45 @@ def mask_(
     ops.mask_(grads, keys, _check_thresholds(thresholds), scales, offs)
 
 
+def _check_starts(starts: torch.Tensor, chunks: int) -> None:
+    if (
+        starts.dtype != torch.int64
+        or not starts.is_contiguous()
+        or not starts.is_cpu
+        or starts.numel() != chunks + 1
+    ):
+        raise ValueError(
+            f"starts must be a contiguous int64 CPU tensor of {chunks + 1} elements, got "
+            f"{starts.dtype} {tuple(starts.shape)} on {starts.device}"
+        )
+
+
+def mask_counted_(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int] | None,
+    starts: torch.Tensor,
+) -> None:
+    """:func:`mask_` that also fills ``starts`` (``hf_dropgrad::mask_counted_``).
+
+    ``starts`` (a contiguous int64 CPU tensor of one element per stream chunk of the gradients,
+    plus one) receives what :func:`gather_dropped_many` returns as ``starts`` for tensors of the
+    gradients' sizes, keys, thresholds and offsets, whatever their scales.
+    """
+    _require()
+    n = check_lengths(grads, keys, thresholds, scales)
+    offs = check_offsets(offsets, n)
+    if not all(
+        g.dtype in _MASK_DTYPES and g.is_cpu and g.layout is torch.strided and g.is_contiguous()
+        for g in grads
+    ):
+        _raise_bad_grad(grads)
+    _check_starts(starts, sum(num_chunks(g.numel(), o) for g, o in zip(grads, offs)))
+    ops.mask_counted_(grads, keys, _check_thresholds(thresholds), scales, offs, starts)
+
+
 def _raise_bad_grad(grads: Sequence[torch.Tensor]) -> None:
     for i, g in enumerate(grads):
         if g.dtype not in _MASK_DTYPES or not g.is_cpu or g.layout is not torch.strided:
@@ -357,6 +402,22 @@ def gather_dropped_many(
     _require()
     thr, offs = _check_pack_args(tensors, keys, thresholds, offsets)
     return ops.gather_dropped_many(tensors, keys, thr, offs)
+
+
+def gather_dropped_at(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """The ``values`` of :func:`gather_dropped_many`, packed at the chunk starts ``starts`` (from
+    :func:`mask_counted_` with the same keys, thresholds, offsets and sizes): no counting pass.
+    """
+    _require()
+    thr, offs = _check_pack_args(tensors, keys, thresholds, offsets)
+    _check_starts(starts, sum(num_chunks(x.numel(), o) for x, o in zip(tensors, offs)))
+    return ops.gather_dropped_at(tensors, keys, thr, offs, starts)
 
 
 def scatter_dropped_many(

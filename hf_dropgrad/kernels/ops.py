@@ -11,7 +11,18 @@ offset)``
 thresholds, offsets)``
 ``scatter_dropped_many(tensors, keys,    full update drop's restore, in place
 thresholds, offsets, values, starts)``
+``mask_counted_(grads, keys, thresholds, ``mask_``, and fills ``starts`` with the chunk starts
+scales, offsets, starts)``               ``gather_dropped_many`` would return for tensors of
+                                         the grads' sizes (counted from the mask's hashes)
+``gather_dropped_at(tensors, keys,       ``gather_dropped_many``'s ``values``, the starts
+thresholds, offsets, starts)``           given (full update drop's save, no counting pass)
 =======================================  ===================================================
+
+``mask_counted_`` and ``gather_dropped_at`` let full update drop hash the stream three times per
+step instead of four: the parameters' dropped elements are exactly the gradients' (same keys,
+thresholds, offsets and sizes), so the mask pass counts them and the packing pass needs no count
+pass of its own. They have a C++ kernel (CPU) and the reference (every other device; Triton's
+full update drop keeps its own count pass, see :mod:`hf_dropgrad.kernels.triton`).
 
 The schemas are defined here, so the ops exist whatever is installed. The device of the tensors
 picks the implementation, as for any torch op:
@@ -42,9 +53,11 @@ from hf_dropgrad.kernels.stream import CHUNK, signed64
 
 __all__ = [
     "NAMESPACE",
+    "gather_dropped_at",
     "gather_dropped_many",
     "keep_mask_",
     "mask_",
+    "mask_counted_",
     "num_chunks",
     "scatter_dropped_many",
 ]
@@ -64,6 +77,15 @@ _lib.define(
 _lib.define(
     "scatter_dropped_many(Tensor(a!)[] tensors, int[] keys, int[] thresholds, int[] offsets, "
     "Tensor values, Tensor starts) -> ()"
+)
+
+_lib.define(
+    "mask_counted_(Tensor(a!)[] grads, int[] keys, int[] thresholds, float[] scales, "
+    "int[] offsets, Tensor(b!) starts) -> ()"
+)
+_lib.define(
+    "gather_dropped_at(Tensor[] tensors, int[] keys, int[] thresholds, int[] offsets, "
+    "Tensor starts) -> Tensor"
 )
 
 _ops = torch.ops.hf_dropgrad
@@ -128,6 +150,35 @@ def scatter_dropped_many(
     )
 
 
+def mask_counted_(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    starts: torch.Tensor,
+) -> None:
+    """``hf_dropgrad::mask_counted_``: :func:`mask_`, and the dropped elements' chunk starts."""
+    _ops.mask_counted_(
+        list(grads), _keys(keys), [int(t) for t in thresholds], [float(s) for s in scales],
+        [int(o) for o in offsets], starts,
+    )
+
+
+def gather_dropped_at(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """``hf_dropgrad::gather_dropped_at``: every tensor's dropped values, the starts given."""
+    return _ops.gather_dropped_at(
+        list(tensors), _keys(keys), [int(t) for t in thresholds], [int(o) for o in offsets],
+        starts,
+    )
+
+
 # ----------------------------------------------------------------------------- reference (default)
 TensorList = list[torch.Tensor]
 Ints = list[int]
@@ -143,7 +194,28 @@ def _keep_mask_reference(out: torch.Tensor, key: int, threshold: int, offset: in
     reference.keep_mask(out.numel(), key, threshold, out.device, out=out, offset=offset)
 
 
+def _mask_counted_reference(
+    grads: TensorList,
+    keys: Ints,
+    thresholds: Ints,
+    scales: list[float],
+    offsets: Ints,
+    starts: torch.Tensor,
+) -> None:
+    # The counts first: masking does not change them, but a gradient may be one of the tensors.
+    starts.copy_(reference.chunk_starts(grads, keys, thresholds, offsets))
+    reference.mask_(grads, keys, thresholds, scales, offsets)
+
+
+def _gather_at_reference(
+    tensors: TensorList, keys: Ints, thresholds: Ints, offsets: Ints, starts: torch.Tensor
+) -> torch.Tensor:
+    return reference.gather_dropped_many(tensors, keys, thresholds, offsets)[0]
+
+
 _lib.impl("mask_", _mask_reference, "CompositeExplicitAutograd")
+_lib.impl("mask_counted_", _mask_counted_reference, "CompositeExplicitAutograd")
+_lib.impl("gather_dropped_at", _gather_at_reference, "CompositeExplicitAutograd")
 _lib.impl("keep_mask_", _keep_mask_reference, "CompositeExplicitAutograd")
 _lib.impl("gather_dropped_many", reference.gather_dropped_many, "CompositeExplicitAutograd")
 _lib.impl("scatter_dropped_many", reference.scatter_dropped_many, "CompositeExplicitAutograd")
@@ -251,8 +323,29 @@ def _scatter_fake(
     return None
 
 
+def _mask_counted_fake(
+    grads: TensorList,
+    keys: Ints,
+    thresholds: Ints,
+    scales: list[float],
+    offsets: Ints,
+    starts: torch.Tensor,
+) -> None:
+    return None
+
+
+def _gather_at_fake(
+    tensors: TensorList, keys: Ints, thresholds: Ints, offsets: Ints, starts: torch.Tensor
+) -> torch.Tensor:
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = tensors[0].dtype if tensors else torch.float32
+    return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=dtype, device=device)
+
+
 for _name, _fake in (
     ("mask_", _mask_fake),
+    ("mask_counted_", _mask_counted_fake),
+    ("gather_dropped_at", _gather_at_fake),
     ("keep_mask_", _keep_mask_fake),
     ("gather_dropped_many", _gather_fake),
     ("scatter_dropped_many", _scatter_fake),

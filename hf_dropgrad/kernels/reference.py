@@ -18,6 +18,7 @@ from hf_dropgrad.kernels.stream import CHUNK, GOLDEN, M1, M2, signed64
 
 __all__ = [
     "SPAN",
+    "chunk_starts",
     "gather_dropped",
     "gather_dropped_many",
     "keep_mask",
@@ -185,6 +186,22 @@ def _chunk_counts(dropped: torch.Tensor, offset: int) -> torch.Tensor:
     if not parts:
         return torch.zeros(0, dtype=torch.int64, device=dropped.device)
     return torch.cat(parts)
+
+
+def chunk_starts(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+) -> torch.Tensor:
+    """The ``starts`` of :func:`gather_dropped_many` (int64): they depend on each tensor's size,
+    key, threshold and offset only, not on its values or dtype."""
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    counts: list[torch.Tensor] = [torch.zeros(1, dtype=torch.int64, device=device)]
+    for x, k, t, o in zip(tensors, keys, thresholds, offsets, strict=True):
+        keep = keep_mask(x.numel(), k, t, x.device, offset=check_offset(o))
+        counts.append(_chunk_counts(torch.logical_not(keep), o))
+    return torch.cat(counts).cumsum(0)
 
 
 def gather_dropped_many(

@@ -50,6 +50,7 @@ struct Seg {
   uint32_t threshold;
   float scale;
   int32_t dtype;
+  int64_t* counts;  // mask_counted_: dropped elements of the tensor's chunk k go to counts[k]
 };
 
 HFDG_INLINE float f32_from_bits(uint32_t u) {
@@ -118,6 +119,16 @@ HFDG_INLINE void apply_keep(uint8_t* __restrict out, const uint32_t* __restrict 
   }
 }
 
+// Dropped positions among n words of one lane: (w[b] >> shift) & 0xFFFF below t. Vectorises to a
+// shift, a compare and a subtract per 8 words.
+HFDG_INLINE int64_t count_dropped(const uint32_t* __restrict w, int shift, int64_t n, uint32_t t) {
+  uint32_t m = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    m += ((w[b] >> shift) & 0xFFFFu) < t ? 1u : 0u;
+  }
+  return m;
+}
+
 #ifdef HFDG_X86
 // F16C conversion, then NaN lanes replaced by sign | 0x7E00 so the result equals the portable path.
 __attribute__((target("avx2,f16c"))) void apply_f16_avx2(uint16_t* __restrict g,
@@ -149,6 +160,38 @@ __attribute__((target("avx2,f16c"))) void apply_f16_avx2(uint16_t* __restrict g,
   }
   apply_f16_portable(g + b, w + b, shift, n - b, t, scale);
 }
+
+// apply_bf16 eight at a time: the same float product and the same integer round-to-nearest-even,
+// NaN lanes replaced by 0x7FC0, the 32-bit results packed back to 16 bits (exact: all <= 0xFFFF).
+__attribute__((target("avx2,f16c"))) void apply_bf16_avx2(uint16_t* __restrict g,
+                                                          const uint32_t* __restrict w, int shift,
+                                                          int64_t n, uint32_t t, float scale) {
+  const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
+  const __m256i vmask = _mm256_set1_epi32(0xFFFF);
+  const __m256i vone = _mm256_set1_epi32(1);
+  const __m256i vround = _mm256_set1_epi32(0x7FFF);
+  const __m256i vnan = _mm256_set1_epi32(0x7FC0);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b));
+    const __m256i u = _mm256_and_si256(_mm256_srl_epi32(word, shift_v), vmask);
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_add_epi32(u, vone), vt);
+    const __m256 f = _mm256_and_ps(_mm256_castsi256_ps(keep), vscale);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g + b));
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    const __m256 v = _mm256_mul_ps(x, f);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), vone);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, lsb), vround), 16);
+    const __m256i isnan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, vnan, isnan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g + b), _mm256_castsi256_si128(packed));
+  }
+  apply_bf16(g + b, w + b, shift, n - b, t, scale);
+}
 #endif
 
 // Where a tensor of n elements at global offset `off` meets global chunk `c`: the valid in-chunk
@@ -179,6 +222,12 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
   if (DT == kF32) {
     apply_f32(static_cast<float*>(g), w, shift, n, t, scale);
   } else if (DT == kBF16) {
+#ifdef HFDG_X86
+    if (kAvx2) {
+      apply_bf16_avx2(static_cast<uint16_t*>(g), w, shift, n, t, scale);
+      return;
+    }
+#endif
     apply_bf16(static_cast<uint16_t*>(g), w, shift, n, t, scale);
   } else {
 #ifdef HFDG_X86
@@ -197,9 +246,9 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
 // the next chunk is prefetched meanwhile: on one Zen 3 core, fp32, 29-31 ms per 60.5M elements
 // against 50-57 ms with whole-chunk phases (blocks of 32-128 with prefetch measure alike; 256 and
 // up lose).
-template <int DT, bool kAvx2>
-HFDG_INLINE void mask_block(const Seg& s, uint64_t base, void* chunk, int64_t b0,
-                            uint32_t* __restrict lo, uint32_t* __restrict hi) {
+template <int DT, bool kAvx2, bool kCount>
+HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t b0,
+                               uint32_t* __restrict lo, uint32_t* __restrict hi) {
   using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
   T* data = static_cast<T*>(chunk);
   constexpr int64_t kLine = 64 / sizeof(T);
@@ -216,6 +265,13 @@ HFDG_INLINE void mask_block(const Seg& s, uint64_t base, void* chunk, int64_t b0
     apply_dt<DT, kAvx2>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
                         s.scale);
   }
+  int64_t dropped = 0;
+  if (kCount) {
+    for (int j = 0; j < 4; ++j) {
+      dropped += count_dropped(j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold);
+    }
+  }
+  return dropped;
 }
 
 // The valid positions [sp.lo, sp.hi) of a partial chunk (the first or last of a tensor), block by
@@ -240,8 +296,10 @@ HFDG_INLINE void for_partial_chunk(uint64_t base, const Span& sp, uint32_t* __re
   }
 }
 
-// Masks chunks [k0, k1) (counted from the tensor's first chunk) of one tensor.
-template <int DT, bool kAvx2>
+// Masks chunks [k0, k1) (counted from the tensor's first chunk) of one tensor; with kCount also
+// writes the dropped elements of chunk k to s.counts[k], from the hashes already made (the counts
+// full update drop's packing needs, without a pass of its own).
+template <int DT, bool kAvx2, bool kCount>
 HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
   using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
   alignas(64) uint32_t lo[kSub];
@@ -251,30 +309,33 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
     const Span sp = span_of(s.offset, s.numel, k);
     const uint64_t base = chunk_base(s.key, sp.c);
     const int64_t gs = sp.c * kChunk - s.offset;  // data index of in-chunk position 0
+    int64_t dropped = 0;
     if (sp.lo == 0 && sp.hi == kChunk) {  // constant trip counts: no loop epilogues
       for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
-        mask_block<DT, kAvx2>(s, base, data + gs, b0, lo, hi);
+        dropped += mask_block<DT, kAvx2, kCount>(s, base, data + gs, b0, lo, hi);
       }
     } else {
       for_partial_chunk(base, sp, lo, hi,
                         [&](int64_t a, const uint32_t* w, int shift, int64_t cnt) HFDG_LAMBDA_INLINE {
                           apply_dt<DT, kAvx2>(data + gs + a, w, shift, cnt, s.threshold, s.scale);
+                          if (kCount) dropped += count_dropped(w, shift, cnt, s.threshold);
                         });
     }
+    if (kCount) s.counts[k] = dropped;
   }
 }
 
-template <bool kAvx2>
+template <bool kAvx2, bool kCount>
 HFDG_INLINE void mask_chunks(const Seg& s, int64_t k0, int64_t k1) {
   switch (s.dtype) {
     case kF32:
-      mask_chunks_t<kF32, kAvx2>(s, k0, k1);
+      mask_chunks_t<kF32, kAvx2, kCount>(s, k0, k1);
       break;
     case kBF16:
-      mask_chunks_t<kBF16, kAvx2>(s, k0, k1);
+      mask_chunks_t<kBF16, kAvx2, kCount>(s, k0, k1);
       break;
     default:
-      mask_chunks_t<kF16, kAvx2>(s, k0, k1);
+      mask_chunks_t<kF16, kAvx2, kCount>(s, k0, k1);
   }
 }
 
@@ -347,9 +408,14 @@ __attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32
 
 // words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
 // 64 counters with no valid position are not hashed.
-template <bool kAvx2>
+// pf (0: none): address of the chunk's in-chunk position 0 in the tensor, of esize-byte elements;
+// each block prefetches the tensor memory its words cover (4 runs of 64 elements), so the moves
+// that follow find the chunk in cache (integer addresses: a partial chunk's runs may lie outside
+// the tensor, and a prefetch never faults).
+template <bool kAvx2, bool kWrite = false>
 HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* __restrict words,
-                            uint32_t* __restrict lo, uint32_t* __restrict hi) {
+                            uint32_t* __restrict lo, uint32_t* __restrict hi, uintptr_t pf = 0,
+                            int64_t esize = 0) {
   const uint64_t base = chunk_base(key, sp.c);
   const bool full = sp.lo == 0 && sp.hi == kChunk;
   for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
@@ -361,6 +427,14 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
       if (!any) {
         for (int j = 0; j < 4; ++j) words[(j * kW + b0) / 64] = 0;
         continue;
+      }
+    }
+    if (pf != 0) {
+      for (int j = 0; j < 4; ++j) {
+        const uintptr_t run = pf + (j * kW + b0) * esize;
+        for (int64_t line = 0; line < kSub * esize; line += 64) {
+          __builtin_prefetch(reinterpret_cast<const void*>(run + line), kWrite ? 1 : 0, 3);
+        }
       }
     }
     hash_block(base, b0, kSub, lo, hi);
@@ -435,7 +509,8 @@ HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __rest
       }
       continue;
     }
-    drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+    drop_words<kAvx2, !kGather>(s.key, s.threshold, sp, words, lo, hi,
+                                reinterpret_cast<uintptr_t>(data) + d0 * sizeof(T), sizeof(T));
     int64_t m = 0;
     for (int q = 0; q < kWords; ++q) {
       uint64_t d = words[q];
@@ -472,7 +547,12 @@ HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32
   }
 }
 
-void mask_chunks_base(const Seg& s, int64_t k0, int64_t k1) { mask_chunks<false>(s, k0, k1); }
+void mask_chunks_base(const Seg& s, int64_t k0, int64_t k1) {
+  mask_chunks<false, false>(s, k0, k1);
+}
+void mask_counted_chunks_base(const Seg& s, int64_t k0, int64_t k1) {
+  mask_chunks<false, true>(s, k0, k1);
+}
 void keep_chunks_base(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32_t t, int64_t k0,
                       int64_t k1) {
   keep_chunks<false>(out, off, n, key, t, k0, k1);
@@ -488,7 +568,11 @@ void move_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, v
 
 #ifdef HFDG_X86
 __attribute__((target("avx2,f16c"))) void mask_chunks_avx2(const Seg& s, int64_t k0, int64_t k1) {
-  mask_chunks<true>(s, k0, k1);
+  mask_chunks<true, false>(s, k0, k1);
+}
+__attribute__((target("avx2,f16c"))) void mask_counted_chunks_avx2(const Seg& s, int64_t k0,
+                                                                   int64_t k1) {
+  mask_chunks<true, true>(s, k0, k1);
 }
 __attribute__((target("avx2,f16c"))) void keep_chunks_avx2(uint8_t* out, int64_t off, int64_t n,
                                                            uint64_t key, uint32_t t, int64_t k0,
@@ -550,8 +634,15 @@ void check_lengths(int64_t n, int64_t keys, int64_t thresholds, int64_t offsets)
 // Keys arrive as int64 bit patterns (the schema has no unsigned type); thresholds in [0, 65536];
 // offsets are global stream indices in [0, 2**62). Argument errors are ValueErrors in Python.
 
-void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-              at::ArrayRef<double> scales, at::IntArrayRef offsets) {
+void check_starts(const at::Tensor& starts, int64_t total) {
+  TORCH_CHECK_VALUE(starts.device().is_cpu() && starts.scalar_type() == at::kLong &&
+                        starts.is_contiguous() && starts.numel() == total + 1,
+                    "starts must be a contiguous int64 CPU tensor of ", total + 1, " elements");
+}
+
+// st (or nullptr): the chunk starts of the dropped elements, filled as gather_dropped_many's.
+void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+               at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st) {
   const int64_t n = static_cast<int64_t>(grads.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(scales.size()) == n, "grads and scales differ in length");
   check_lengths(n, keys.size(), thresholds.size(), offsets.size());
@@ -560,6 +651,7 @@ void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresh
   segs.reserve(n);
   first.reserve(n + 1);
   int64_t elements = 0;
+  int64_t counted = 0;  // chunks of grads[0, i), the index of grads[i]'s first count
   first.push_back(0);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& g = grads[i];
@@ -583,24 +675,65 @@ void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresh
     const uint32_t t = checked_threshold(thresholds[i]);
     const float scale = static_cast<float>(scales[i]);
     TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
-    // threshold 0 with scale 1 keeps everything unchanged: skip the pass.
-    if (g.numel() == 0 || (t == 0 && scale == 1.0f)) continue;
+    const int64_t chunks = num_chunks(offsets[i], g.numel());
+    int64_t* counts = st == nullptr ? nullptr : st + 1 + counted;
+    counted += chunks;
+    // threshold 0 with scale 1 keeps everything unchanged: skip the pass (nothing is dropped).
+    if (g.numel() == 0 || (t == 0 && scale == 1.0f)) {
+      if (counts != nullptr) std::fill(counts, counts + chunks, int64_t{0});
+      continue;
+    }
     segs.push_back(Seg{g.data_ptr(), g.numel(), offsets[i], static_cast<uint64_t>(keys[i]), t,
-                       scale, dtype});
+                       scale, dtype, counts});
     first.push_back(first.back() + num_chunks(offsets[i], g.numel()));
     elements += g.numel();
   }
   const int isa = g_isa;
+  if (st == nullptr) {
+    for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
+#ifdef HFDG_X86
+      if (isa) {
+        mask_chunks_avx2(segs[i], k0, k1);
+        return;
+      }
+#endif
+      (void)isa;
+      mask_chunks_base(segs[i], k0, k1);
+    });
+    return;
+  }
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
 #ifdef HFDG_X86
     if (isa) {
-      mask_chunks_avx2(segs[i], k0, k1);
+      mask_counted_chunks_avx2(segs[i], k0, k1);
       return;
     }
 #endif
     (void)isa;
-    mask_chunks_base(segs[i], k0, k1);
+    mask_counted_chunks_base(segs[i], k0, k1);
   });
+  st[0] = 0;
+  for (int64_t c = 0; c < counted; ++c) st[c + 1] += st[c];
+}
+
+void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+              at::ArrayRef<double> scales, at::IntArrayRef offsets) {
+  mask_impl(grads, keys, thresholds, scales, offsets, nullptr);
+}
+
+// mask_ that also fills `starts` (int64, one per chunk of the grads plus the total) with the chunk
+// starts gather_dropped_many would return for tensors of the grads' sizes, keys, thresholds and
+// offsets: the counts come from the hashes the mask makes anyway.
+void mask_counted_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+                      at::ArrayRef<double> scales, at::IntArrayRef offsets,
+                      const at::Tensor& starts) {
+  int64_t total = 0;
+  for (size_t i = 0; i < grads.size() && i < offsets.size(); ++i) {
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
+    total += num_chunks(offsets[i], grads[i].numel());
+  }
+  check_starts(starts, total);
+  mask_impl(grads, keys, thresholds, scales, offsets, starts.data_ptr<int64_t>());
 }
 
 // out[e] = keep decision of stream element offset + e (1 keep, 0 drop).
@@ -654,6 +787,33 @@ std::vector<PackSeg> pack_segs(at::TensorList tensors, at::IntArrayRef keys,
   return segs;
 }
 
+// The packing pass: the dropped elements of every chunk to values[st[c], st[c + 1]).
+at::Tensor gather_pass(at::TensorList tensors, const std::vector<PackSeg>& segs,
+                       const std::vector<int64_t>& first, int64_t elements, const int64_t* st) {
+  const int64_t total = first.back();
+  TORCH_CHECK_VALUE(st[0] == 0 && st[total] >= 0, "starts must begin at 0 and end at >= 0");
+  at::Tensor values = at::empty(
+      {st[total]}, at::TensorOptions().dtype(tensors.empty() ? at::kFloat
+                                                               : tensors[0].scalar_type()));
+  const int isa = g_isa;
+  if (st[total] > 0) {
+    const int32_t esize = static_cast<int32_t>(values.element_size());
+    void* out = values.data_ptr();
+    for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
+      const int64_t* s = st + first[i];
+#ifdef HFDG_X86
+      if (isa) {
+        move_chunks_avx2<true>(segs[i], k0, k1, esize, out, s);
+        return;
+      }
+#endif
+      (void)isa;
+      move_chunks_base<true>(segs[i], k0, k1, esize, out, s);
+    });
+  }
+  return values;
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensors,
                                                            at::IntArrayRef keys,
                                                            at::IntArrayRef thresholds,
@@ -678,24 +838,19 @@ std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensor
   });
   st[0] = 0;
   for (int64_t c = 0; c < total; ++c) st[c + 1] += st[c];
-  at::Tensor values = at::empty(
-      {st[total]}, at::TensorOptions().dtype(tensors.empty() ? at::kFloat
-                                                               : tensors[0].scalar_type()));
-  if (st[total] > 0) {
-    const int32_t esize = static_cast<int32_t>(values.element_size());
-    void* out = values.data_ptr();
-    for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
-      const int64_t* s = st + first[i];
-#ifdef HFDG_X86
-      if (isa) {
-        move_chunks_avx2<true>(segs[i], k0, k1, esize, out, s);
-        return;
-      }
-#endif
-      move_chunks_base<true>(segs[i], k0, k1, esize, out, s);
-    });
-  }
-  return {values, starts};
+  return {gather_pass(tensors, segs, first, elements, st), starts};
+}
+
+// The packing pass of gather_dropped_many with the chunk starts already known (from mask_counted_
+// over the gradients of these tensors): no counting pass.
+at::Tensor gather_dropped_at_cpu(at::TensorList tensors, at::IntArrayRef keys,
+                                 at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                                 const at::Tensor& starts) {
+  std::vector<int64_t> first;
+  int64_t elements;
+  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  check_starts(starts, first.back());
+  return gather_pass(tensors, segs, first, elements, starts.data_ptr<int64_t>());
 }
 
 void scatter_dropped_many_cpu(at::TensorList tensors, at::IntArrayRef keys,
@@ -750,7 +905,9 @@ TORCH_LIBRARY_FRAGMENT(hf_dropgrad, m) { m.def("_cpu_isa(int request) -> int", &
 
 TORCH_LIBRARY_IMPL(hf_dropgrad, CPU, m) {
   m.impl("mask_", &mask_cpu);
+  m.impl("mask_counted_", &mask_counted_cpu);
   m.impl("keep_mask_", &keep_mask_cpu);
   m.impl("gather_dropped_many", &gather_dropped_many_cpu);
+  m.impl("gather_dropped_at", &gather_dropped_at_cpu);
   m.impl("scatter_dropped_many", &scatter_dropped_many_cpu);
 }
