@@ -373,6 +373,9 @@ def plot(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
             ax.plot([rates[best] * shift], [stats[best][0]], marker="*", markersize=16,
                     color=line[0].get_color(), linestyle="none")
         ax.set_xscale("log")
+        grid = sorted({r["learning_rate"] for r in rows})
+        ax.set_xticks(grid, [f"{rate:g}" for rate in grid])
+        ax.minorticks_off()
         ax.set_xlabel("learning rate (AdamW peak)")
         ax.set_title(f"{split} split: accuracy (mean ± 2 s.e. over seeds)", fontsize=10)
     axes[0].set_ylabel("accuracy, %")
