@@ -67,6 +67,14 @@ def test_comparison_pairs_test_at_each_arms_dev_choice(tuned):
     assert "| p=0.6 | 0.001 | 2 | 41.0 ± 0.0 | 23.0 ± 2.8 | +2.0 ± 1.0 | 2 / 0 of 2 |" in table
 
 
+def test_only_seeds_with_every_run_enter_the_choice(tuned):
+    rows = [*_rows(DEV, TEST),
+            {"arm": "baseline", "learning_rate": 1e-3, "seed": 2, "dev_accuracy": 99.0}]
+    assert tuned.complete_seeds(rows, [1e-3, 5e-4], ["baseline", "p=0.6"]) == {0, 1}
+    assert tuned.complete_seeds(rows, [1e-3], ["baseline"]) == {0, 1, 2}
+    assert tuned.complete_seeds(rows, [1e-3, 2.5e-4], ["baseline"]) == set()
+
+
 def test_run_argv_and_arms(tuned):
     assert [(a.name, a.rate, a.full_update_drop) for a in tuned.ARMS] == [
         ("baseline", 0.0, False), ("p=0.6", 0.6, False), ("p=0.5 full update drop", 0.5, True)]
