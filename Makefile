@@ -44,3 +44,9 @@ study: install data
 # Issue 14: the overfitting-regime study (11 arms x 12 seeds, resumable; see docs/analysis.md §6).
 study-overfit: install data
 	nice -n 10 $(PYTHON) scripts/study_overfit.py --seeds 12 --workers 3 --threads 1
+
+# Issue 21: tuned against tuned (3 arms x 4 learning rates x 8 seeds, learning rate chosen on a
+# dev split, reported on a test split; resumable; see docs/analysis.md §8).
+.PHONY: study-tuned
+study-tuned: install data
+	nice -n 10 $(PYTHON) scripts/study_tuned.py --workers 2 --threads 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
 import statistics
@@ -31,19 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import study_harness as harness
+from study_harness import Config, check_rates, expected_rate_logs, slug  # noqa: F401
 
-
-@dataclass(frozen=True)
-class Config:
-    """One arm of the study: a name, the DropGrad flags, and what to plot it against."""
-
-    name: str
-    flags: tuple[str, ...] = ()
-    rate: float = 0.0
-    where: str = "none"
-    full_update_drop: bool = False
-
+ROOT = harness.ROOT
 
 # The examples' own defaults apply DropGrad (the flagship: encoder=0.1,decoder=0.2; the
 # classifier: 0.1), so the baselines switch it off explicitly; `check_rates` verifies every run.
@@ -92,42 +82,6 @@ TASKS = {
 }
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
-def expected_rate_logs(config: Config) -> dict[str, float]:
-    """The `dropgrad_rate*` entries the DropGrad callback must log for this configuration."""
-    from hf_dropgrad.training_args import parse_module_rates
-
-    flags = {
-        flag: value
-        for flag, value in zip(config.flags, [*config.flags[1:], "--"])
-        if flag.startswith("--") and not value.startswith("--")
-    }
-    module_rates = parse_module_rates(flags.get("--dropgrad_module_rates"))
-    if module_rates:
-        return {f"dropgrad_rate/{name}": rate for name, rate in module_rates.items() if rate}
-    rate = float(flags.get("--dropgrad_rate", "nan"))
-    return {"dropgrad_rate": rate} if rate else {}
-
-
-def check_rates(config: Config, log_history: list[dict], run_dir: Path) -> None:
-    """Fail loudly when a run trained with other drop rates than its configuration says."""
-    logged: dict[str, set[float]] = {}
-    for entry in log_history:
-        for key, value in entry.items():
-            if key.startswith("dropgrad_rate"):
-                logged.setdefault(key, set()).add(value)
-    logged = {key: values for key, values in logged.items() if values != {0.0}}  # p=0: a no-op
-    expected = expected_rate_logs(config)
-    if logged != {key: {rate} for key, rate in expected.items()}:
-        raise RuntimeError(
-            f"{run_dir}: configuration {config.name!r} expects the logged drop rates "
-            f"{expected or 'to be absent (no DropGrad)'}, the run logged {logged}"
-        )
-
-
 def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out: Path) -> dict:
     """Train one (task, config, seed) in a subprocess, or reuse its finished results."""
     run_dir = out / "runs" / task.name / slug(config.name) / f"seed{seed}"
@@ -146,7 +100,7 @@ def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out
         *task.extra, *config.flags,
     ]
     start = time.time()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, **harness.OFFLINE_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -173,12 +127,6 @@ def torch_version() -> str:
     return torch.__version__
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summary_table(task: Task, rows: list[dict]) -> str:
     """Markdown: mean ± std per configuration, and the paired difference to the baseline.
 
@@ -195,25 +143,21 @@ def summary_table(task: Task, rows: list[dict]) -> str:
         + f" | paired Δ {head[0]} vs baseline (± s.e.) | seeds better than baseline |",
         "| --- | --- | " + " | ".join("---" for _ in head) + " | --- | --- |",
     ]
-    base = {r["seed"]: r[head[0]] for r in rows
-            if r["config"] == "baseline" and r[head[0]] is not None}
+    base = {r["seed"]: r[head[0]] for r in rows if r["config"] == "baseline"}
     for config in task.configs:
         mine = [r for r in rows if r["config"] == config.name]
         if not mine:
             continue
         cells = []
         for metric in head:
-            m, s = mean_std([r[metric] for r in mine if r[metric] is not None])
-            cells.append(f"{m:.4f} ± {s:.4f}")
-        diffs = [r[head[0]] - base[r["seed"]] for r in mine
-                 if r[head[0]] is not None and r["seed"] in base]
-        if config.name == "baseline" or not diffs:
+            m, s = harness.mean_sd([r[metric] for r in mine if r[metric] is not None])
+            cells.append(f"{harness.fmt(m, 4)} ± {harness.fmt(s, 4)}")
+        diff = harness.paired({r["seed"]: r[head[0]] for r in mine}, base, better_low)
+        if config.name == "baseline" or not diff.n:
             delta, wins = "—", "—"
         else:
-            m, s = mean_std(diffs)
-            delta = f"{m:+.4f} (± {s / math.sqrt(len(diffs)):.4f})"
-            won = sum(1 for d in diffs if (d < 0 if better_low else d > 0))
-            wins = f"{won}/{len(diffs)}"
+            delta = f"{harness.fmt(diff.mean, 4, sign=True)} (± {harness.fmt(diff.se, 4)})"
+            wins = f"{diff.better}/{diff.n}"
         lines.append(f"| {config.name} | {len(mine)} | " + " | ".join(cells)
                      + f" | {delta} | {wins} |")
     return "\n".join(lines)
@@ -241,7 +185,7 @@ def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
     for i, ((where, full), by_rate) in enumerate(lines):
         rates = sorted(by_rate)
         means = [statistics.fmean(by_rate[p]) for p in rates]
-        stds = [statistics.stdev(by_rate[p]) if len(by_rate[p]) > 1 else 0 for p in rates]
+        stds = [harness.mean_sd(by_rate[p])[1] for p in rates]  # nan: no bar
         label = where + (" + full update drop" if full else "")
         shift = 0.008 * (i - (len(lines) - 1) / 2)  # side by side, so error bars stay readable
         ax.errorbar([r + shift for r in rates], means, yerr=stds, marker="o", capsize=4,

@@ -13,9 +13,10 @@ classification head in every arm, so arms are compared with the baseline seed by
 
 Runs happen in-process (the example's `main(argv)`, unchanged flags), which saves the 5-10 s
 of importing transformers per run; `--workers N` runs N such processes, each taking the next
-free run. After each run its row is appended to `results.json` / `results.csv` in `--out`
-(default `docs/study/overfit`), atomically, so an interrupted study resumes where it stopped:
-runs already there are skipped. Every run is checked against its arm: the drop rates the
+free run (the pool, the results store and the statistics are `scripts/study_harness.py`'s).
+After each run its row is appended to `results.json` / `results.csv` in `--out` (default
+`docs/study/overfit`), atomically, so an interrupted study resumes where it stopped: runs
+already there are skipped. Every run is checked against its arm: the drop rates the
 DropGrad callback logged, and the weight decay, full-update-drop flag, learning rate and model
 dropout the run actually trained with.
 
@@ -29,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -42,9 +41,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import Config, check_rates, expected_rate_logs  # noqa: E402, F401
+import study_harness as harness
+from study_harness import Config, check_rates, expected_rate_logs  # noqa: F401
+
+ROOT = harness.ROOT
 
 TASK = "classification"
 METRIC = "eval_accuracy"  # higher is better
@@ -211,9 +211,7 @@ def summarise_run(arm: Arm, seed: int, log_history: list[dict], seconds: float) 
 
 def train_one(arm: Arm, seed: int, args: argparse.Namespace, log) -> dict:
     """Train one (arm, seed) in this process and return its row."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import run_classification
-
+    run_classification = harness.load_example("run_classification")
     output_dir = Path(tempfile.mkdtemp(prefix="overfit_", dir=args.scratch))
     start = time.time()
     try:
@@ -228,68 +226,13 @@ def train_one(arm: Arm, seed: int, args: argparse.Namespace, log) -> dict:
         shutil.rmtree(output_dir, ignore_errors=True)  # 90 MB of weights per run
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_rows(rows: list[dict], out: Path) -> None:
-    """results.json (with the per-epoch curves) and results.csv (one flat row per run)."""
-    atomic_write(out / "results.json", json.dumps(rows, indent=1))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "results.csv", buffer.getvalue())
-
-
-def load_rows(out: Path) -> list[dict]:
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-@contextlib.contextmanager
-def results_lock(out: Path):
-    """Serialise the read-append-write of the results between parallel workers."""
-    import fcntl
-
-    with open(out / ".results.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def claim(out: Path, arm: Arm, seed: int) -> Path | None:
-    """Reserve (arm, seed) for this process; None when it is finished or another live worker
-    holds it. A claim of a process that no longer runs (an interrupted study) is taken over."""
-    claims = out / "claims"
-    claims.mkdir(exist_ok=True)
-    path = claims / f"seed{seed}_{''.join(c if c.isalnum() else '_' for c in arm.name)}"
-    with results_lock(out):
-        if any((r["arm"], r["seed"]) == (arm.name, seed) for r in load_rows(out)):
-            return None
-        if path.exists():
-            try:
-                os.kill(int(path.read_text()), 0)
-                return None  # a live worker trains it
-            except (ValueError, ProcessLookupError):
-                pass
-        path.write_text(str(os.getpid()))
-    return path
-
-
-def append_row(row: dict, out: Path) -> list[dict]:
-    """Add one finished run to the results on disk (re-read, so other workers' rows stay)."""
-    with results_lock(out):
-        rows = [r for r in load_rows(out) if (r["arm"], r["seed"]) != (row["arm"], row["seed"])]
-        rows.append(row)
-        rows.sort(key=lambda r: (r["seed"], ARM_ORDER.get(r["arm"], len(ARM_ORDER))))
-        save_rows(rows, out)
-    return rows
+def store(out: Path) -> harness.ResultStore:
+    """The study's rows: `results.json` (with the per-epoch curves) and its flat view
+    `results.csv`, one row per (arm, seed), seed-major."""
+    return harness.ResultStore(
+        out, ("arm", "seed"), CSV_FIELDS,
+        sort_key=lambda r: (r["seed"], ARM_ORDER.get(r["arm"], len(ARM_ORDER))),
+    )
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -299,29 +242,15 @@ def settings_of(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    if len(values) == 1:
-        return values[0], math.nan
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+mean_sd = harness.mean_sd
 
 
 def paired(rows: list[dict], arm: str, key: str, lower_is_better: bool = False,
-           reference: str = "baseline"):
+           reference: str = "baseline") -> harness.Paired:
     """Per-seed differences arm - reference: (mean, s.e., seeds better, worse, compared)."""
-    base = {r["seed"]: r[key] for r in rows if r["arm"] == reference}
-    diffs = [r[key] - base[r["seed"]] for r in rows if r["arm"] == arm and r["seed"] in base]
-    m, se = mean_se(diffs)
-    better = sum(1 for d in diffs if (d < 0 if lower_is_better else d > 0))
-    worse = sum(1 for d in diffs if (d > 0 if lower_is_better else d < 0))
-    return m, se, better, worse, len(diffs)
+    return harness.paired({r["seed"]: r[key] for r in rows if r["arm"] == arm},
+                          {r["seed"]: r[key] for r in rows if r["arm"] == reference},
+                          lower_is_better)
 
 
 def pts(value: float) -> str:
@@ -575,11 +504,26 @@ def report(rows: list[dict], args: argparse.Namespace, meta: dict) -> str:
         for path in (plot_metric_vs_rate(rows, out), plot_curves(rows, out)):
             parts.append(f"![{path.stem}]({path.name})\n")
     text = "\n".join(parts)
-    atomic_write(out / "summary.md", text)
+    harness.atomic_write(out / "summary.md", text)
     return text
 
 
 # ---------------------------------------------------------------- main
+
+
+def jobs(args: argparse.Namespace):
+    """Seed-major, arms in order: a cut-short study stays balanced."""
+    arms = [ARMS_BY_NAME[name] for name in args.arms] if args.arms else ARMS
+    for seed in range(args.seeds):
+        for arm in arms:
+            yield harness.Job((arm.name, seed), f"{arm.name:>26} seed {seed}",
+                              lambda log, a=arm, s=seed: train_one(a, s, args, log))
+
+
+def describe(row: dict) -> str:
+    return (f"best {100 * row['best_eval_accuracy']:.1f}% (epoch {row['best_epoch']:g}), "
+            f"final {100 * row['final_eval_accuracy']:.1f}%, "
+            f"train loss {row['final_train_loss']:.3f} ({row['seconds']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -595,96 +539,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_seq_length", type=int, default=DEFAULTS["max_seq_length"])
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS_BY_NAME),
                         metavar="ARM", help="only these arms (names as in the tables)")
-    parser.add_argument("--budget_minutes", type=float, default=math.inf,
-                        help="launch no new run after this; finished runs are kept")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="train this many runs at once, in worker processes that each take the "
-                        "next free run (seed-major); with --threads 1 this uses a shared, busy "
-                        "machine better than one process whose threads wait for each other")
-    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per run (default: torch's own choice)")
     parser.add_argument("--report", action="store_true",
                         help="only rebuild summary.md and the plots from results.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study" / "overfit")
-    parser.add_argument("--scratch", type=Path, default=None,
-                        help="where runs write their output directories (deleted after)")
+    harness.add_pool_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    harness.set_offline()
 
+    results = store(args.out)
     meta_path = args.out / "study_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    rows = load_rows(args.out)
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if args.report:
-        print(report(rows, args, meta))
+        rows = results.load()
+        print(report(rows, args, old))
         return rows
-    if rows and meta.get("settings") not in (None, settings_of(args)):
-        raise SystemExit(f"{args.out} holds runs with other settings ({meta['settings']}); "
-                         "use another --out or the same settings")
-    if args.worker is None:  # the command as launched (how many workers does not matter)
-        meta = {
-            "settings": settings_of(args),
-            "seeds": max(args.seeds, meta.get("seeds", 0)),
-            "command": " ".join(["python", "scripts/study_overfit.py",
-                                 *(sys.argv[1:] if argv is None else argv)]),
-        }
-        atomic_write(meta_path, json.dumps(meta, indent=1))
-    if args.workers > 1 and args.worker is None:
-        return run_workers(args, argv if argv is not None else sys.argv[1:], meta)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    arms = [ARMS_BY_NAME[name] for name in args.arms] if args.arms else ARMS
-    done = {(r["arm"], r["seed"]) for r in rows}
-    seeds = range(args.seeds)
-    start = time.time()
-    log_name = "study.log" if args.worker is None else f"study.worker{args.worker}.log"
-    with open(args.out / log_name, "a") as log:
-        for seed in seeds:  # seed-major: a cut-short study stays balanced
-            for arm in arms:
-                if (arm.name, seed) in done:
-                    continue
-                if (time.time() - start) / 60 > args.budget_minutes:
-                    print("time budget reached; rerun the same command to resume", flush=True)
-                    if args.worker is None:
-                        report(load_rows(args.out), args, meta)
-                    return load_rows(args.out)
-                held = claim(args.out, arm, seed)  # workers take the next free run
-                if held is None:
-                    continue
-                try:
-                    row = train_one(arm, seed, args, log)
-                    rows = append_row(row, args.out)
-                finally:
-                    held.unlink(missing_ok=True)
-                print(f"[{(time.time() - start) / 60:5.1f} min] {arm.name:>26} seed {seed}: "
-                      f"best {100 * row['best_eval_accuracy']:.1f}% (epoch "
-                      f"{row['best_epoch']:g}), final {100 * row['final_eval_accuracy']:.1f}%, "
-                      f"train loss {row['final_train_loss']:.3f} ({row['seconds']:.0f} s)",
-                      flush=True)
-    if args.worker is None:
-        print(report(rows, args, meta))
-    return rows
-
-
-def run_workers(args: argparse.Namespace, argv: list[str], meta: dict) -> list[dict]:
-    """Start one process per worker, wait for all, then write the report."""
-    import subprocess
-
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(k)])
-        for k in range(args.workers)
-    ]
-    codes = [proc.wait() for proc in procs]
-    rows = load_rows(args.out)
-    print(report(rows, args, meta))
-    if any(codes):
-        raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
-    return rows
+    # the command as launched (how many workers does not matter); workers only check
+    command = (" ".join(["python", "scripts/study_overfit.py", *argv])
+               if args.worker is None else None)
+    meta = harness.check_meta(args.out, settings_of(args), bool(results.load()), command,
+                              {"seeds": max(args.seeds, old.get("seeds", 0))})
+    return harness.run_study(args, argv, __file__, results, jobs(args), describe,
+                             lambda: report(results.load(), args, meta))
 
 
 if __name__ == "__main__":

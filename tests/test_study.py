@@ -1,32 +1,72 @@
-"""scripts/study.py: each arm must train with exactly the drop rates its name says.
+"""scripts/study.py, scripts/study_overfit.py and their shared scripts/study_harness.py.
 
 The examples apply DropGrad by default, so a baseline that only omits the DropGrad flags
 silently trains with the example's rates. These tests pin the flags of every configuration and
-the check that compares them with what the callback logged.
+the check that compares them with what the callback logged, and the harness's results store
+and statistics.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.study_helpers import require_offline_data, study_script
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # dataclasses look their module up while building the class
-    try:
-        spec.loader.exec_module(module)
+    with study_script("study") as module:
         yield module
-    finally:
-        sys.modules.pop("study", None)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with study_script("study_harness") as module:
+        yield module
+
+
+# ---------------------------------------------------------------- scripts/study_harness.py
+
+
+def test_mean_sd_of_one_value_is_undefined_not_zero(harness):
+    # One run says nothing about the spread: the two former copies (mean_sd, mean_std)
+    # disagreed here, one answering 0.0, which printed "± 0.0000" for a single seed.
+    assert harness.mean_sd([]) == pytest.approx((math.nan, math.nan), nan_ok=True)
+    m, sd = harness.mean_sd([0.4])
+    assert m == 0.4 and math.isnan(sd)
+    m, se = harness.mean_se([0.4])
+    assert m == 0.4 and math.isnan(se)
+    assert harness.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert harness.mean_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))
+    assert harness.fmt(math.nan) == "—" and harness.fmt(1.25, 2, sign=True) == "+1.25"
+
+
+def test_paired_compares_seed_by_seed(harness):
+    diff = harness.paired({0: 0.55, 1: 0.60, 2: 0.90, 3: 0.40}, {0: 0.50, 1: 0.60, 3: 0.45})
+    assert (diff.better, diff.worse, diff.n) == (1, 1, 3)  # seed 2 has no reference
+    assert diff.mean == pytest.approx(0.0) and diff.se == pytest.approx(0.05 / math.sqrt(3))
+    lower = harness.paired({0: 1.0, 1: 2.0}, {0: 2.0, 1: 2.5}, lower_is_better=True)
+    assert (lower.better, lower.worse) == (2, 0) and lower.mean == pytest.approx(-0.75)
+
+
+def test_result_store_csv_round_trip_and_claims(harness, tmp_path):
+    store = harness.ResultStore(tmp_path, ("arm", "seed"), ["arm", "seed", "acc", "flag"],
+                                sort_key=lambda r: (r["seed"], r["arm"]), keep_json=False,
+                                field_types={"seed": int, "acc": float, "flag": bool})
+    store.append({"arm": "b", "seed": 1, "acc": 0.25, "flag": True})
+    assert store.claim(("b", 1)) is None  # finished
+    held = store.claim(("a", 0))
+    assert held is not None and held.read_text().isdigit()
+    assert store.claim(("a", 0)) is None  # held by a live process (this one)
+    held.write_text("999999999")  # a claim of a process that no longer runs is taken over
+    assert store.claim(("a", 0)) == held
+    rows = store.append({"arm": "a", "seed": 0, "acc": 0.5, "flag": False})
+    assert rows == store.load() == [{"arm": "a", "seed": 0, "acc": 0.5, "flag": False},
+                                    {"arm": "b", "seed": 1, "acc": 0.25, "flag": True}]
 
 
 def test_expected_rate_logs_of_every_configuration(study):
@@ -101,18 +141,8 @@ def test_check_rates_rejects_a_run_with_other_rates(study, tmp_path, index, hist
 
 @pytest.fixture(scope="module")
 def overfit():
-    path = ROOT / "scripts" / "study_overfit.py"
-    spec = importlib.util.spec_from_file_location("study_overfit", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study_overfit"] = module
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
+    with study_script("study_overfit") as module:
         yield module
-    finally:
-        sys.modules.pop("study_overfit", None)
-        sys.modules.pop("study", None)
-        sys.path.remove(str(path.parent))
 
 
 def test_overfit_arms_are_wired_as_named(overfit):
@@ -172,18 +202,7 @@ TINY_ARMS = ["baseline", "p=0.7", "p=0.5 full update drop", "weight decay 0.1",
 def test_overfit_study_tiny_run(overfit, tmp_path):
     """Each kind of arm trains for real on a tiny setting, its rates and settings verified
     per run; a second call resumes (trains nothing) and the report is rebuilt."""
-    pytest.importorskip("transformers")
-    examples = ROOT / "examples"
-    sys.path.insert(0, str(examples))
-    try:
-        from offline_data import MissingDataError, minilm_path, wordnet_dir
-
-        try:
-            minilm_path(), wordnet_dir()
-        except MissingDataError as error:
-            pytest.skip(str(error))
-    finally:
-        sys.path.remove(str(examples))
+    require_offline_data()
     out = tmp_path / "out"
     argv = ["--seeds", "2", "--epochs", "2", "--max_train_samples", "2", "--batch_size", "2",
             "--max_eval_samples", "2", "--max_seq_length", "8", "--arms", *TINY_ARMS,
@@ -207,12 +226,14 @@ def test_overfit_study_tiny_run(overfit, tmp_path):
 
 def test_overfit_append_row_keeps_other_workers_rows(overfit, tmp_path):
     row = {"task": "classification", "arm": "p=0.1", "seed": 1, "curve": []}
-    overfit.append_row(dict(row, seed=1), tmp_path)
-    overfit.append_row(dict(row, arm="baseline", seed=0), tmp_path)
-    rows = overfit.append_row(dict(row, seed=0), tmp_path)
+    store = overfit.store(tmp_path)
+    store.append(dict(row, seed=1))
+    overfit.store(tmp_path).append(dict(row, arm="baseline", seed=0))  # another worker
+    rows = store.append(dict(row, seed=0))
     assert [(r["arm"], r["seed"]) for r in rows] == [("baseline", 0), ("p=0.1", 0),
                                                      ("p=0.1", 1)]
-    assert overfit.load_rows(tmp_path) == rows
+    assert store.load() == rows and rows[0]["curve"] == []  # results.json keeps the curves
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
 
 
 def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):

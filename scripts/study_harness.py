@@ -1,0 +1,365 @@
+"""The harness every study under scripts/ shares: results on disk, a worker pool, statistics.
+
+- **Rate checks** (:class:`Config`, :func:`expected_rate_logs`, :func:`check_rates`): every
+  run is checked against the drop rates its arm names, from what the DropGrad callback logged.
+- **Results** (:class:`ResultStore`): one row per run in ``results.csv`` (and, when rows carry
+  nested data such as learning curves, ``results.json``), written atomically under a lock, so
+  parallel workers never lose each other's rows and an interrupted study resumes where it
+  stopped.
+- **Worker pool** (:func:`add_pool_arguments`, :func:`run_study`): ``--workers N`` re-runs the
+  study's own command as N processes; each claims the next free run with a pid file (a claim
+  of a process that no longer runs is taken over) and trains it in-process.
+- **Statistics** (:func:`mean_sd`, :func:`mean_se`, :func:`paired`): seeds are paired across
+  arms, so arms are compared seed by seed.
+
+A study script imports this module by name (``python scripts/study_x.py`` puts ``scripts/`` on
+``sys.path``) and loads an example with :func:`load_example`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any, NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The examples run offline; every study sets these before training.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def set_offline() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def slug(name: str) -> str:
+    """A file-name-safe version of an arm's name."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (once per process), without touching
+    ``sys.path`` (the examples find their own helpers)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while building the class
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+# ---------------------------------------------------------------- rate checks
+
+
+@dataclass(frozen=True)
+class Config:
+    """One arm of a study: a name, the DropGrad flags, and what to plot it against."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    rate: float = 0.0
+    where: str = "none"
+    full_update_drop: bool = False
+
+
+def expected_rate_logs(config: Config) -> dict[str, float]:
+    """The `dropgrad_rate*` entries the DropGrad callback must log for this configuration."""
+    from hf_dropgrad.training_args import parse_module_rates
+
+    flags = {
+        flag: value
+        for flag, value in zip(config.flags, [*config.flags[1:], "--"])
+        if flag.startswith("--") and not value.startswith("--")
+    }
+    module_rates = parse_module_rates(flags.get("--dropgrad_module_rates"))
+    if module_rates:
+        return {f"dropgrad_rate/{name}": rate for name, rate in module_rates.items() if rate}
+    rate = float(flags.get("--dropgrad_rate", "nan"))
+    return {"dropgrad_rate": rate} if rate else {}
+
+
+def check_rates(config: Config, log_history: list[dict], run_dir: Path) -> None:
+    """Fail loudly when a run trained with other drop rates than its configuration says."""
+    logged: dict[str, set[float]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("dropgrad_rate"):
+                logged.setdefault(key, set()).add(value)
+    logged = {key: values for key, values in logged.items() if values != {0.0}}  # p=0: a no-op
+    expected = expected_rate_logs(config)
+    if logged != {key: {rate} for key, rate in expected.items()}:
+        raise RuntimeError(
+            f"{run_dir}: configuration {config.name!r} expects the logged drop rates "
+            f"{expected or 'to be absent (no DropGrad)'}, the run logged {logged}"
+        )
+
+
+# ---------------------------------------------------------------- results on disk
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _parse_bool(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise ValueError(f"not a bool: {text!r}")
+    return text == "True"
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool, str: str}
+
+
+class ResultStore:
+    """The rows of one study in a folder, one per run, identified by ``key_fields``.
+
+    With ``keep_json`` the rows (nested data included) live in ``results.json`` and
+    ``results.csv`` is their flat view (``csv_fields``); without it ``results.csv`` is the
+    store itself and ``field_types`` tells how to read its columns back.
+    """
+
+    def __init__(self, out: Path, key_fields: Sequence[str], csv_fields: Sequence[str],
+                 sort_key: Callable[[dict], Any] | None = None, keep_json: bool = True,
+                 field_types: Mapping[str, type] | None = None) -> None:
+        self.out = Path(out)
+        self.key_fields = tuple(key_fields)
+        self.csv_fields = list(csv_fields)
+        self.sort_key = sort_key
+        self.keep_json = keep_json
+        self.field_types = dict(field_types or {})
+
+    def key(self, row: Mapping[str, Any]) -> tuple:
+        return tuple(row[name] for name in self.key_fields)
+
+    def load(self) -> list[dict]:
+        if self.keep_json:
+            path = self.out / "results.json"
+            return json.loads(path.read_text()) if path.exists() else []
+        return read_csv(self.out / "results.csv", self.field_types)
+
+    def save(self, rows: list[dict]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.keep_json:
+            atomic_write(self.out / "results.json", json.dumps(rows, indent=1))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.csv_fields, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.out / "results.csv", buffer.getvalue())
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Serialise the read-append-write of the results between parallel workers."""
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / ".results.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def append(self, row: dict) -> list[dict]:
+        """Add one finished run (re-read under the lock, so other workers' rows stay)."""
+        with self.lock():
+            rows = [r for r in self.load() if self.key(r) != self.key(row)]
+            rows.append(row)
+            if self.sort_key is not None:
+                rows.sort(key=self.sort_key)
+            self.save(rows)
+        return rows
+
+    def claim(self, key: tuple) -> Path | None:
+        """Reserve the run ``key`` for this process; None when it is finished or another live
+        worker holds it. A claim of a process that no longer runs is taken over."""
+        claims = self.out / "claims"
+        claims.mkdir(parents=True, exist_ok=True)
+        path = claims / slug("_".join(str(part) for part in key))
+        with self.lock():
+            if any(self.key(r) == key for r in self.load()):
+                return None
+            if path.exists():
+                try:
+                    os.kill(int(path.read_text()), 0)
+                    return None  # a live worker trains it
+                except (ValueError, ProcessLookupError):
+                    pass
+            path.write_text(str(os.getpid()))
+        return path
+
+
+def read_csv(path: Path, field_types: Mapping[str, type]) -> list[dict]:
+    """The rows of a results CSV, columns named in ``field_types`` parsed back to their type
+    (an empty cell reads as None)."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, Any] = {}
+            for name, text in raw.items():
+                kind = field_types.get(name, str)
+                row[name] = None if text == "" and kind is not str else _PARSERS[kind](text)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- meta data of a study
+
+
+def check_meta(out: Path, settings: dict, has_rows: bool, command: str | None,
+               extra: dict | None = None) -> dict:
+    """Refuse to mix runs of other settings into ``out``; record the launching command.
+
+    ``command`` is None in a worker (its launcher already wrote the record). ``extra`` holds
+    what may grow between launches (more seeds, more learning rates): merged by the caller.
+    """
+    path = out / "study_meta.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    if has_rows and meta.get("settings") not in (None, settings):
+        raise SystemExit(f"{out} holds runs with other settings ({meta['settings']}); "
+                         "use another --out or the same settings")
+    if command is not None:
+        meta = {"settings": settings, **(extra or {}), "command": command}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(meta, indent=1))
+    return meta
+
+
+# ---------------------------------------------------------------- the worker pool
+
+
+class Job(NamedTuple):
+    """One run of a study: its key in the store, a label for the log, and how to train it
+    (called with the worker's log file; returns the row)."""
+
+    key: tuple
+    label: str
+    train: Callable[[IO[str]], dict]
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget_minutes", type=float, default=math.inf,
+                        help="launch no new run after this; finished runs are kept")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train this many runs at once, in worker processes that each take "
+                        "the next free run; with --threads 1 this uses a shared, busy machine "
+                        "better than one process whose threads wait for each other")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: torch's own choice)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="where runs write their output directories (deleted after)")
+
+
+def run_study(args: argparse.Namespace, argv: Sequence[str], script: str | Path,
+              store: ResultStore, jobs: Iterable[Job], describe: Callable[[dict], str],
+              report: Callable[[], str]) -> list[dict]:
+    """Train every job not yet in ``store``, in this process or in ``args.workers`` workers,
+    then (in the launching process) print ``report()``. Returns the rows on disk."""
+    if args.workers > 1 and args.worker is None:
+        procs = [subprocess.Popen([sys.executable, str(script), *argv, "--worker", str(k)])
+                 for k in range(args.workers)]
+        codes = [proc.wait() for proc in procs]
+        print(report())
+        if any(codes):
+            raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
+        return store.load()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    done = {store.key(r) for r in store.load()}
+    start = time.time()
+    log_name = "study.log" if args.worker is None else f"study.worker{args.worker}.log"
+    with open(store.out / log_name, "a") as log:
+        for job in jobs:
+            if job.key in done:
+                continue
+            if (time.time() - start) / 60 > args.budget_minutes:
+                print("time budget reached; rerun the same command to resume", flush=True)
+                break
+            held = store.claim(job.key)  # workers take the next free run
+            if held is None:
+                continue
+            try:
+                row = job.train(log)
+                store.append(row)
+            finally:
+                held.unlink(missing_ok=True)
+            print(f"[{(time.time() - start) / 60:5.1f} min] {job.label}: {describe(row)}",
+                  flush=True)
+    if args.worker is None:
+        print(report())
+    return store.load()
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; the deviation of fewer than two values is
+    undefined (nan, shown as "—"), not 0: one run says nothing about the spread."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan below two values)."""
+    m, sd = mean_sd(values)
+    return m, sd / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+class Paired(NamedTuple):
+    """Per-seed differences ``arm - reference``: their mean and standard error, in how many
+    seeds the arm was better or worse, and how many seeds both have."""
+
+    mean: float
+    se: float
+    better: int
+    worse: int
+    n: int
+
+
+def paired(values: Mapping[Any, float], reference: Mapping[Any, float],
+           lower_is_better: bool = False) -> Paired:
+    """Compare two arms seed by seed: ``values`` and ``reference`` map a seed to a result;
+    seeds missing from either are left out."""
+    diffs = [value - reference[seed] for seed, value in values.items()
+             if seed in reference and value is not None and reference[seed] is not None]
+    m, se = mean_se(diffs)
+    better = sum(1 for d in diffs if (d < 0 if lower_is_better else d > 0))
+    worse = sum(1 for d in diffs if (d > 0 if lower_is_better else d < 0))
+    return Paired(m, se, better, worse, len(diffs))
+
+
+def fmt(value: float, digits: int = 1, sign: bool = False) -> str:
+    """A number for a table; nan (undefined) as "—"."""
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
