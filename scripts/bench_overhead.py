@@ -308,6 +308,11 @@ def main() -> None:
         help="wall (default) or cpu: process CPU time, robust to other processes' load when "
         "used with --threads 1",
     )
+    parser.add_argument(
+        "--isa", choices=["avx512", "avx2", "portable"], default=None,
+        help="the C++ kernel's code path (default: the best this CPU runs; one it cannot run "
+        "falls back to the best)",
+    )
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu",
@@ -340,6 +345,8 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     if lib is None:
         sys.exit("the C++ kernel is unavailable (see the warning above)")
+    if args.isa is not None:
+        _cpu_kernel._set_isa(args.isa)
     shapes, source = t5_small_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
     largest = max(torch.Size(s).numel() for s in shapes)

@@ -102,26 +102,39 @@ def test_multidimensional_tensors_use_the_row_major_index() -> None:
     assert torch.equal(torch.nan_to_num(g.view(-1)), torch.nan_to_num(flat))
 
 
-def test_the_portable_path_gives_the_same_bits_as_the_avx2_path() -> None:
-    if K.isa() != "avx2":
-        pytest.skip("no AVX2 on this CPU: only the portable path exists")
+def test_every_code_path_gives_the_same_bits() -> None:
+    paths = K._isas()
+    if len(paths) < 2:
+        pytest.skip("only the portable path runs on this CPU")
     grads = [_grad(n, dt, seed=n) for n in (4097, 100003) for dt in DTYPES]
-    fast = [g.clone() for g in grads]
-    slow = [g.clone() for g in grads]
     args = ([2**63 + 1] * len(grads), [6554] * len(grads), [_scale(6554)] * len(grads))
-    K.mask_(fast, *args)
-    keep_fast = K.keep_mask(100003, 5, 6554)
+    results = {}
     try:
-        assert K._set_isa(False) is False
-        assert K.isa() == "portable"
-        K.mask_(slow, *args)
-        keep_slow = K.keep_mask(100003, 5, 6554)
+        for path in paths:
+            assert K._set_isa(path) == path and K.isa() == path
+            masked = [g.clone() for g in grads]
+            K.mask_(masked, *args)
+            results[path] = (masked, K.keep_mask(100003, 5, 6554))
     finally:
-        K._set_isa(True)
-    assert torch.equal(keep_fast, keep_slow)
-    for a, b in zip(fast, slow, strict=True):  # bit for bit, NaNs included
-        itype = torch.int32 if a.dtype == torch.float32 else torch.int16
-        assert torch.equal(a.view(itype), b.view(itype))
+        K._set_isa(paths[0])
+    best, keep_best = results[paths[0]]
+    for path in paths[1:]:
+        other, keep_other = results[path]
+        assert torch.equal(keep_best, keep_other), path
+        for a, b in zip(best, other, strict=True):  # bit for bit, NaNs included
+            itype = torch.int32 if a.dtype == torch.float32 else torch.int16
+            assert torch.equal(a.view(itype), b.view(itype)), (path, a.dtype)
+
+
+def test_set_isa_refuses_an_unknown_path_and_falls_back_to_the_best() -> None:
+    with pytest.raises(ValueError, match="isa must be one of portable, avx2, avx512"):
+        K._set_isa("sse")
+    best = K._isas()[0]
+    try:
+        assert K._set_isa("portable") == "portable"
+        assert K._set_isa("avx512") == best  # the best this CPU runs, if not AVX-512
+    finally:
+        K._set_isa(best)
 
 
 def test_realised_drop_rate_and_unbiasedness() -> None:
@@ -236,10 +249,10 @@ def test_gather_and_scatter_dropped_agree_across_threads_and_code_paths() -> Non
     x = _filled(70 * 4096 + 3, torch.float32, seed=3).view(70 * 4096 + 3)
     reference, offsets = K.gather_dropped(x, 11, 19661)
     threads = torch.get_num_threads()
-    paths = [True, False] if K.isa() == "avx2" else [False]
+    paths = K._isas()
     try:
-        for avx2 in paths:
-            K._set_isa(avx2)
+        for path in paths:
+            K._set_isa(path)
             for n_threads in sorted({1, 2, threads}):
                 torch.set_num_threads(n_threads)
                 values, offs = K.gather_dropped(x, 11, 19661)
@@ -251,7 +264,7 @@ def test_gather_and_scatter_dropped_agree_across_threads_and_code_paths() -> Non
                 assert not _raw(y)[keep].any()
     finally:
         torch.set_num_threads(threads)
-        K._set_isa(True)
+        K._set_isa(paths[0])
 
 
 def test_gather_and_scatter_dropped_reject_bad_input() -> None:
@@ -372,14 +385,14 @@ def test_many_equals_one_call_per_tensor_across_threads_and_code_paths() -> None
                                                                   offsets)]
     want_values = torch.cat([v for v, _ in singles])
     threads = torch.get_num_threads()
-    paths = [True, False] if K.isa() == "avx2" else [False]
+    paths = K._isas()
     try:
-        for avx2 in paths:
-            K._set_isa(avx2)
+        for path in paths:
+            K._set_isa(path)
             for n_threads in sorted({1, 2, threads}):
                 torch.set_num_threads(n_threads)
                 values, starts = K.gather_dropped_many(tensors, keys, thresholds, offsets)
-                assert torch.equal(_raw(values), _raw(want_values)), (avx2, n_threads)
+                assert torch.equal(_raw(values), _raw(want_values)), (path, n_threads)
                 assert starts.numel() == sum(s.numel() - 1 for _, s in singles) + 1
                 ys = [torch.zeros_like(x) for x in tensors]
                 K.scatter_dropped_many(ys, keys, thresholds, offsets, values, starts)
@@ -389,7 +402,7 @@ def test_many_equals_one_call_per_tensor_across_threads_and_code_paths() -> None
                     assert not _raw(y)[keep].any()
     finally:
         torch.set_num_threads(threads)
-        K._set_isa(True)
+        K._set_isa(paths[0])
 
 
 def test_gather_and_scatter_dropped_many_reject_bad_input() -> None:
@@ -452,22 +465,22 @@ def test_mask_counted_and_gather_at_agree_across_threads_and_code_paths() -> Non
     K.mask_(want_grads, keys, thresholds, scales, offsets)
     want_values, want_starts = K.gather_dropped_many(params, keys, thresholds, offsets)
     threads = torch.get_num_threads()
-    paths = [True, False] if K.isa() == "avx2" else [False]
+    paths = K._isas()
     try:
-        for avx2 in paths:
-            K._set_isa(avx2)
+        for path in paths:
+            K._set_isa(path)
             for n_threads in sorted({1, 2, threads}):
                 torch.set_num_threads(n_threads)
                 got = [g.clone() for g in grads]
                 starts = torch.empty_like(want_starts)
                 K.mask_counted_(got, keys, thresholds, scales, offsets, starts)
-                assert torch.equal(starts, want_starts), (avx2, n_threads)
+                assert torch.equal(starts, want_starts), (path, n_threads)
                 assert all(torch.equal(_raw(a), _raw(b)) for a, b in zip(got, want_grads))
                 values = K.gather_dropped_at(params, keys, thresholds, offsets, starts)
-                assert torch.equal(_raw(values), _raw(want_values)), (avx2, n_threads)
+                assert torch.equal(_raw(values), _raw(want_values)), (path, n_threads)
     finally:
         torch.set_num_threads(threads)
-        K._set_isa(True)
+        K._set_isa(paths[0])
 
 
 def test_mask_counted_and_gather_at_reject_bad_starts() -> None:

@@ -27,9 +27,12 @@ later process would wait on it forever).
 
 Flags: ``-O3 -fopenmp`` for the baseline ISA, never ``-march=native`` (a cached build must run
 on any machine that can load it, e.g. a shared home directory or a container image). The hot
-loops are compiled twice, for the baseline and with ``__attribute__((target("avx2,f16c")))``,
-and the AVX2 copy is chosen at run time with ``__builtin_cpu_supports``; both give identical
-bits (fp16 NaNs are canonicalised to c10's portable ``sign | 0x7E00`` in the F16C path). On
+loops are compiled three times, for the baseline, with ``__attribute__((target("avx2,f16c")))``
+and with AVX-512 (F, DQ, BW, VL) added, and the best copy the CPU runs is chosen at run time with
+``__builtin_cpu_supports`` (:func:`isa` names it). AVX-512 gains mostly in the hash: its 64-bit
+lane multiply (``vpmullq``) does 8 SplitMix64 hashes at once, which AVX2 can only emulate. All
+three give identical bits (fp16 NaNs are canonicalised to c10's portable ``sign | 0x7E00`` in the
+F16C path; bf16 NaNs become ``0x7FC0`` in every path); the tests run each path. On
 Linux without OpenMP (``-fopenmp`` failing, e.g. clang without libomp) the build fails and the
 pure-torch path is used; elsewhere (macOS) it is built without ``-fopenmp``, single-threaded.
 
@@ -221,17 +224,34 @@ def _check_thresholds(thresholds: Sequence[int]) -> list[int]:
     return out
 
 
+_ISAS = ("portable", "avx2", "avx512")  # the kernel's code paths, by its numbering
+
+
 def isa() -> str | None:
-    """The code path in use: ``"avx2"``, ``"portable"``, or ``None`` without the kernel."""
+    """The code path in use: ``"avx512"``, ``"avx2"``, ``"portable"``, or ``None`` without the
+    kernel."""
     if load() is None:
         return None
-    return "avx2" if torch.ops.hf_dropgrad._cpu_isa(-1) else "portable"
+    return _ISAS[torch.ops.hf_dropgrad._cpu_isa(-1)]
 
 
-def _set_isa(avx2: bool) -> bool:
-    """Choose the AVX2 (if the CPU has it) or the portable path; returns whether AVX2 is on."""
+def _isas() -> list[str]:
+    """The code paths this CPU runs, best first (empty without the kernel)."""
+    if load() is None:
+        return []
+    in_use = torch.ops.hf_dropgrad._cpu_isa(-1)
+    best = torch.ops.hf_dropgrad._cpu_isa(len(_ISAS))  # selects the best
+    torch.ops.hf_dropgrad._cpu_isa(in_use)
+    return list(reversed(_ISAS[: best + 1]))
+
+
+def _set_isa(name: str) -> str:
+    """Choose a code path (``"portable"``, ``"avx2"``, ``"avx512"``: the best the CPU runs if it
+    cannot run that one); returns the one in use."""
+    if name not in _ISAS:
+        raise ValueError(f"isa must be one of {', '.join(_ISAS)}, got {name!r}")
     _require()
-    return bool(torch.ops.hf_dropgrad._cpu_isa(int(avx2)))
+    return _ISAS[torch.ops.hf_dropgrad._cpu_isa(_ISAS.index(name))]
 
 
 def mask_(

@@ -65,11 +65,17 @@ HFDG_INLINE uint32_t bits_from_f32(float f) {
   return u;
 }
 
+// The code paths, best last; the ISA-specific ones are compiled with a target attribute and chosen
+// at run time (g_isa), so the library is built for the baseline ISA and runs on any x86-64 CPU.
+enum Isa : int { kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+#define HFDG_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+#define HFDG_TARGET_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512dq,avx512bw,avx512vl")))
+
 // SplitMix64 outputs of counters (base counter) + b0 + b, b in [0, nb), where `base` already holds
 // key + (first counter of the chunk + 1) * GOLDEN; split into low/high 32-bit halves so the
 // per-element loops below work on 32-bit lanes only.
-HFDG_INLINE void hash_block(uint64_t base, int64_t b0, int64_t nb, uint32_t* __restrict lo,
-                            uint32_t* __restrict hi) {
+HFDG_INLINE void hash_block_portable(uint64_t base, int64_t b0, int64_t nb,
+                                     uint32_t* __restrict lo, uint32_t* __restrict hi) {
   for (int64_t b = 0; b < nb; ++b) {
     uint64_t z = base + static_cast<uint64_t>(b0 + b) * kGolden;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -78,6 +84,42 @@ HFDG_INLINE void hash_block(uint64_t base, int64_t b0, int64_t nb, uint32_t* __r
     lo[b] = static_cast<uint32_t>(z);
     hi[b] = static_cast<uint32_t>(z >> 32);
   }
+}
+
+#ifdef HFDG_X86
+// The same hashes 8 at a time: AVX-512DQ multiplies 64-bit lanes (vpmullq), which AVX2 cannot, so
+// this is where the AVX-512 path gains (the hash is about half of a masking pass's work on AVX2).
+// nb is a multiple of 8 (always kSub).
+HFDG_TARGET_AVX512 void hash_block_avx512(uint64_t base, int64_t b0, int64_t nb,
+                                          uint32_t* __restrict lo, uint32_t* __restrict hi) {
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i golden = _mm512_set1_epi64(static_cast<int64_t>(kGolden));
+  const __m512i m1 = _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ULL));
+  const __m512i m2 = _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBULL));
+  for (int64_t b = 0; b < nb; b += 8) {
+    const __m512i counter = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(b0 + b)), lane);
+    __m512i z = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(base)),
+                                 _mm512_mullo_epi64(counter, golden));
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), m1);
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), m2);
+    z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + b), _mm512_cvtepi64_epi32(z));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + b),
+                        _mm512_cvtepi64_epi32(_mm512_srli_epi64(z, 32)));
+  }
+}
+#endif
+
+template <int kIsa>
+HFDG_INLINE void hash_block(uint64_t base, int64_t b0, int64_t nb, uint32_t* __restrict lo,
+                            uint32_t* __restrict hi) {
+#ifdef HFDG_X86
+  if (kIsa >= kIsaAvx512) {
+    hash_block_avx512(base, b0, nb, lo, hi);
+    return;
+  }
+#endif
+  hash_block_portable(base, b0, nb, lo, hi);
 }
 
 HFDG_INLINE float factor_of(uint32_t word, int shift, uint32_t t, float scale) {
@@ -131,7 +173,7 @@ HFDG_INLINE int64_t count_dropped(const uint32_t* __restrict w, int shift, int64
 
 #ifdef HFDG_X86
 // F16C conversion, then NaN lanes replaced by sign | 0x7E00 so the result equals the portable path.
-__attribute__((target("avx2,f16c"))) void apply_f16_avx2(uint16_t* __restrict g,
+HFDG_TARGET_AVX2 void apply_f16_avx2(uint16_t* __restrict g,
                                                          const uint32_t* __restrict w, int shift,
                                                          int64_t n, uint32_t t, float scale) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
@@ -163,7 +205,7 @@ __attribute__((target("avx2,f16c"))) void apply_f16_avx2(uint16_t* __restrict g,
 
 // apply_bf16 eight at a time: the same float product and the same integer round-to-nearest-even,
 // NaN lanes replaced by 0x7FC0, the 32-bit results packed back to 16 bits (exact: all <= 0xFFFF).
-__attribute__((target("avx2,f16c"))) void apply_bf16_avx2(uint16_t* __restrict g,
+HFDG_TARGET_AVX2 void apply_bf16_avx2(uint16_t* __restrict g,
                                                           const uint32_t* __restrict w, int shift,
                                                           int64_t n, uint32_t t, float scale) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
@@ -192,6 +234,33 @@ __attribute__((target("avx2,f16c"))) void apply_bf16_avx2(uint16_t* __restrict g
   }
   apply_bf16(g + b, w + b, shift, n - b, t, scale);
 }
+
+// apply_bf16_avx2 sixteen at a time, the keep decisions in a mask register.
+HFDG_TARGET_AVX512 void apply_bf16_avx512(uint16_t* __restrict g, const uint32_t* __restrict w,
+                                          int shift, int64_t n, uint32_t t, float scale) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int32_t>(t));
+  const __m512i vmask = _mm512_set1_epi32(0xFFFF);
+  const __m512i vone = _mm512_set1_epi32(1);
+  const __m512i vround = _mm512_set1_epi32(0x7FFF);
+  const __m512i vnan = _mm512_set1_epi32(0x7FC0);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t b = 0;
+  for (; b + 16 <= n; b += 16) {
+    const __m512i word = _mm512_loadu_si512(w + b);
+    const __m512i u = _mm512_and_si512(_mm512_srl_epi32(word, shift_v), vmask);
+    const __m512 f = _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(u, vt), vscale);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + b));
+    const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512 v = _mm512_mul_ps(x, f);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), vone);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, lsb), vround), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g + b), _mm512_cvtepi32_epi16(r));
+  }
+  apply_bf16(g + b, w + b, shift, n - b, t, scale);
+}
 #endif
 
 // Where a tensor of n elements at global offset `off` meets global chunk `c`: the valid in-chunk
@@ -216,14 +285,18 @@ HFDG_INLINE uint64_t chunk_base(uint64_t key, int64_t c) {
   return key + (static_cast<uint64_t>(c) * kW + 1) * kGolden;
 }
 
-template <int DT, bool kAvx2>
+template <int DT, int kIsa>
 HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int64_t n, uint32_t t,
                           float scale) {
   if (DT == kF32) {
     apply_f32(static_cast<float*>(g), w, shift, n, t, scale);
   } else if (DT == kBF16) {
 #ifdef HFDG_X86
-    if (kAvx2) {
+    if (kIsa >= kIsaAvx512) {
+      apply_bf16_avx512(static_cast<uint16_t*>(g), w, shift, n, t, scale);
+      return;
+    }
+    if (kIsa >= kIsaAvx2) {
       apply_bf16_avx2(static_cast<uint16_t*>(g), w, shift, n, t, scale);
       return;
     }
@@ -231,7 +304,7 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
     apply_bf16(static_cast<uint16_t*>(g), w, shift, n, t, scale);
   } else {
 #ifdef HFDG_X86
-    if (kAvx2) {
+    if (kIsa >= kIsaAvx2) {
       apply_f16_avx2(static_cast<uint16_t*>(g), w, shift, n, t, scale);
       return;
     }
@@ -246,7 +319,7 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
 // the next chunk is prefetched meanwhile: on one Zen 3 core, fp32, 29-31 ms per 60.5M elements
 // against 50-57 ms with whole-chunk phases (blocks of 32-128 with prefetch measure alike; 256 and
 // up lose).
-template <int DT, bool kAvx2, bool kCount>
+template <int DT, int kIsa, bool kCount>
 HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t b0,
                                uint32_t* __restrict lo, uint32_t* __restrict hi) {
   using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
@@ -260,9 +333,9 @@ HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t
       __builtin_prefetch(reinterpret_cast<const void*>(next + (j * kW + k) * sizeof(T)), 1, 3);
     }
   }
-  hash_block(base, b0, kSub, lo, hi);
+  hash_block<kIsa>(base, b0, kSub, lo, hi);
   for (int j = 0; j < 4; ++j) {
-    apply_dt<DT, kAvx2>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
+    apply_dt<DT, kIsa>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
                         s.scale);
   }
   int64_t dropped = 0;
@@ -276,7 +349,7 @@ HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t
 
 // The valid positions [sp.lo, sp.hi) of a partial chunk (the first or last of a tensor), block by
 // block; blocks with no valid position in any lane are not hashed.
-template <typename Fn>
+template <int kIsa, typename Fn>
 HFDG_INLINE void for_partial_chunk(uint64_t base, const Span& sp, uint32_t* __restrict lo,
                                    uint32_t* __restrict hi, Fn&& fn) {
   for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
@@ -285,7 +358,7 @@ HFDG_INLINE void for_partial_chunk(uint64_t base, const Span& sp, uint32_t* __re
       any = std::max(j * kW + b0, sp.lo) < std::min(j * kW + b0 + kSub, sp.hi);
     }
     if (!any) continue;
-    hash_block(base, b0, kSub, lo, hi);
+    hash_block<kIsa>(base, b0, kSub, lo, hi);
     for (int j = 0; j < 4; ++j) {
       const int64_t a = std::max(j * kW + b0, sp.lo);
       const int64_t z = std::min(j * kW + b0 + kSub, sp.hi);
@@ -299,7 +372,7 @@ HFDG_INLINE void for_partial_chunk(uint64_t base, const Span& sp, uint32_t* __re
 // Masks chunks [k0, k1) (counted from the tensor's first chunk) of one tensor; with kCount also
 // writes the dropped elements of chunk k to s.counts[k], from the hashes already made (the counts
 // full update drop's packing needs, without a pass of its own).
-template <int DT, bool kAvx2, bool kCount>
+template <int DT, int kIsa, bool kCount>
 HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
   using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
   alignas(64) uint32_t lo[kSub];
@@ -312,12 +385,12 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
     int64_t dropped = 0;
     if (sp.lo == 0 && sp.hi == kChunk) {  // constant trip counts: no loop epilogues
       for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
-        dropped += mask_block<DT, kAvx2, kCount>(s, base, data + gs, b0, lo, hi);
+        dropped += mask_block<DT, kIsa, kCount>(s, base, data + gs, b0, lo, hi);
       }
     } else {
-      for_partial_chunk(base, sp, lo, hi,
+      for_partial_chunk<kIsa>(base, sp, lo, hi,
                         [&](int64_t a, const uint32_t* w, int shift, int64_t cnt) HFDG_LAMBDA_INLINE {
-                          apply_dt<DT, kAvx2>(data + gs + a, w, shift, cnt, s.threshold, s.scale);
+                          apply_dt<DT, kIsa>(data + gs + a, w, shift, cnt, s.threshold, s.scale);
                           if (kCount) dropped += count_dropped(w, shift, cnt, s.threshold);
                         });
     }
@@ -325,37 +398,38 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
   }
 }
 
-template <bool kAvx2, bool kCount>
+template <int kIsa, bool kCount>
 HFDG_INLINE void mask_chunks(const Seg& s, int64_t k0, int64_t k1) {
   switch (s.dtype) {
     case kF32:
-      mask_chunks_t<kF32, kAvx2, kCount>(s, k0, k1);
+      mask_chunks_t<kF32, kIsa, kCount>(s, k0, k1);
       break;
     case kBF16:
-      mask_chunks_t<kBF16, kAvx2, kCount>(s, k0, k1);
+      mask_chunks_t<kBF16, kIsa, kCount>(s, k0, k1);
       break;
     default:
-      mask_chunks_t<kF16, kAvx2, kCount>(s, k0, k1);
+      mask_chunks_t<kF16, kIsa, kCount>(s, k0, k1);
   }
 }
 
 // Keep decisions of the valid positions of chunk `sp` into dst[0, sp.hi - sp.lo).
+template <int kIsa>
 HFDG_INLINE void keep_chunk(uint8_t* __restrict dst, uint64_t key, uint32_t t, const Span& sp,
                             uint32_t* __restrict lo, uint32_t* __restrict hi) {
-  for_partial_chunk(chunk_base(key, sp.c), sp, lo, hi,
+  for_partial_chunk<kIsa>(chunk_base(key, sp.c), sp, lo, hi,
                     [&](int64_t a, const uint32_t* w, int shift, int64_t cnt) HFDG_LAMBDA_INLINE {
                       apply_keep(dst + (a - sp.lo), w, shift, cnt, t);
                     });
 }
 
-template <bool kAvx2>
+template <int kIsa>
 HFDG_INLINE void keep_chunks(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32_t t,
                              int64_t k0, int64_t k1) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
   for (int64_t k = k0; k < k1; ++k) {
     const Span sp = span_of(off, n, k);
-    keep_chunk(out + (sp.c * kChunk + sp.lo - off), key, t, sp, lo, hi);
+    keep_chunk<kIsa>(out + (sp.c * kChunk + sp.lo - off), key, t, sp, lo, hi);
   }
 }
 
@@ -390,7 +464,7 @@ HFDG_INLINE uint64_t drop_bits_portable(const uint32_t* __restrict w, int shift,
 }
 
 #ifdef HFDG_X86
-__attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32_t* __restrict w,
+HFDG_TARGET_AVX2 inline uint64_t drop_bits_avx2(const uint32_t* __restrict w,
                                                                      int shift, uint32_t t) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
   const __m256i vmask = _mm256_set1_epi32(0xFFFF);
@@ -404,6 +478,21 @@ __attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32
   }
   return m;
 }
+
+// The same 64 bits from four 16-lane compares straight into mask registers.
+HFDG_TARGET_AVX512 inline uint64_t drop_bits_avx512(const uint32_t* __restrict w, int shift,
+                                                     uint32_t t) {
+  const __m512i vt = _mm512_set1_epi32(static_cast<int32_t>(t));
+  const __m512i vmask = _mm512_set1_epi32(0xFFFF);
+  const __m128i shift_v = _mm_cvtsi32_si128(shift);
+  uint64_t m = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __m512i word = _mm512_loadu_si512(w + 16 * q);
+    const __m512i u = _mm512_and_si512(_mm512_srl_epi32(word, shift_v), vmask);
+    m |= static_cast<uint64_t>(_mm512_cmplt_epu32_mask(u, vt)) << (16 * q);
+  }
+  return m;
+}
 #endif
 
 // words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
@@ -412,7 +501,7 @@ __attribute__((target("avx2,f16c"))) inline uint64_t drop_bits_avx2(const uint32
 // each block prefetches the tensor memory its words cover (4 runs of 64 elements), so the moves
 // that follow find the chunk in cache (integer addresses: a partial chunk's runs may lie outside
 // the tensor, and a prefetch never faults).
-template <bool kAvx2, bool kWrite = false>
+template <int kIsa, bool kWrite = false>
 HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* __restrict words,
                             uint32_t* __restrict lo, uint32_t* __restrict hi, uintptr_t pf = 0,
                             int64_t esize = 0) {
@@ -437,13 +526,15 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
         }
       }
     }
-    hash_block(base, b0, kSub, lo, hi);
+    hash_block<kIsa>(base, b0, kSub, lo, hi);
     for (int j = 0; j < 4; ++j) {
       const uint32_t* w = j < 2 ? lo : hi;
       const int shift = (j & 1) * 16;
       uint64_t m;
 #ifdef HFDG_X86
-      if (kAvx2) {
+      if (kIsa >= kIsaAvx512) {
+        m = drop_bits_avx512(w, shift, t);
+      } else if (kIsa >= kIsaAvx2) {
         m = drop_bits_avx2(w, shift, t);
       } else {
         m = drop_bits_portable(w, shift, t);
@@ -468,7 +559,7 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
   }
 }
 
-template <bool kAvx2>
+template <int kIsa>
 HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {
   alignas(64) uint32_t lo[kSub];
   alignas(64) uint32_t hi[kSub];
@@ -480,7 +571,7 @@ HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t*
     } else if (s.threshold >= 65536) {
       counts[k] = sp.hi - sp.lo;
     } else {
-      drop_words<kAvx2>(s.key, s.threshold, sp, words, lo, hi);
+      drop_words<kIsa>(s.key, s.threshold, sp, words, lo, hi);
       int64_t n = 0;
       for (int q = 0; q < kWords; ++q) n += __builtin_popcountll(words[q]);
       counts[k] = n;
@@ -488,7 +579,7 @@ HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t*
   }
 }
 
-template <typename T, bool kGather, bool kAvx2>
+template <typename T, bool kGather, int kIsa>
 HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __restrict values,
                              const int64_t* starts) {
   alignas(64) uint32_t lo[kSub];
@@ -509,7 +600,7 @@ HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __rest
       }
       continue;
     }
-    drop_words<kAvx2, !kGather>(s.key, s.threshold, sp, words, lo, hi,
+    drop_words<kIsa, !kGather>(s.key, s.threshold, sp, words, lo, hi,
                                 reinterpret_cast<uintptr_t>(data) + d0 * sizeof(T), sizeof(T));
     int64_t m = 0;
     for (int q = 0; q < kWords; ++q) {
@@ -529,75 +620,87 @@ HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __rest
   }
 }
 
-template <bool kGather, bool kAvx2>
+template <bool kGather, int kIsa>
 HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,
                                  void* values, const int64_t* starts) {
   switch (esize) {
     case 1:
-      move_chunks<uint8_t, kGather, kAvx2>(s, k0, k1, static_cast<uint8_t*>(values), starts);
+      move_chunks<uint8_t, kGather, kIsa>(s, k0, k1, static_cast<uint8_t*>(values), starts);
       break;
     case 2:
-      move_chunks<uint16_t, kGather, kAvx2>(s, k0, k1, static_cast<uint16_t*>(values), starts);
+      move_chunks<uint16_t, kGather, kIsa>(s, k0, k1, static_cast<uint16_t*>(values), starts);
       break;
     case 4:
-      move_chunks<uint32_t, kGather, kAvx2>(s, k0, k1, static_cast<uint32_t*>(values), starts);
+      move_chunks<uint32_t, kGather, kIsa>(s, k0, k1, static_cast<uint32_t*>(values), starts);
       break;
     default:
-      move_chunks<uint64_t, kGather, kAvx2>(s, k0, k1, static_cast<uint64_t*>(values), starts);
+      move_chunks<uint64_t, kGather, kIsa>(s, k0, k1, static_cast<uint64_t*>(values), starts);
   }
 }
 
-void mask_chunks_base(const Seg& s, int64_t k0, int64_t k1) {
-  mask_chunks<false, false>(s, k0, k1);
-}
-void mask_counted_chunks_base(const Seg& s, int64_t k0, int64_t k1) {
-  mask_chunks<false, true>(s, k0, k1);
-}
-void keep_chunks_base(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32_t t, int64_t k0,
-                      int64_t k1) {
-  keep_chunks<false>(out, off, n, key, t, k0, k1);
-}
-void count_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {
-  count_chunks<false>(s, k0, k1, counts);
-}
-template <bool kGather>
-void move_chunks_base(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
-                      const int64_t* starts) {
-  move_chunks_any<kGather, false>(s, k0, k1, esize, values, starts);
-}
+// The chunk loops of one code path, compiled for its ISA; the ops call them through kernels().
+struct Kernels {
+  void (*mask)(const Seg& s, int64_t k0, int64_t k1);
+  void (*mask_counted)(const Seg& s, int64_t k0, int64_t k1);
+  void (*keep)(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32_t t, int64_t k0,
+               int64_t k1);
+  void (*count)(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts);
+  void (*gather)(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
+                 const int64_t* starts);
+  void (*scatter)(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
+                  const int64_t* starts);
+};
 
+// Defines the entry points of code path ISA (suffix NAME, function attribute ATTR) and their table
+// kernels_NAME: the same templates, instantiated inside a function compiled for that ISA.
+#define HFDG_DEFINE_KERNELS(NAME, ISA, ATTR)                                                   \
+  ATTR void mask_##NAME(const Seg& s, int64_t k0, int64_t k1) {                               \
+    mask_chunks<ISA, false>(s, k0, k1);                                                        \
+  }                                                                                            \
+  ATTR void mask_counted_##NAME(const Seg& s, int64_t k0, int64_t k1) {                       \
+    mask_chunks<ISA, true>(s, k0, k1);                                                         \
+  }                                                                                            \
+  ATTR void keep_##NAME(uint8_t* out, int64_t off, int64_t n, uint64_t key, uint32_t t,       \
+                        int64_t k0, int64_t k1) {                                              \
+    keep_chunks<ISA>(out, off, n, key, t, k0, k1);                                             \
+  }                                                                                            \
+  ATTR void count_##NAME(const PackSeg& s, int64_t k0, int64_t k1, int64_t* counts) {         \
+    count_chunks<ISA>(s, k0, k1, counts);                                                      \
+  }                                                                                            \
+  ATTR void gather_##NAME(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,            \
+                          void* values, const int64_t* starts) {                               \
+    move_chunks_any<true, ISA>(s, k0, k1, esize, values, starts);                              \
+  }                                                                                            \
+  ATTR void scatter_##NAME(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize,           \
+                           void* values, const int64_t* starts) {                              \
+    move_chunks_any<false, ISA>(s, k0, k1, esize, values, starts);                             \
+  }                                                                                            \
+  constexpr Kernels kernels_##NAME{mask_##NAME,  mask_counted_##NAME, keep_##NAME,             \
+                                   count_##NAME, gather_##NAME,       scatter_##NAME};
+
+HFDG_DEFINE_KERNELS(portable, kIsaPortable, )
 #ifdef HFDG_X86
-__attribute__((target("avx2,f16c"))) void mask_chunks_avx2(const Seg& s, int64_t k0, int64_t k1) {
-  mask_chunks<true, false>(s, k0, k1);
-}
-__attribute__((target("avx2,f16c"))) void mask_counted_chunks_avx2(const Seg& s, int64_t k0,
-                                                                   int64_t k1) {
-  mask_chunks<true, true>(s, k0, k1);
-}
-__attribute__((target("avx2,f16c"))) void keep_chunks_avx2(uint8_t* out, int64_t off, int64_t n,
-                                                           uint64_t key, uint32_t t, int64_t k0,
-                                                           int64_t k1) {
-  keep_chunks<true>(out, off, n, key, t, k0, k1);
-}
-__attribute__((target("avx2,f16c"))) void count_chunks_avx2(const PackSeg& s, int64_t k0,
-                                                            int64_t k1, int64_t* counts) {
-  count_chunks<true>(s, k0, k1, counts);
-}
-template <bool kGather>
-__attribute__((target("avx2,f16c"))) void move_chunks_avx2(const PackSeg& s, int64_t k0,
-                                                           int64_t k1, int32_t esize,
-                                                           void* values, const int64_t* starts) {
-  move_chunks_any<kGather, true>(s, k0, k1, esize, values, starts);
-}
+HFDG_DEFINE_KERNELS(avx2, kIsaAvx2, HFDG_TARGET_AVX2)
+HFDG_DEFINE_KERNELS(avx512, kIsaAvx512, HFDG_TARGET_AVX512)
+constexpr Kernels kAllKernels[] = {kernels_portable, kernels_avx2, kernels_avx512};
 
-bool cpu_has_avx2() {
+// The best code path this CPU runs.
+int best_isa() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return kIsaPortable;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return avx512 ? kIsaAvx512 : kIsaAvx2;
 }
-int g_isa = cpu_has_avx2() ? 1 : 0;
 #else
-int g_isa = 0;
+constexpr Kernels kAllKernels[] = {kernels_portable};
+int best_isa() { return kIsaPortable; }
 #endif
+#undef HFDG_DEFINE_KERNELS
+
+int g_isa = best_isa();  // the code path in use (tests select the others with _cpu_isa)
+
+const Kernels& kernels() { return kAllKernels[g_isa]; }
 
 HFDG_INLINE int64_t grain_of(int64_t elements, int64_t chunks) {
   return elements < kMinParallelElements ? std::max<int64_t>(1, chunks) : kGrainChunks;
@@ -688,30 +791,11 @@ void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thres
     first.push_back(first.back() + num_chunks(offsets[i], g.numel()));
     elements += g.numel();
   }
-  const int isa = g_isa;
-  if (st == nullptr) {
-    for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
-#ifdef HFDG_X86
-      if (isa) {
-        mask_chunks_avx2(segs[i], k0, k1);
-        return;
-      }
-#endif
-      (void)isa;
-      mask_chunks_base(segs[i], k0, k1);
-    });
-    return;
-  }
+  const auto mask = st == nullptr ? kernels().mask : kernels().mask_counted;
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
-#ifdef HFDG_X86
-    if (isa) {
-      mask_counted_chunks_avx2(segs[i], k0, k1);
-      return;
-    }
-#endif
-    (void)isa;
-    mask_counted_chunks_base(segs[i], k0, k1);
+    mask(segs[i], k0, k1);
   });
+  if (st == nullptr) return;
   st[0] = 0;
   for (int64_t c = 0; c < counted; ++c) st[c + 1] += st[c];
 }
@@ -746,17 +830,10 @@ void keep_mask_cpu(const at::Tensor& out, int64_t key, int64_t threshold, int64_
   const int64_t n = out.numel();
   uint8_t* data = static_cast<uint8_t*>(out.data_ptr());
   const uint64_t k = static_cast<uint64_t>(key);
-  const int isa = g_isa;
+  const Kernels& ks = kernels();
   const int64_t chunks = num_chunks(offset, n);
   at::parallel_for(0, chunks, grain_of(n, chunks), [&](int64_t k0, int64_t k1) {
-#ifdef HFDG_X86
-    if (isa) {
-      keep_chunks_avx2(data, offset, n, k, t, k0, k1);
-      return;
-    }
-#endif
-    (void)isa;
-    keep_chunks_base(data, offset, n, k, t, k0, k1);
+    ks.keep(data, offset, n, k, t, k0, k1);
   });
 }
 
@@ -795,20 +872,13 @@ at::Tensor gather_pass(at::TensorList tensors, const std::vector<PackSeg>& segs,
   at::Tensor values = at::empty(
       {st[total]}, at::TensorOptions().dtype(tensors.empty() ? at::kFloat
                                                                : tensors[0].scalar_type()));
-  const int isa = g_isa;
+  const Kernels& ks = kernels();
   if (st[total] > 0) {
     const int32_t esize = static_cast<int32_t>(values.element_size());
     void* out = values.data_ptr();
     for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
       const int64_t* s = st + first[i];
-#ifdef HFDG_X86
-      if (isa) {
-        move_chunks_avx2<true>(segs[i], k0, k1, esize, out, s);
-        return;
-      }
-#endif
-      (void)isa;
-      move_chunks_base<true>(segs[i], k0, k1, esize, out, s);
+      ks.gather(segs[i], k0, k1, esize, out, s);
     });
   }
   return values;
@@ -824,17 +894,9 @@ std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensor
   const int64_t total = first.back();
   at::Tensor starts = at::empty({total + 1}, at::TensorOptions().dtype(at::kLong));
   int64_t* st = starts.data_ptr<int64_t>();
-  const int isa = g_isa;
+  const Kernels& ks = kernels();
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
-    int64_t* counts = st + 1 + first[i];
-#ifdef HFDG_X86
-    if (isa) {
-      count_chunks_avx2(segs[i], k0, k1, counts);
-      return;
-    }
-#endif
-    (void)isa;
-    count_chunks_base(segs[i], k0, k1, counts);
+    ks.count(segs[i], k0, k1, st + 1 + first[i]);
   });
   st[0] = 0;
   for (int64_t c = 0; c < total; ++c) st[c + 1] += st[c];
@@ -872,28 +934,17 @@ void scatter_dropped_many_cpu(at::TensorList tensors, at::IntArrayRef keys,
   if (st[total] == 0) return;
   const int32_t esize = static_cast<int32_t>(values.element_size());
   void* in = values.data_ptr();
-  const int isa = g_isa;
+  const Kernels& ks = kernels();
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
-    const int64_t* s = st + first[i];
-#ifdef HFDG_X86
-    if (isa) {
-      move_chunks_avx2<false>(segs[i], k0, k1, esize, in, s);
-      return;
-    }
-#endif
-    (void)isa;
-    move_chunks_base<false>(segs[i], k0, k1, esize, in, s);
+    ks.scatter(segs[i], k0, k1, esize, in, st + first[i]);
   });
 }
 
-// request < 0: report the code path in use (1 AVX2, 0 portable); 0 or 1: select it (tests use 0
-// to check the portable path) and report the one in use.
+// request < 0: report the code path in use (2 AVX-512, 1 AVX2, 0 portable); >= 0: select that
+// path, or the best this CPU runs if it cannot run it (tests check every path against the others),
+// and report the one in use.
 int64_t cpu_isa(int64_t request) {
-#ifdef HFDG_X86
-  if (request >= 0) g_isa = (request != 0 && cpu_has_avx2()) ? 1 : 0;
-#else
-  (void)request;
-#endif
+  if (request >= 0) g_isa = static_cast<int>(std::min<int64_t>(request, best_isa()));
   return g_isa;
 }
 
