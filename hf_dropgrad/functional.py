@@ -399,12 +399,11 @@ def mask_and_save_dropped_many(
 
     Full update drop's step: ``tensors[i]`` is the parameter (or piece) whose gradient is
     ``grads[i]``, so its dropped elements are the gradient's (same key, threshold, offset and
-    size). Where both go to the C++ kernel (contiguous CPU tensors), one
-    ``hf_dropgrad::mask_counted_`` call per parameter dtype masks the gradients and counts the
-    dropped elements of every chunk from the hashes it makes anyway, and
-    ``hf_dropgrad::gather_dropped_at`` packs the parameters with those counts: three passes over
-    the stream per step (mask, pack, restore) instead of four. Everything else takes
-    :func:`mask_` and :func:`save_dropped_many`. The result equals theirs bit for bit.
+    size). Where both go to the C++ kernel (contiguous CPU tensors of one element size), one
+    ``hf_dropgrad::mask_gather_dropped_`` call per parameter dtype masks the gradients and packs
+    the parameters' dropped values from the same hashes: two passes over the stream per step
+    (mask and pack, restore) instead of four. Everything else takes :func:`mask_` and
+    :func:`save_dropped_many`. The result equals theirs bit for bit.
     """
     n = check_lengths(grads, keys, thresholds, scales)
     if len(tensors) != n:
@@ -419,6 +418,7 @@ def mask_and_save_dropped_many(
             and grad.device.type == "cpu"
             and tensor.device == grad.device
             and grad.numel() == tensor.numel()
+            and grad.element_size() == tensor.element_size()
             and grad.is_contiguous()
             and tensor.is_contiguous()
             and kernels.choose(grad, "mask", requested) == "cpp"
@@ -433,12 +433,9 @@ def mask_and_save_dropped_many(
         gkeys, gthr = [keys[i] for i in ix], [thresholds[i] for i in ix]
         goffs = [offs[i] for i in ix]
         group = [tensors[i] for i in ix]
-        chunks = sum(kernels.ops.num_chunks(t.numel(), o) for t, o in zip(group, goffs))
-        starts = torch.empty(chunks + 1, dtype=torch.int64)
-        kernels.ops.mask_counted_(
-            [grads[i] for i in ix], gkeys, gthr, [scales[i] for i in ix], goffs, starts
+        values, starts = kernels.ops.mask_gather_dropped_(
+            [grads[i] for i in ix], group, gkeys, gthr, [scales[i] for i in ix], goffs
         )
-        values = kernels.ops.gather_dropped_at(group, gkeys, gthr, goffs, starts)
         groups.append(_Group("cpp", group, gkeys, gthr, goffs, values, starts))
     if rest:
         mask_(

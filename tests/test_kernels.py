@@ -374,3 +374,22 @@ def test_mask_counted_and_gather_at_references_match_mask_and_gather() -> None:
     assert torch.equal(out, starts)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(ops._gather_at_reference(tensors, keys, thresholds, offsets, out), values)
+
+
+def test_the_mask_gather_reference_equals_mask_and_gather() -> None:
+    from hf_dropgrad.kernels import ops, reference
+
+    grads = [torch.randn(n) for n in (4097, 5, 0, 9000)]
+    params = [torch.randn(n) for n in (4097, 5, 0, 9000)]
+    keys, thresholds, offsets = [1, 2**63, 3, 4], [6554, 65536, 1, 0], [3, 4093, 0, 2**40 + 1]
+    scales = [1.25, 0.0, 1.0, 1.0]
+    want = [g.clone() for g in grads]
+    reference.mask_(want, keys, thresholds, scales, offsets)
+    values, starts = reference.gather_dropped_many(params, keys, thresholds, offsets)
+    got = [g.clone() for g in grads]
+    signed = [k - 2**64 if k >= 2**63 else k for k in keys]  # the schema's int64 bit patterns
+    got_values, got_starts = ops._mask_gather_reference(
+        got, params, signed, thresholds, scales, offsets
+    )
+    assert torch.equal(got_starts, starts) and torch.equal(got_values, values)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -483,6 +483,94 @@ def test_mask_counted_and_gather_at_agree_across_threads_and_code_paths() -> Non
         K._set_isa(paths[0])
 
 
+# the parameter dtype packed beside each gradient dtype: one element size
+_SAME_SIZE = {
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.float16,
+    torch.float16: torch.bfloat16,
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_gather_dropped_equals_the_mask_and_the_definition(dtype: torch.dtype) -> None:
+    specs = [*MANY_SPECS, (70 * 4096 + 3, 7)]
+    grads = [_grad(n, dtype, seed=i) for i, (n, _) in enumerate(specs)]
+    params = [_filled(n, _SAME_SIZE[dtype], seed=50 + i) for i, (n, _) in enumerate(specs)]
+    offsets = [o for _, o in specs]
+    keys = [3, 2**63 + 1, 99, 0, 5, 2**64 - 2, 77]
+    for thresholds in ([6554] * 7, [0, 1, 65535, 65536, 32768, 6554, 19661]):
+        scales = [_scale(t) if t < 65536 else 0.0 for t in thresholds]
+        want_grads = [g.clone() for g in grads]
+        K.mask_(want_grads, keys, thresholds, scales, offsets)
+        want_values, want_starts, _ = _expected_many(params, keys, thresholds, offsets)
+        got = [g.clone() for g in grads]
+        values, starts = K.mask_gather_dropped_(got, params, keys, thresholds, scales, offsets)
+        assert values.dtype == params[0].dtype and values.is_contiguous()
+        assert torch.equal(starts, want_starts), thresholds
+        assert torch.equal(_raw(values), want_values), thresholds
+        for i, (g, w) in enumerate(zip(got, want_grads)):
+            assert torch.equal(_raw(g), _raw(w)), (i, thresholds)
+
+
+def test_mask_gather_dropped_agrees_across_threads_code_paths_and_region_margins() -> None:
+    grads = [_grad(n, torch.bfloat16, seed=n) for n in (70 * 4096 + 3, 5, 200001, 4096)]
+    params = [_filled(g.numel(), torch.bfloat16, seed=i) for i, g in enumerate(grads)]
+    keys, thresholds, offsets = [11, 12, 13, 14], [19661, 6554, 1, 65535], [0, 4093, 77, 8192]
+    scales = [_scale(t) for t in thresholds]
+    want_grads = [g.clone() for g in grads]
+    K.mask_(want_grads, keys, thresholds, scales, offsets)
+    want_values, want_starts = K.gather_dropped_many(params, keys, thresholds, offsets)
+    threads = torch.get_num_threads()
+    paths = K._isas()
+    # (factor, slack) of each thread's region: the default, then regions too small, so that the
+    # values go on in the overflow buffer part of the way (0.5) or from the first chunk (0)
+    margins = [(1.02, 4096), (0.5, 0), (0.0, 0), (1.0, 1)]
+    try:
+        for path, (factor, slack) in itertools.product(paths, margins):
+            K._set_isa(path)
+            torch.ops.hf_dropgrad._cpu_pack_margin(factor, slack)
+            for n_threads in sorted({1, 2, threads}):
+                torch.set_num_threads(n_threads)
+                got = [g.clone() for g in grads]
+                values, starts = K.mask_gather_dropped_(
+                    got, params, keys, thresholds, scales, offsets
+                )
+                where = (path, factor, n_threads)
+                assert torch.equal(starts, want_starts), where
+                assert torch.equal(_raw(values), _raw(want_values)), where
+                assert all(torch.equal(_raw(a), _raw(b)) for a, b in zip(got, want_grads)), where
+    finally:
+        torch.ops.hf_dropgrad._cpu_pack_margin(1.02, 4096)
+        torch.set_num_threads(threads)
+        K._set_isa(paths[0])
+
+
+def test_mask_gather_dropped_rejects_bad_input() -> None:
+    g, x = torch.randn(5000), torch.randn(5000)
+    args = ([1], [6554], [1.1], [0])
+    with pytest.raises(ValueError, match="grads and tensors differ in length"):
+        K.mask_gather_dropped_([g], [x, x], *args)
+    with pytest.raises(ValueError, match="differ in length"):
+        K.mask_gather_dropped_([g], [x], [1, 2], [6554], [1.1], [0])
+    with pytest.raises(ValueError, match=r"tensors\[0\] must have grads\[0\]'s size"):
+        K.mask_gather_dropped_([g], [torch.randn(4999)], *args)
+    with pytest.raises(ValueError, match="element size"):
+        K.mask_gather_dropped_([g], [x.double()], *args)
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a contiguous"):
+        K.mask_gather_dropped_(
+            [g, g.clone()], [x, torch.randn(100, 50).t()], [1, 2], [6554] * 2, [1.1] * 2, [0, 0]
+        )
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.mask_gather_dropped_(
+            [g.bfloat16(), g.half()], [x.half(), x.bfloat16()], [1, 2], [6554] * 2, [1.1] * 2,
+            [0, 0],
+        )
+    with pytest.raises(ValueError, match="grads\\[0\\] must be"):
+        K.mask_gather_dropped_([g.double()], [x.double()], *args)
+    with pytest.raises(ValueError, match="threshold"):
+        K.mask_gather_dropped_([g], [x], [1], [70000], [1.1], [0])
+
+
 def test_mask_counted_and_gather_at_reject_bad_starts() -> None:
     a = torch.randn(5000)
     for bad in (torch.empty(2, dtype=torch.int64), torch.empty(3, dtype=torch.int32),
@@ -497,7 +585,7 @@ def test_mask_counted_and_gather_at_reject_bad_starts() -> None:
 
 def test_the_kernels_are_the_cpu_implementation_of_the_ops() -> None:
     for name in ("mask_", "keep_mask_", "gather_dropped_many", "scatter_dropped_many",
-                 "mask_counted_", "gather_dropped_at"):
+                 "mask_counted_", "gather_dropped_at", "mask_gather_dropped_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hf_dropgrad::{name}", "CPU")
     # called as a plain torch op, CPU tensors run the C++ kernel: same bits as the oracle
     g = _grad(9001, torch.bfloat16, seed=4)

@@ -83,6 +83,7 @@ __all__ = [
     "load",
     "mask_",
     "mask_counted_",
+    "mask_gather_dropped_",
     "num_chunks",
     "packable",
     "scatter_dropped",
@@ -438,6 +439,49 @@ def gather_dropped_at(
     thr, offs = _check_pack_args(tensors, keys, thresholds, offsets)
     _check_starts(starts, sum(num_chunks(x.numel(), o) for x, o in zip(tensors, offs)))
     return ops.gather_dropped_at(tensors, keys, thr, offs, starts)
+
+
+def mask_gather_dropped_(
+    grads: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mask_` of ``grads`` and :func:`gather_dropped_many` of ``tensors`` in one hashing
+    pass (``hf_dropgrad::mask_gather_dropped_``); returns ``(values, starts)``.
+
+    ``tensors[i]`` is the parameter of ``grads[i]``: a contiguous CPU tensor of its size and
+    element size (all of one dtype), sharing no memory with the gradients. Each thread packs its
+    chunks into a buffer of its own, copied into ``values`` at the end: the values are held
+    twice for a moment.
+    """
+    _require()
+    n = check_lengths(grads, keys, thresholds, scales)
+    offs = check_offsets(offsets, n)
+    if len(tensors) != n:
+        raise ValueError(f"grads and tensors differ in length: {n}, {len(tensors)}")
+    if not all(
+        g.dtype in _MASK_DTYPES and g.is_cpu and g.layout is torch.strided and g.is_contiguous()
+        for g in grads
+    ):
+        _raise_bad_grad(grads)
+    for i, (g, x) in enumerate(zip(grads, tensors)):
+        if not (x.is_cpu and x.layout is torch.strided and x.is_contiguous()):
+            raise ValueError(f"tensors[{i}] must be a contiguous dense CPU tensor")
+        if x.numel() != g.numel() or x.element_size() != g.element_size():
+            raise ValueError(
+                f"tensors[{i}] must have grads[{i}]'s size and element size: {x.numel()} x "
+                f"{x.element_size()} bytes against {g.numel()} x {g.element_size()}"
+            )
+        if x.dtype != tensors[0].dtype:
+            raise ValueError(
+                f"tensors must share one dtype: tensors[{i}] is {x.dtype}, tensors[0] "
+                f"{tensors[0].dtype}"
+            )
+    thr = _check_thresholds(thresholds)
+    return ops.mask_gather_dropped_(grads, tensors, keys, thr, scales, offs)
 
 
 def scatter_dropped_many(

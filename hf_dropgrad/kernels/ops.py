@@ -16,13 +16,18 @@ scales, offsets, starts)``               ``gather_dropped_many`` would return fo
                                          the grads' sizes (counted from the mask's hashes)
 ``gather_dropped_at(tensors, keys,       ``gather_dropped_many``'s ``values``, the starts
 thresholds, offsets, starts)``           given (full update drop's save, no counting pass)
+``mask_gather_dropped_(grads, tensors,   ``mask_`` of the grads and ``gather_dropped_many`` of
+keys, thresholds, scales, offsets)``     the tensors in one pass: ``(values, starts)``
 =======================================  ===================================================
 
-``mask_counted_`` and ``gather_dropped_at`` let full update drop hash the stream three times per
-step instead of four: the parameters' dropped elements are exactly the gradients' (same keys,
-thresholds, offsets and sizes), so the mask pass counts them and the packing pass needs no count
-pass of its own. They have a C++ kernel (CPU) and the reference (every other device; Triton's
-full update drop keeps its own count pass, see :mod:`hf_dropgrad.kernels.triton`).
+The last three let full update drop hash the stream fewer times per step: the parameters'
+dropped elements are exactly the gradients' (same keys, thresholds, offsets and sizes).
+``mask_counted_`` counts them while masking, so ``gather_dropped_at`` needs no count pass of its
+own (three hashing passes per step with the restore); ``mask_gather_dropped_`` also packs them
+from the mask's hashes (two). The C++ kernel implements all three; every other device runs the
+reference (Triton's full update drop keeps its own count pass, see
+:mod:`hf_dropgrad.kernels.triton`), ``mask_gather_dropped_`` as ``mask_counted_`` then
+``gather_dropped_at``.
 
 The schemas are defined here, so the ops exist whatever is installed. The device of the tensors
 picks the implementation, as for any torch op:
@@ -58,6 +63,7 @@ __all__ = [
     "keep_mask_",
     "mask_",
     "mask_counted_",
+    "mask_gather_dropped_",
     "num_chunks",
     "scatter_dropped_many",
 ]
@@ -86,6 +92,10 @@ _lib.define(
 _lib.define(
     "gather_dropped_at(Tensor[] tensors, int[] keys, int[] thresholds, int[] offsets, "
     "Tensor starts) -> Tensor"
+)
+_lib.define(
+    "mask_gather_dropped_(Tensor(a!)[] grads, Tensor[] tensors, int[] keys, int[] thresholds, "
+    "float[] scales, int[] offsets) -> (Tensor, Tensor)"
 )
 
 _ops = torch.ops.hf_dropgrad
@@ -179,6 +189,23 @@ def gather_dropped_at(
     )
 
 
+def mask_gather_dropped_(
+    grads: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hf_dropgrad::mask_gather_dropped_``: :func:`mask_` of ``grads``, and the dropped values
+    of ``tensors`` (``tensors[i]`` has ``grads[i]``'s size; they share no memory) with their chunk
+    starts, as :func:`gather_dropped_many` returns them."""
+    return _ops.mask_gather_dropped_(
+        list(grads), list(tensors), _keys(keys), [int(t) for t in thresholds],
+        [float(s) for s in scales], [int(o) for o in offsets],
+    )
+
+
 # ----------------------------------------------------------------------------- reference (default)
 TensorList = list[torch.Tensor]
 Ints = list[int]
@@ -213,9 +240,25 @@ def _gather_at_reference(
     return reference.gather_dropped_many(tensors, keys, thresholds, offsets)[0]
 
 
+def _mask_gather_reference(
+    grads: TensorList,
+    tensors: TensorList,
+    keys: Ints,
+    thresholds: Ints,
+    scales: list[float],
+    offsets: Ints,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    device = grads[0].device if grads else torch.device("cpu")
+    chunks = sum(num_chunks(g.numel(), o) for g, o in zip(grads, offsets, strict=True))
+    starts = torch.empty(chunks + 1, dtype=torch.int64, device=device)
+    _ops.mask_counted_(grads, keys, thresholds, scales, offsets, starts)
+    return _ops.gather_dropped_at(tensors, keys, thresholds, offsets, starts), starts
+
+
 _lib.impl("mask_", _mask_reference, "CompositeExplicitAutograd")
 _lib.impl("mask_counted_", _mask_counted_reference, "CompositeExplicitAutograd")
 _lib.impl("gather_dropped_at", _gather_at_reference, "CompositeExplicitAutograd")
+_lib.impl("mask_gather_dropped_", _mask_gather_reference, "CompositeExplicitAutograd")
 _lib.impl("keep_mask_", _keep_mask_reference, "CompositeExplicitAutograd")
 _lib.impl("gather_dropped_many", reference.gather_dropped_many, "CompositeExplicitAutograd")
 _lib.impl("scatter_dropped_many", reference.scatter_dropped_many, "CompositeExplicitAutograd")
@@ -342,8 +385,20 @@ def _gather_at_fake(
     return torch.empty(torch.library.get_ctx().new_dynamic_size(), dtype=dtype, device=device)
 
 
+def _mask_gather_fake(
+    grads: TensorList,
+    tensors: TensorList,
+    keys: Ints,
+    thresholds: Ints,
+    scales: list[float],
+    offsets: Ints,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gather_fake(tensors, keys, thresholds, offsets)
+
+
 for _name, _fake in (
     ("mask_", _mask_fake),
+    ("mask_gather_dropped_", _mask_gather_fake),
     ("mask_counted_", _mask_counted_fake),
     ("gather_dropped_at", _gather_at_fake),
     ("keep_mask_", _keep_mask_fake),

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -51,6 +52,7 @@ struct Seg {
   float scale;
   int32_t dtype;
   int64_t* counts;  // mask_counted_: dropped elements of the tensor's chunk k go to counts[k]
+  const void* source;  // mask_gather_dropped_: the tensor whose dropped elements are packed
 };
 
 HFDG_INLINE float f32_from_bits(uint32_t u) {
@@ -495,6 +497,15 @@ HFDG_TARGET_AVX512 inline uint64_t drop_bits_avx512(const uint32_t* __restrict w
 }
 #endif
 
+template <int kIsa>
+HFDG_INLINE uint64_t drop_bits(const uint32_t* __restrict w, int shift, uint32_t t) {
+#ifdef HFDG_X86
+  if (kIsa >= kIsaAvx512) return drop_bits_avx512(w, shift, t);
+  if (kIsa >= kIsaAvx2) return drop_bits_avx2(w, shift, t);
+#endif
+  return drop_bits_portable(w, shift, t);
+}
+
 // words[0, kWords) = drop bits of chunk sp.c, positions outside [sp.lo, sp.hi) cleared. Blocks of
 // 64 counters with no valid position are not hashed.
 // pf (0: none): address of the chunk's in-chunk position 0 in the tensor, of esize-byte elements;
@@ -530,19 +541,7 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
     for (int j = 0; j < 4; ++j) {
       const uint32_t* w = j < 2 ? lo : hi;
       const int shift = (j & 1) * 16;
-      uint64_t m;
-#ifdef HFDG_X86
-      if (kIsa >= kIsaAvx512) {
-        m = drop_bits_avx512(w, shift, t);
-      } else if (kIsa >= kIsaAvx2) {
-        m = drop_bits_avx2(w, shift, t);
-      } else {
-        m = drop_bits_portable(w, shift, t);
-      }
-#else
-      m = drop_bits_portable(w, shift, t);
-#endif
-      words[(j * kW + b0) / 64] = m;
+      words[(j * kW + b0) / 64] = drop_bits<kIsa>(w, shift, t);
     }
   }
   if (!full) {  // clear the positions outside the tensor
@@ -579,6 +578,27 @@ HFDG_INLINE void count_chunks(const PackSeg& s, int64_t k0, int64_t k1, int64_t*
   }
 }
 
+// The elements of chunk[0, kChunk) whose bits are set in words, in position order, to packed[0,
+// n); returns n. unpack_words is the inverse.
+template <typename T>
+HFDG_INLINE int64_t pack_words(const uint64_t* __restrict words, const T* __restrict chunk,
+                               T* __restrict packed) {
+  int64_t m = 0;
+  for (int q = 0; q < kWords; ++q) {
+    for (uint64_t d = words[q]; d; d &= d - 1) packed[m++] = chunk[64 * q + __builtin_ctzll(d)];
+  }
+  return m;
+}
+
+template <typename T>
+HFDG_INLINE void unpack_words(const uint64_t* __restrict words, const T* __restrict packed,
+                              T* __restrict chunk) {
+  int64_t m = 0;
+  for (int q = 0; q < kWords; ++q) {
+    for (uint64_t d = words[q]; d; d &= d - 1) chunk[64 * q + __builtin_ctzll(d)] = packed[m++];
+  }
+}
+
 template <typename T, bool kGather, int kIsa>
 HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __restrict values,
                              const int64_t* starts) {
@@ -602,20 +622,10 @@ HFDG_INLINE void move_chunks(const PackSeg& s, int64_t k0, int64_t k1, T* __rest
     }
     drop_words<kIsa, !kGather>(s.key, s.threshold, sp, words, lo, hi,
                                 reinterpret_cast<uintptr_t>(data) + d0 * sizeof(T), sizeof(T));
-    int64_t m = 0;
-    for (int q = 0; q < kWords; ++q) {
-      uint64_t d = words[q];
-      const int64_t r0 = d0 + 64 * q;
-      while (d) {
-        const int64_t i = r0 + __builtin_ctzll(d);
-        if (kGather) {
-          slots[m] = data[i];
-        } else {
-          data[i] = slots[m];
-        }
-        ++m;
-        d &= d - 1;
-      }
+    if (kGather) {
+      pack_words(words, data + d0, slots);
+    } else {
+      unpack_words(words, slots, data + d0);
     }
   }
 }
@@ -638,6 +648,97 @@ HFDG_INLINE void move_chunks_any(const PackSeg& s, int64_t k0, int64_t k1, int32
   }
 }
 
+// Full update drop's save fused into the gradient mask (mask_gather_dropped_): each chunk is hashed
+// once; the hashes mask the gradient (mask_block) and become the chunk's words of dropped bits,
+// whose elements of the source tensor (the parameter: same key, threshold, offset and size) are
+// appended to a task's PackOut in position order, and whose count goes to s.counts[k]. A task's
+// chunks are consecutive, so what it appends is the values of those chunks, in order.
+//
+// A task appends into its region of the values tensor, sized from the expected count; what does
+// not fit (past the expectation plus a margin: practically never) goes on in a growable buffer.
+struct PackOut {
+  char* region = nullptr;  // capacity bytes inside the values tensor
+  int64_t capacity = 0;
+  int64_t bytes = 0;        // appended to the region
+  char* overflow = nullptr;  // then, once the region is short, everything else (malloc'd)
+  int64_t overflow_bytes = 0;
+  int64_t overflow_capacity = 0;
+  PackOut() = default;
+  PackOut(const PackOut&) = delete;
+  PackOut& operator=(const PackOut&) = delete;
+  ~PackOut() { std::free(overflow); }
+  // Where the next `more` bytes go; commit(more) appends them.
+  char* room(int64_t more) {
+    if (overflow == nullptr && bytes + more <= capacity) return region + bytes;
+    if (overflow_bytes + more > overflow_capacity) {
+      const int64_t want = std::max(overflow_bytes + more, 2 * overflow_capacity + kChunk * 8);
+      char* grown = static_cast<char*>(std::realloc(overflow, static_cast<size_t>(want)));
+      TORCH_CHECK(grown != nullptr, "out of memory packing ", want, " bytes of dropped values");
+      overflow = grown;
+      overflow_capacity = want;
+    }
+    return overflow + overflow_bytes;
+  }
+  void commit(int64_t more) { (overflow == nullptr ? bytes : overflow_bytes) += more; }
+};
+
+template <int DT, int kIsa>
+HFDG_INLINE void mask_gather_chunks_t(const Seg& s, int64_t k0, int64_t k1, PackOut& out) {
+  using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
+  alignas(64) uint32_t lo[kSub];
+  alignas(64) uint32_t hi[kSub];
+  alignas(64) uint64_t words[kWords];
+  T* data = static_cast<T*>(s.data);
+  const T* source = static_cast<const T*>(s.source);
+  for (int64_t k = k0; k < k1; ++k) {
+    const Span sp = span_of(s.offset, s.numel, k);
+    const uint64_t base = chunk_base(s.key, sp.c);
+    const int64_t gs = sp.c * kChunk - s.offset;  // data index of in-chunk position 0
+    if (sp.lo == 0 && sp.hi == kChunk) {
+      for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
+        // the source's runs of this block, read after the chunk is masked
+        for (int j = 0; j < 4; ++j) {
+          const char* run = reinterpret_cast<const char*>(source + gs + j * kW + b0);
+          for (int64_t line = 0; line < kSub * static_cast<int64_t>(sizeof(T)); line += 64) {
+            __builtin_prefetch(run + line, 0, 3);
+          }
+        }
+        mask_block<DT, kIsa, false>(s, base, data + gs, b0, lo, hi);
+        for (int j = 0; j < 4; ++j) {
+          words[(j * kW + b0) / 64] = drop_bits<kIsa>(j < 2 ? lo : hi, (j & 1) * 16, s.threshold);
+        }
+      }
+    } else {  // a tensor's first or last chunk: mask, then hash again for the bits (rare)
+      for_partial_chunk<kIsa>(
+          base, sp, lo, hi,
+          [&](int64_t a, const uint32_t* w, int shift, int64_t cnt) HFDG_LAMBDA_INLINE {
+            apply_dt<DT, kIsa>(data + gs + a, w, shift, cnt, s.threshold, s.scale);
+          });
+      drop_words<kIsa>(s.key, s.threshold, sp, words, lo, hi);
+    }
+    int64_t dropped = 0;
+    for (int q = 0; q < kWords; ++q) dropped += __builtin_popcountll(words[q]);
+    const int64_t bytes = dropped * static_cast<int64_t>(sizeof(T));
+    pack_words(words, source + gs, reinterpret_cast<T*>(out.room(bytes)));
+    out.commit(bytes);
+    s.counts[k] = dropped;
+  }
+}
+
+template <int kIsa>
+HFDG_INLINE void mask_gather_chunks(const Seg& s, int64_t k0, int64_t k1, PackOut& out) {
+  switch (s.dtype) {
+    case kF32:
+      mask_gather_chunks_t<kF32, kIsa>(s, k0, k1, out);
+      break;
+    case kBF16:
+      mask_gather_chunks_t<kBF16, kIsa>(s, k0, k1, out);
+      break;
+    default:
+      mask_gather_chunks_t<kF16, kIsa>(s, k0, k1, out);
+  }
+}
+
 // The chunk loops of one code path, compiled for its ISA; the ops call them through kernels().
 struct Kernels {
   void (*mask)(const Seg& s, int64_t k0, int64_t k1);
@@ -649,6 +750,7 @@ struct Kernels {
                  const int64_t* starts);
   void (*scatter)(const PackSeg& s, int64_t k0, int64_t k1, int32_t esize, void* values,
                   const int64_t* starts);
+  void (*mask_gather)(const Seg& s, int64_t k0, int64_t k1, PackOut& out);
 };
 
 // Defines the entry points of code path ISA (suffix NAME, function attribute ATTR) and their table
@@ -675,8 +777,12 @@ struct Kernels {
                            void* values, const int64_t* starts) {                              \
     move_chunks_any<false, ISA>(s, k0, k1, esize, values, starts);                             \
   }                                                                                            \
-  constexpr Kernels kernels_##NAME{mask_##NAME,  mask_counted_##NAME, keep_##NAME,             \
-                                   count_##NAME, gather_##NAME,       scatter_##NAME};
+  ATTR void mask_gather_##NAME(const Seg& s, int64_t k0, int64_t k1, PackOut& out) {       \
+    mask_gather_chunks<ISA>(s, k0, k1, out);                                                   \
+  }                                                                                            \
+  constexpr Kernels kernels_##NAME{mask_##NAME,   mask_counted_##NAME, keep_##NAME,           \
+                                   count_##NAME,  gather_##NAME,       scatter_##NAME,        \
+                                   mask_gather_##NAME};
 
 HFDG_DEFINE_KERNELS(portable, kIsaPortable, )
 #ifdef HFDG_X86
@@ -706,20 +812,27 @@ HFDG_INLINE int64_t grain_of(int64_t elements, int64_t chunks) {
   return elements < kMinParallelElements ? std::max<int64_t>(1, chunks) : kGrainChunks;
 }
 
-// One parallel region over the chunks of all segments; first[i] is the first (list-wide) chunk
-// of segment i, first.back() the total. fn(i, k0, k1) handles chunks [k0, k1) of segment i.
+// Chunks [begin, end) of the list-wide numbering, split at segment boundaries: first[i] is the
+// first (list-wide) chunk of segment i, first.back() the total; fn(i, k0, k1) handles chunks
+// [k0, k1) of segment i.
+template <typename Fn>
+HFDG_INLINE void for_chunk_range(const std::vector<int64_t>& first, int64_t begin, int64_t end,
+                                 const Fn& fn) {
+  int64_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+  while (begin < end) {
+    const int64_t stop = std::min(end, first[i + 1]);
+    fn(i, begin - first[i], stop - first[i]);
+    begin = stop;
+    ++i;
+  }
+}
+
+// One parallel region over the chunks of all segments (for_chunk_range's fn).
 template <typename Fn>
 void for_all_chunks(const std::vector<int64_t>& first, int64_t elements, const Fn& fn) {
   const int64_t total = first.back();
-  at::parallel_for(0, total, grain_of(elements, total), [&](int64_t begin, int64_t end) {
-    int64_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-    while (begin < end) {
-      const int64_t stop = std::min(end, first[i + 1]);
-      fn(i, begin - first[i], stop - first[i]);
-      begin = stop;
-      ++i;
-    }
-  });
+  at::parallel_for(0, total, grain_of(elements, total),
+                   [&](int64_t begin, int64_t end) { for_chunk_range(first, begin, end, fn); });
 }
 
 uint32_t checked_threshold(int64_t t) {
@@ -743,19 +856,22 @@ void check_starts(const at::Tensor& starts, int64_t total) {
                     "starts must be a contiguous int64 CPU tensor of ", total + 1, " elements");
 }
 
-// st (or nullptr): the chunk starts of the dropped elements, filled as gather_dropped_many's.
-void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-               at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st) {
+// The segments of a mask call, for the gradients that are not left unchanged (threshold 0 with
+// scale 1); first/elements as for for_all_chunks. With st (or nullptr), each segment's counts
+// point at st[1 + its first chunk] in the numbering of all the grads, and a skipped gradient's
+// counts are zeroed. With sources (mask_gather_dropped_), each segment's source is sources[i].
+std::vector<Seg> mask_segs(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+                           at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st,
+                           const at::TensorList* sources, std::vector<int64_t>& first,
+                           int64_t& elements) {
   const int64_t n = static_cast<int64_t>(grads.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(scales.size()) == n, "grads and scales differ in length");
   check_lengths(n, keys.size(), thresholds.size(), offsets.size());
   std::vector<Seg> segs;
-  std::vector<int64_t> first;
   segs.reserve(n);
-  first.reserve(n + 1);
-  int64_t elements = 0;
+  first.assign(1, 0);
+  elements = 0;
   int64_t counted = 0;  // chunks of grads[0, i), the index of grads[i]'s first count
-  first.push_back(0);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK_VALUE(g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous(),
@@ -775,6 +891,16 @@ void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thres
         TORCH_CHECK_VALUE(false, "grads[", i, "] must be float32/bfloat16/float16, got ",
                           g.scalar_type());
     }
+    const void* source = nullptr;
+    if (sources != nullptr) {
+      const at::Tensor& x = (*sources)[i];
+      TORCH_CHECK_VALUE(x.device().is_cpu() && x.layout() == at::kStrided && x.is_contiguous() &&
+                            x.numel() == g.numel() && x.element_size() == g.element_size() &&
+                            x.scalar_type() == (*sources)[0].scalar_type(),
+                        "tensors[", i, "] must be a contiguous dense CPU tensor of grads[", i,
+                        "]'s size and element size, of tensors[0]'s dtype");
+      source = x.data_ptr();
+    }
     const uint32_t t = checked_threshold(thresholds[i]);
     const float scale = static_cast<float>(scales[i]);
     TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
@@ -787,17 +913,40 @@ void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thres
       continue;
     }
     segs.push_back(Seg{g.data_ptr(), g.numel(), offsets[i], static_cast<uint64_t>(keys[i]), t,
-                       scale, dtype, counts});
-    first.push_back(first.back() + num_chunks(offsets[i], g.numel()));
+                       scale, dtype, counts, source});
+    first.push_back(first.back() + chunks);
     elements += g.numel();
   }
+  return segs;
+}
+
+int64_t chunks_of(at::TensorList grads, at::IntArrayRef offsets) {
+  int64_t total = 0;
+  for (size_t i = 0; i < grads.size() && i < offsets.size(); ++i) {
+    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
+    total += num_chunks(offsets[i], grads[i].numel());
+  }
+  return total;
+}
+
+// Chunk counts at st[1, total] to chunk starts at st[0, total].
+void prefix_sum(int64_t* st, int64_t total) {
+  st[0] = 0;
+  for (int64_t c = 0; c < total; ++c) st[c + 1] += st[c];
+}
+
+// st (or nullptr): the chunk starts of the dropped elements, filled as gather_dropped_many's.
+void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
+               at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st) {
+  std::vector<int64_t> first;
+  int64_t elements;
+  const std::vector<Seg> segs =
+      mask_segs(grads, keys, thresholds, scales, offsets, st, nullptr, first, elements);
   const auto mask = st == nullptr ? kernels().mask : kernels().mask_counted;
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
     mask(segs[i], k0, k1);
   });
-  if (st == nullptr) return;
-  st[0] = 0;
-  for (int64_t c = 0; c < counted; ++c) st[c + 1] += st[c];
+  if (st != nullptr) prefix_sum(st, chunks_of(grads, offsets));
 }
 
 void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
@@ -811,13 +960,81 @@ void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresh
 void mask_counted_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
                       at::ArrayRef<double> scales, at::IntArrayRef offsets,
                       const at::Tensor& starts) {
-  int64_t total = 0;
-  for (size_t i = 0; i < grads.size() && i < offsets.size(); ++i) {
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
-    total += num_chunks(offsets[i], grads[i].numel());
-  }
-  check_starts(starts, total);
+  check_starts(starts, chunks_of(grads, offsets));
   mask_impl(grads, keys, thresholds, scales, offsets, starts.data_ptr<int64_t>());
+}
+
+// mask_counted_, and the dropped elements of tensors[i] (the parameter of grads[i]: same size,
+// element size, key, threshold and offset) packed as gather_dropped_at packs them: one hashing
+// pass for both. The chunks are split into one consecutive range per thread; each range gets a
+// region of the values tensor sized from its expected count (2% and 4096 elements of margin), and
+// the regions are then moved together (one memmove per range): the values tensor is one
+// allocation, a little larger than the values.
+// A task's region: g_pack_factor times its expected count, plus g_pack_slack elements (tests
+// shrink them to run the overflow path).
+double g_pack_factor = 1.02;
+int64_t g_pack_slack = kChunk;
+
+std::tuple<at::Tensor, at::Tensor> mask_gather_dropped_cpu(
+    at::TensorList grads, at::TensorList tensors, at::IntArrayRef keys,
+    at::IntArrayRef thresholds, at::ArrayRef<double> scales, at::IntArrayRef offsets) {
+  TORCH_CHECK_VALUE(tensors.size() == grads.size(), "grads and tensors differ in length: ",
+                    grads.size(), ", ", tensors.size());
+  const int64_t all = chunks_of(grads, offsets);
+  at::Tensor starts = at::empty({all + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* st = starts.data_ptr<int64_t>();
+  std::vector<int64_t> first;
+  int64_t elements;
+  const std::vector<Seg> segs =
+      mask_segs(grads, keys, thresholds, scales, offsets, st, &tensors, first, elements);
+  const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  const int64_t esize = c10::elementSize(dtype);
+  const int64_t total = first.back();
+  const int64_t tasks =
+      elements < kMinParallelElements
+          ? std::min<int64_t>(total, 1)
+          : std::min<int64_t>(at::get_num_threads(), (total + kGrainChunks - 1) / kGrainChunks);
+  // Task t: chunks [from[t], from[t + 1]) of the kept segments, its values region at byte
+  // where[t] of the values tensor.
+  std::vector<int64_t> from(tasks + 1), where(tasks + 1, 0), index(tasks, 0);
+  for (int64_t t = 0; t <= tasks; ++t) from[t] = total * t / std::max<int64_t>(tasks, 1);
+  for (int64_t t = 0; t < tasks; ++t) {
+    double expected = 0;
+    bool first_piece = true;
+    for_chunk_range(first, from[t], from[t + 1], [&](int64_t i, int64_t k0, int64_t k1) {
+      if (first_piece) index[t] = segs[i].counts - (st + 1) + k0;  // in the numbering of all
+      first_piece = false;
+      expected += static_cast<double>((k1 - k0) * kChunk) * segs[i].threshold / 65536.0;
+    });
+    const int64_t room = static_cast<int64_t>(expected * g_pack_factor) + g_pack_slack;
+    where[t + 1] = where[t] + room * esize;
+  }
+  at::Tensor values = at::empty({where[tasks] / esize}, at::TensorOptions().dtype(dtype));
+  char* base = static_cast<char*>(values.data_ptr());
+  std::vector<PackOut> outs(tasks);
+  const auto mask_gather = kernels().mask_gather;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      outs[t].region = base + where[t];
+      outs[t].capacity = where[t + 1] - where[t];
+      for_chunk_range(first, from[t], from[t + 1], [&](int64_t i, int64_t k0, int64_t k1) {
+        mask_gather(segs[i], k0, k1, outs[t]);
+      });
+    }
+  });
+  prefix_sum(st, all);
+  bool overflowed = false;
+  for (const PackOut& out : outs) overflowed = overflowed || out.overflow != nullptr;
+  at::Tensor packed = overflowed ? at::empty({st[all]}, values.options()) : values;
+  char* dst = static_cast<char*>(packed.data_ptr());
+  for (int64_t t = 0; t < tasks; ++t) {  // in order: a range's values move down, never up
+    char* to = dst + st[index[t]] * esize;
+    std::memmove(to, base + where[t], outs[t].bytes);
+    if (outs[t].overflow_bytes > 0) {
+      std::memcpy(to + outs[t].bytes, outs[t].overflow, outs[t].overflow_bytes);
+    }
+  }
+  return {overflowed ? packed : values.resize_({st[all]}), starts};
 }
 
 // out[e] = keep decision of stream element offset + e (1 keep, 0 drop).
@@ -952,7 +1169,17 @@ int64_t cpu_isa(int64_t request) {
 
 // The schemas are defined in Python (hf_dropgrad/kernels/ops.py), so the ops exist without this
 // library; it adds their CPU kernels, and one CPU-only helper op of its own.
-TORCH_LIBRARY_FRAGMENT(hf_dropgrad, m) { m.def("_cpu_isa(int request) -> int", &cpu_isa); }
+// Sets mask_gather_dropped_'s region margins (defaults 1.02 and 4096); tests only.
+void cpu_pack_margin(double factor, int64_t slack) {
+  TORCH_CHECK_VALUE(factor >= 0 && slack >= 0, "factor and slack must be >= 0");
+  g_pack_factor = factor;
+  g_pack_slack = slack;
+}
+
+TORCH_LIBRARY_FRAGMENT(hf_dropgrad, m) {
+  m.def("_cpu_isa(int request) -> int", &cpu_isa);
+  m.def("_cpu_pack_margin(float factor, int slack) -> ()", &cpu_pack_margin);
+}
 
 TORCH_LIBRARY_IMPL(hf_dropgrad, CPU, m) {
   m.impl("mask_", &mask_cpu);
@@ -960,5 +1187,6 @@ TORCH_LIBRARY_IMPL(hf_dropgrad, CPU, m) {
   m.impl("keep_mask_", &keep_mask_cpu);
   m.impl("gather_dropped_many", &gather_dropped_many_cpu);
   m.impl("gather_dropped_at", &gather_dropped_at_cpu);
+  m.impl("mask_gather_dropped_", &mask_gather_dropped_cpu);
   m.impl("scatter_dropped_many", &scatter_dropped_many_cpu);
 }
