@@ -49,8 +49,11 @@ raw bits of any 1/2/4/8-byte dtype. Both run in parallel over the chunks of all 
 with no full-size mask: the values (``p`` times the bytes) and one int64 per chunk.
 :func:`mask_counted_` masks gradients and also writes those chunk starts, counted from the hashes
 the mask makes anyway (a compare and a subtract per 8 stream values), and
-:func:`gather_dropped_at` packs with starts so given: DropGrad's full update drop uses the pair
-(the parameters' dropped elements are the gradients'), one hashing pass fewer per step.
+:func:`gather_dropped_at` packs with starts so given. :func:`mask_gather_dropped_` does both in
+one pass (the parameters' dropped elements are the gradients'): each chunk's hashes mask the
+gradient and pick the parameter's dropped elements, which go to the calling thread's region of
+the values (sized from its expected count); DropGrad's full update drop uses it, two hashing
+passes per step with the restore.
 
 Set ``HF_DROPGRAD_DISABLE_EXTENSION=1`` to skip the kernel (``load()`` then returns ``None``).
 """

@@ -176,8 +176,8 @@ HFDG_INLINE int64_t count_dropped(const uint32_t* __restrict w, int shift, int64
 #ifdef HFDG_X86
 // F16C conversion, then NaN lanes replaced by sign | 0x7E00 so the result equals the portable path.
 HFDG_TARGET_AVX2 void apply_f16_avx2(uint16_t* __restrict g,
-                                                         const uint32_t* __restrict w, int shift,
-                                                         int64_t n, uint32_t t, float scale) {
+                                     const uint32_t* __restrict w, int shift,
+                                     int64_t n, uint32_t t, float scale) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
   const __m256i vmask = _mm256_set1_epi32(0xFFFF);
   const __m256i vone = _mm256_set1_epi32(1);
@@ -208,8 +208,8 @@ HFDG_TARGET_AVX2 void apply_f16_avx2(uint16_t* __restrict g,
 // apply_bf16 eight at a time: the same float product and the same integer round-to-nearest-even,
 // NaN lanes replaced by 0x7FC0, the 32-bit results packed back to 16 bits (exact: all <= 0xFFFF).
 HFDG_TARGET_AVX2 void apply_bf16_avx2(uint16_t* __restrict g,
-                                                          const uint32_t* __restrict w, int shift,
-                                                          int64_t n, uint32_t t, float scale) {
+                                      const uint32_t* __restrict w, int shift,
+                                      int64_t n, uint32_t t, float scale) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
   const __m256i vmask = _mm256_set1_epi32(0xFFFF);
   const __m256i vone = _mm256_set1_epi32(1);
@@ -467,7 +467,7 @@ HFDG_INLINE uint64_t drop_bits_portable(const uint32_t* __restrict w, int shift,
 
 #ifdef HFDG_X86
 HFDG_TARGET_AVX2 inline uint64_t drop_bits_avx2(const uint32_t* __restrict w,
-                                                                     int shift, uint32_t t) {
+                                                int shift, uint32_t t) {
   const __m256i vt = _mm256_set1_epi32(static_cast<int32_t>(t));
   const __m256i vmask = _mm256_set1_epi32(0xFFFF);
   const __m128i shift_v = _mm_cvtsi32_si128(shift);
