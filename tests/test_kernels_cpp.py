@@ -456,14 +456,28 @@ def test_gather_dropped_at_equals_gather_dropped_many(dtype: torch.dtype) -> Non
         assert torch.equal(_raw(values), want_values), thresholds
 
 
+class _FullUpdateDropCase:
+    """bf16 gradients of four sizes at awkward offsets, their parameters (``param_dtype``), and
+    what masking them and packing the parameters must give."""
+
+    def __init__(self, param_dtype: torch.dtype) -> None:
+        self.grads = [_grad(n, torch.bfloat16, seed=n) for n in (70 * 4096 + 3, 5, 200001, 4096)]
+        self.params = [_filled(g.numel(), param_dtype, seed=i) for i, g in enumerate(self.grads)]
+        self.keys, self.thresholds = [11, 12, 13, 14], [19661, 6554, 1, 65535]
+        self.offsets = [0, 4093, 77, 8192]
+        self.scales = [_scale(t) for t in self.thresholds]
+        self.want_grads = [g.clone() for g in self.grads]
+        K.mask_(self.want_grads, self.keys, self.thresholds, self.scales, self.offsets)
+        self.want_values, self.want_starts = K.gather_dropped_many(
+            self.params, self.keys, self.thresholds, self.offsets
+        )
+
+
 def test_mask_counted_and_gather_at_agree_across_threads_and_code_paths() -> None:
-    grads = [_grad(n, torch.bfloat16) for n in (70 * 4096 + 3, 5, 200001, 4096)]
-    params = [_filled(g.numel(), torch.float32, seed=i) for i, g in enumerate(grads)]
-    keys, thresholds, offsets = [11, 12, 13, 14], [19661, 6554, 1, 65535], [0, 4093, 77, 8192]
-    scales = [_scale(t) for t in thresholds]
-    want_grads = [g.clone() for g in grads]
-    K.mask_(want_grads, keys, thresholds, scales, offsets)
-    want_values, want_starts = K.gather_dropped_many(params, keys, thresholds, offsets)
+    case = _FullUpdateDropCase(torch.float32)
+    grads, params, keys, thresholds = case.grads, case.params, case.keys, case.thresholds
+    offsets, scales, want_grads = case.offsets, case.scales, case.want_grads
+    want_values, want_starts = case.want_values, case.want_starts
     threads = torch.get_num_threads()
     paths = K._isas()
     try:
@@ -513,13 +527,10 @@ def test_mask_gather_dropped_equals_the_mask_and_the_definition(dtype: torch.dty
 
 
 def test_mask_gather_dropped_agrees_across_threads_code_paths_and_region_margins() -> None:
-    grads = [_grad(n, torch.bfloat16, seed=n) for n in (70 * 4096 + 3, 5, 200001, 4096)]
-    params = [_filled(g.numel(), torch.bfloat16, seed=i) for i, g in enumerate(grads)]
-    keys, thresholds, offsets = [11, 12, 13, 14], [19661, 6554, 1, 65535], [0, 4093, 77, 8192]
-    scales = [_scale(t) for t in thresholds]
-    want_grads = [g.clone() for g in grads]
-    K.mask_(want_grads, keys, thresholds, scales, offsets)
-    want_values, want_starts = K.gather_dropped_many(params, keys, thresholds, offsets)
+    case = _FullUpdateDropCase(torch.bfloat16)
+    grads, params, keys, thresholds = case.grads, case.params, case.keys, case.thresholds
+    offsets, scales, want_grads = case.offsets, case.scales, case.want_grads
+    want_values, want_starts = case.want_values, case.want_starts
     threads = torch.get_num_threads()
     paths = K._isas()
     # (factor, slack) of each thread's region: the default, then regions too small, so that the
