@@ -321,20 +321,26 @@ HFDG_INLINE void apply_dt(void* g, const uint32_t* __restrict w, int shift, int6
 // the next chunk is prefetched meanwhile: on one Zen 3 core, fp32, 29-31 ms per 60.5M elements
 // against 50-57 ms with whole-chunk phases (blocks of 32-128 with prefetch measure alike; 256 and
 // up lose).
+// Prefetches block b0's four runs (kSub elements of esize bytes at in-chunk positions
+// j * kW + b0, j < 4) of the chunk whose position 0 is at address chunk0. Integer addresses: a
+// chunk past a tensor's end (the next chunk of its last one) or a partial chunk's runs may lie
+// outside the tensor; a prefetch never faults, but a pointer formed there would be undefined.
+template <bool kWrite>
+HFDG_INLINE void prefetch_block(uintptr_t chunk0, int64_t b0, int64_t esize) {
+  for (int j = 0; j < 4; ++j) {
+    const uintptr_t run = chunk0 + (j * kW + b0) * esize;
+    for (int64_t line = 0; line < kSub * esize; line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(run + line), kWrite ? 1 : 0, 3);
+    }
+  }
+}
+
 template <int DT, int kIsa, bool kCount>
 HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t b0,
                                uint32_t* __restrict lo, uint32_t* __restrict hi) {
   using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
   T* data = static_cast<T*>(chunk);
-  constexpr int64_t kLine = 64 / sizeof(T);
-  // Integer arithmetic: the last chunk's prefetch address lies past the tensor (a prefetch never
-  // faults, but a pointer formed past the end would be undefined behaviour).
-  const uintptr_t next = reinterpret_cast<uintptr_t>(data + b0) + kChunk * sizeof(T);
-  for (int j = 0; j < 4; ++j) {
-    for (int64_t k = 0; k < kSub; k += kLine) {
-      __builtin_prefetch(reinterpret_cast<const void*>(next + (j * kW + k) * sizeof(T)), 1, 3);
-    }
-  }
+  prefetch_block<true>(reinterpret_cast<uintptr_t>(data) + kChunk * sizeof(T), b0, sizeof(T));
   hash_block<kIsa>(base, b0, kSub, lo, hi);
   for (int j = 0; j < 4; ++j) {
     apply_dt<DT, kIsa>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
@@ -400,18 +406,26 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
   }
 }
 
-template <int kIsa, bool kCount>
-HFDG_INLINE void mask_chunks(const Seg& s, int64_t k0, int64_t k1) {
-  switch (s.dtype) {
+// fn(std::integral_constant<int, DT>{}) for the gradient dtype code `dtype` (a Seg's).
+template <typename Fn>
+HFDG_INLINE void by_dtype(int32_t dtype, Fn&& fn) {
+  switch (dtype) {
     case kF32:
-      mask_chunks_t<kF32, kIsa, kCount>(s, k0, k1);
+      fn(std::integral_constant<int, kF32>{});
       break;
     case kBF16:
-      mask_chunks_t<kBF16, kIsa, kCount>(s, k0, k1);
+      fn(std::integral_constant<int, kBF16>{});
       break;
     default:
-      mask_chunks_t<kF16, kIsa, kCount>(s, k0, k1);
+      fn(std::integral_constant<int, kF16>{});
   }
+}
+
+template <int kIsa, bool kCount>
+HFDG_INLINE void mask_chunks(const Seg& s, int64_t k0, int64_t k1) {
+  by_dtype(s.dtype, [&](auto dt) HFDG_LAMBDA_INLINE {
+    mask_chunks_t<decltype(dt)::value, kIsa, kCount>(s, k0, k1);
+  });
 }
 
 // Keep decisions of the valid positions of chunk `sp` into dst[0, sp.hi - sp.lo).
@@ -529,14 +543,7 @@ HFDG_INLINE void drop_words(uint64_t key, uint32_t t, const Span& sp, uint64_t* 
         continue;
       }
     }
-    if (pf != 0) {
-      for (int j = 0; j < 4; ++j) {
-        const uintptr_t run = pf + (j * kW + b0) * esize;
-        for (int64_t line = 0; line < kSub * esize; line += 64) {
-          __builtin_prefetch(reinterpret_cast<const void*>(run + line), kWrite ? 1 : 0, 3);
-        }
-      }
-    }
+    if (pf != 0) prefetch_block<kWrite>(pf, b0, esize);
     hash_block<kIsa>(base, b0, kSub, lo, hi);
     for (int j = 0; j < 4; ++j) {
       const uint32_t* w = j < 2 ? lo : hi;
@@ -697,12 +704,7 @@ HFDG_INLINE void mask_gather_chunks_t(const Seg& s, int64_t k0, int64_t k1, Pack
     if (sp.lo == 0 && sp.hi == kChunk) {
       for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
         // the source's runs of this block, read after the chunk is masked
-        for (int j = 0; j < 4; ++j) {
-          const char* run = reinterpret_cast<const char*>(source + gs + j * kW + b0);
-          for (int64_t line = 0; line < kSub * static_cast<int64_t>(sizeof(T)); line += 64) {
-            __builtin_prefetch(run + line, 0, 3);
-          }
-        }
+        prefetch_block<false>(reinterpret_cast<uintptr_t>(source + gs), b0, sizeof(T));
         mask_block<DT, kIsa, false>(s, base, data + gs, b0, lo, hi);
         for (int j = 0; j < 4; ++j) {
           words[(j * kW + b0) / 64] = drop_bits<kIsa>(j < 2 ? lo : hi, (j & 1) * 16, s.threshold);
@@ -727,16 +729,9 @@ HFDG_INLINE void mask_gather_chunks_t(const Seg& s, int64_t k0, int64_t k1, Pack
 
 template <int kIsa>
 HFDG_INLINE void mask_gather_chunks(const Seg& s, int64_t k0, int64_t k1, PackOut& out) {
-  switch (s.dtype) {
-    case kF32:
-      mask_gather_chunks_t<kF32, kIsa>(s, k0, k1, out);
-      break;
-    case kBF16:
-      mask_gather_chunks_t<kBF16, kIsa>(s, k0, k1, out);
-      break;
-    default:
-      mask_gather_chunks_t<kF16, kIsa>(s, k0, k1, out);
-  }
+  by_dtype(s.dtype, [&](auto dt) HFDG_LAMBDA_INLINE {
+    mask_gather_chunks_t<decltype(dt)::value, kIsa>(s, k0, k1, out);
+  });
 }
 
 // The chunk loops of one code path, compiled for its ISA; the ops call them through kernels().
@@ -1115,8 +1110,7 @@ std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensor
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
     ks.count(segs[i], k0, k1, st + 1 + first[i]);
   });
-  st[0] = 0;
-  for (int64_t c = 0; c < total; ++c) st[c + 1] += st[c];
+  prefix_sum(st, total);
   return {gather_pass(tensors, segs, first, elements, st), starts};
 }
 
