@@ -27,6 +27,9 @@ How DropGrad fits the loop:
   FSDP2 shards are masked at their global offsets (exact); setups that cannot be exact (FSDP1,
   tensor-parallel placements) are refused with a clear error. Under DeepSpeed ZeRO call
   ``hf_dropgrad.integrations.deepspeed.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
+- The end: ``destroy_process_groups()`` (examples/distributed_exit.py) after ``main()``
+  returned, instead of ``accelerator.end_training()``: no multi-process run on the CPU (gloo)
+  then aborts or hangs at exit after training succeeded.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
 from torch.utils.data import DataLoader
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -219,25 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
             path.write_text(json.dumps(results, indent=2))
     if not identical or not all(math.isfinite(x) for x in losses):
         raise SystemExit("replicas diverged or the loss is not finite")
-    finish(accelerator)
-    return results
-
-
-def finish(accelerator: Accelerator) -> None:
-    """End the run without racing the interpreter's exit (gloo, on the CPU).
-
-    A gloo worker thread frees the tensors of the last collective (here ``gather``'s, which
-    Accelerate creates in Python) *after* the caller has its result, and freeing a tensor
-    Python created needs the GIL. If the script ends at once, that thread may ask for the GIL
-    while the interpreter is already shutting down: Python then ends the thread from inside a
-    C++ destructor and the process aborts (``terminate called without an active exception``)
-    after training succeeded. ``destroy_process_group()`` does not stop gloo's worker threads
-    (the DDP wrapper still holds the group). A barrier waits, with the GIL released, until every
-    process is here, which leaves the worker threads the time to finish.
-    """
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    return results  # the model, the optimizer and the Accelerator go with this frame
 
 
 if __name__ == "__main__":
     main()
+    destroy_process_groups()  # not end_training(): no gloo thread frees anything after this

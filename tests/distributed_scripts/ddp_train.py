@@ -46,6 +46,9 @@ from torch.utils.data import DataLoader
 from hf_dropgrad import DropGrad, LinearDropRateScheduler, get_dropgrad
 from hf_dropgrad import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
+
 N_SEQUENCES = 64
 BATCH = 4
 MAX_STEPS = 4
@@ -261,3 +264,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    destroy_process_groups()  # a clean exit (docs/design.md)

@@ -64,6 +64,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
+
 DEEPSPEED_JSON = Path(__file__).parents[2] / "examples" / "accelerate_configs" / "ds_zero2.json"
 MAX_STEPS = 4
 PER_DEVICE = 4
@@ -296,12 +299,8 @@ def main() -> None:
         record = run_loop(name) if name.startswith("loop-") else run(name, out, rank)
         torch.save(record, out / f"{name}.rank{rank}.pt")
         print(f"[rank {rank}] {name} done", flush=True)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    destroy_process_groups()  # a clean exit (docs/design.md)
