@@ -53,52 +53,53 @@ def refused(label: str, fn) -> bool:
 def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     dist.init_process_group("gloo", rank=0, world_size=1)
-    mesh = init_device_mesh("cpu", (1,))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
-    fully_shard(model, mesh=mesh)
-    optimizer = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=1)
-    model(torch.randn(4, 8)).sum().backward()
-    grad = model[0].weight.grad
-    assert type(grad).__name__ == "DTensor", type(grad)
-    before = grad.full_tensor().clone()
-    optimizer.step()  # SGD without momentum: the masked gradient is still in .grad
-    t = F.drop_threshold(0.5)
-    want = before.clone()
-    F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
-    assert torch.equal(grad.full_tensor(), want)
-    print(f"FSDP2 MASKED {int((want == 0).sum())}", flush=True)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3))
+        fully_shard(model, mesh=mesh)
+        optimizer = DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.5, seed=1)
+        model(torch.randn(4, 8)).sum().backward()
+        grad = model[0].weight.grad
+        assert type(grad).__name__ == "DTensor", type(grad)
+        before = grad.full_tensor().clone()
+        optimizer.step()  # SGD without momentum: the masked gradient is still in .grad
+        t = F.drop_threshold(0.5)
+        want = before.clone()
+        F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
+        assert torch.equal(grad.full_tensor(), want)
+        print(f"FSDP2 MASKED {int((want == 0).sum())}", flush=True)
 
-    # HSDP: a replica dimension (Replicate) around the shard dimension is exact too
-    torch.manual_seed(0)
-    hsdp = torch.nn.Linear(8, 16)
-    mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
-    fully_shard(hsdp, mesh=mesh2)
-    hsdp_opt = DropGrad(torch.optim.SGD(hsdp.parameters(), lr=0.1), drop_rate=0.5, seed=1)
-    hsdp(torch.randn(4, 8)).sum().backward()
-    before = hsdp.weight.grad.full_tensor().clone()
-    hsdp_opt.step()
-    want = before.clone()
-    F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
-    assert torch.equal(hsdp.weight.grad.full_tensor(), want)
-    print(f"HSDP MASKED {hsdp.weight.placements}", flush=True)
+        # HSDP: a replica dimension (Replicate) around the shard dimension is exact too
+        torch.manual_seed(0)
+        hsdp = torch.nn.Linear(8, 16)
+        mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+        fully_shard(hsdp, mesh=mesh2)
+        hsdp_opt = DropGrad(torch.optim.SGD(hsdp.parameters(), lr=0.1), drop_rate=0.5, seed=1)
+        hsdp(torch.randn(4, 8)).sum().backward()
+        before = hsdp.weight.grad.full_tensor().clone()
+        hsdp_opt.step()
+        want = before.clone()
+        F.mask_reference_(want, F.derive_key(1, 0, 0), t, F.keep_scale(t))
+        assert torch.equal(hsdp.weight.grad.full_tensor(), want)
+        print(f"HSDP MASKED {hsdp.weight.placements}", flush=True)
 
-    ok = True
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
-    w.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
-    tp = DropGrad(torch.optim.SGD([w], lr=0.1), drop_rate=0.5)
-    ok &= refused("Shard(1)", lambda: fsdp.check_param(w))
-    ok &= refused("Shard(1)", tp.step)
-    ok &= bool((w.grad.full_tensor() == 1).all())  # refused before touching anything
+        ok = True
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        w.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+        tp = DropGrad(torch.optim.SGD([w], lr=0.1), drop_rate=0.5)
+        ok &= refused("Shard(1)", lambda: fsdp.check_param(w))
+        ok &= refused("Shard(1)", tp.step)
+        ok &= bool((w.grad.full_tensor() == 1).all())  # refused before touching anything
 
-    v = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
-    v.grad = DTensor.from_local(torch.ones(4, 6), mesh, [Partial()])
-    partial = DropGrad(torch.optim.SGD([v], lr=0.1), drop_rate=0.5)
-    ok &= refused("Partial", partial.step)
-    return 0 if ok else 1
+        v = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+        v.grad = DTensor.from_local(torch.ones(4, 6), mesh, [Partial()])
+        partial = DropGrad(torch.optim.SGD([v], lr=0.1), drop_rate=0.5)
+        ok &= refused("Partial", partial.step)
+        return 0 if ok else 1
+    finally:
+        destroy_process_groups()  # a clean exit (docs/design.md); 1 process: no one to wait for
 
 
 if __name__ == "__main__":
-    code = main()
-    destroy_process_groups()  # a clean exit (docs/design.md)
-    sys.exit(code)
+    sys.exit(main())
