@@ -301,17 +301,15 @@ class DropGrad(Optimizer):
         Raises:
             ~hf_dropgrad.kernels.BackendUnavailableError: naming the parameter and why.
         """
-        if kernels.requested_backend() in ("auto", "torch"):  # these take every tensor
-            self._backend_checked = True
-            return
-        named = []
-        for index, target in self._pieces():
-            rate = self._table.rate_of(index)
-            if rate is None or (rate == 0.0 and self.drop_rate_scheduler is None):
-                continue  # never masked
-            name = self._table.name_of(index)
-            named.append((f"parameter {name}" if isinstance(name, int) else name, data_of(target)))
-        kernels.check_backend_accepts(named)
+        def named() -> Iterator[tuple[str, torch.Tensor]]:
+            for index, target in self._pieces():
+                rate = self._table.rate_of(index)
+                if rate is None or (rate == 0.0 and self.drop_rate_scheduler is None):
+                    continue  # never masked
+                name = self._table.name_of(index)
+                yield f"parameter {name}" if isinstance(name, int) else name, data_of(target)
+
+        kernels.check_backend_accepts(named())  # read only when a backend is forced
         self._backend_checked = True
 
     def _pieces(self) -> Iterator[tuple[int, Any]]:
