@@ -304,6 +304,11 @@ class DroppedValues:
         out._groups = groups
         return out
 
+    @classmethod
+    def join(cls, *parts: DroppedValues) -> DroppedValues:
+        """The values of several saves as one: :meth:`restore` restores them all."""
+        return cls._of_groups([g for part in parts for g in part._groups])
+
     @property
     def _values(self) -> torch.Tensor:
         (group,) = self._groups
