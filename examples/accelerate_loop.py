@@ -24,8 +24,9 @@ How DropGrad fits the loop:
   step draws no mask and does not advance DropGrad's step or schedule.
 - Data parallel: the mask is a function of (seed, step, parameter) only, so every process
   draws the same mask and the replicas stay identical (checked at the end of this script).
-  FSDP2 shards are masked at their global offsets (exact); setups that cannot be exact (FSDP1,
-  tensor-parallel placements) are refused with a clear error. Under DeepSpeed ZeRO call
+  FSDP2 and tensor-parallel shards are masked at their elements' indices in the full
+  parameters (exact); setups that cannot be exact (FSDP1) are refused with a clear error.
+  Under DeepSpeed ZeRO call
   ``hf_dropgrad.integrations.deepspeed.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from hf_dropgrad import functional as F
 from hf_dropgrad import kernels, report
-from hf_dropgrad.layout import FlatLayout, Target, data_of, local_target, offset_of
+from hf_dropgrad.layout import Box, FlatLayout, Local, local_target
 from hf_dropgrad.rates import RateTable
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate_number
 
@@ -26,19 +26,15 @@ SEED_LIMIT = 2**64
 
 @dataclass(frozen=True)
 class MaskTarget:
-    """What one step masks for one parameter (or a local piece of one): its ``target``
-    (``target.grad`` is masked), the mask's ``key`` and ``threshold``, and the ``scale`` of the
-    kept elements."""
+    """What one step masks for one parameter (or a local piece of one): its ``local`` share
+    (:class:`~hf_dropgrad.layout.Local`: the boxes of its values and of its gradient), the
+    mask's ``key`` and ``threshold``, and the ``scale`` of the kept elements."""
 
-    target: Target
+    local: Local
     key: int
     threshold: int
     scale: float
-
-    @property
-    def offset(self) -> int:
-        """Global element offset of the target in its parameter."""
-        return offset_of(self.target)
+    name: str | int
 
 
 class DropGrad(Optimizer):
@@ -131,6 +127,7 @@ class DropGrad(Optimizer):
                 f"seed must be an int in [0, 2**64) (the key of the masks' stream), got {seed!r}"
             )
 
+        _refuse_duplicates(optimizer.param_groups)
         self.optimizer = optimizer
         self._init_optimizer_hooks()
 
@@ -301,24 +298,29 @@ class DropGrad(Optimizer):
         Raises:
             ~hf_dropgrad.kernels.BackendUnavailableError: naming the parameter and why.
         """
-        if kernels.requested_backend() in ("auto", "torch"):  # these take every tensor
-            self._backend_checked = True
-            return
-        named = []
-        for index, target in self._pieces():
-            rate = self._table.rate_of(index)
-            if rate is None or (rate == 0.0 and self.drop_rate_scheduler is None):
-                continue  # never masked
-            name = self._table.name_of(index)
-            named.append((f"parameter {name}" if isinstance(name, int) else name, data_of(target)))
-        kernels.check_backend_accepts(named)
+        def named() -> Iterator[tuple[str, torch.Tensor]]:
+            for index, local in self._locals():
+                name = self._table.name_of(index)
+                for box in local.values():
+                    yield f"parameter {name}" if isinstance(name, int) else name, box.tensor
+
+        kernels.check_backend_accepts(named())  # read only when a backend is forced
         self._backend_checked = True
 
-    def _pieces(self) -> Iterator[tuple[int, Any]]:
-        """``(position, target)`` of what this process masks: a parameter, or a
-        :class:`~hf_dropgrad.layout.Piece` of one (its local shard at a global offset)."""
+    def may_mask(self, index: int) -> bool:
+        """Whether the parameter at position ``index`` can ever be masked: it has a rate, and
+        that rate is not 0 with no schedule. The others are never touched (nor checked)."""
+        rate = self._table.rate_of(index)
+        return rate is not None and (rate != 0.0 or self.drop_rate_scheduler is not None)
+
+    def _locals(self) -> Iterator[tuple[int, Local]]:
+        """``(position, local share)`` of every parameter this process may mask: the parameter
+        whole, a :class:`~hf_dropgrad.layout.Piece` of one (a run of an engine's flat
+        partition), or the boxes of a sharded (DTensor) parameter."""
         if self._layout is not None:
-            yield from self._layout.pieces(self.optimizer.param_groups)
+            for index, piece in self._layout.pieces(self.optimizer.param_groups):
+                if self.may_mask(index):
+                    yield index, piece
             return
         params = list(self._all_params())
         if len(params) != self.num_params:
@@ -331,7 +333,8 @@ class DropGrad(Optimizer):
                 "deepspeed.initialize. To add parameters, use DropGrad.add_param_group."
             )
         for index, p in enumerate(params):
-            yield index, local_target(p)
+            if self.may_mask(index):
+                yield index, local_target(p, self._table.name_of(index))
 
     @property
     def num_params(self) -> int:
@@ -368,7 +371,7 @@ class DropGrad(Optimizer):
         """A :class:`MaskTarget` for every parameter (or local piece of one) with a positive
         rate."""
         out = []
-        for index, target in self._pieces():
+        for index, local in self._locals():
             rate = self._table.rate_of(index)
             if not rate:
                 continue
@@ -376,64 +379,79 @@ class DropGrad(Optimizer):
             if threshold == 0:
                 continue
             key = F.derive_key(self.seed, self._step_count_dropgrad, index)
-            out.append(MaskTarget(target, key, threshold, F.keep_scale(threshold)))
+            out.append(MaskTarget(local, key, threshold, F.keep_scale(threshold),
+                                  self._table.name_of(index)))
         return out
 
     @staticmethod
-    def _check_grad(p: torch.Tensor) -> None:
-        grad = p.grad
-        assert grad is not None
+    def _check_grad(grad: torch.Tensor, name: str | int) -> None:
+        label = f"parameter {name}" if isinstance(name, int) else name
         if grad.is_sparse:
             raise RuntimeError(
-                "DropGrad does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-                "use dense gradients or leave that parameter without a rate"
+                f"DropGrad does not support sparse gradients ({label}: e.g. "
+                "nn.Embedding(sparse=True)); use dense gradients or leave that parameter without "
+                "a rate"
             )
         if type(grad).__name__ == "DTensor":
-            # DTensor parameters are masked through their local shard (integrations.fsdp);
+            # DTensor parameters are masked through their local boxes (integrations.dtensor);
             # a DTensor gradient on a plain parameter has no known place in the parameter.
             raise RuntimeError(
-                "DropGrad got a sharded (DTensor) gradient for a parameter that is not a "
-                "DTensor, so it cannot tell where the shard sits in the full parameter. Shard "
-                "parameters with FSDP2 (fully_shard), which DropGrad masks exactly."
+                f"DropGrad got a sharded (DTensor) gradient for {label}, which is not a DTensor, "
+                "so it cannot tell where the shard sits in the full parameter. Shard parameters "
+                "with FSDP2 (fully_shard) or parallelize_module, which DropGrad masks exactly."
             )
         if not grad.is_floating_point():
-            raise TypeError(f"DropGrad can only mask floating-point gradients, got {grad.dtype}")
+            raise TypeError(
+                f"DropGrad can only mask floating-point gradients, got {grad.dtype} ({label})"
+            )
 
-    def _live(self, targets: list[MaskTarget]) -> list[MaskTarget]:
-        """The targets that have a gradient, each checked by :meth:`_check_grad`."""
-        live = [t for t in targets if t.target.grad is not None]
-        for t in live:
-            self._check_grad(t.target)  # type: ignore[arg-type]
+    def _grads(self, targets: list[MaskTarget]) -> list[tuple[MaskTarget, Sequence[Box]]]:
+        """The targets that have a gradient, with its boxes, each checked by
+        :meth:`_check_grad`."""
+        live = []
+        for t in targets:
+            boxes = t.local.grads()
+            if boxes is None:
+                continue
+            for box in boxes:
+                self._check_grad(box.tensor, t.name)
+            live.append((t, boxes))
         return live
 
     def _mask(self, targets: list[MaskTarget]) -> None:
-        live = self._live(targets)
-        F.mask_(
-            [t.target.grad for t in live],  # type: ignore[misc]
-            [t.key for t in live],
-            [t.threshold for t in live],
-            [t.scale for t in live],
-            [t.offset for t in live],
-        )
+        F.mask_(*_lists(self._grads(targets), with_scales=True))
 
     def _snapshot_dropped(self, targets: list[MaskTarget], mask: bool = False) -> F.DroppedValues:
         """Save the parameters' dropped values; with ``mask``, mask the gradients too (one
-        hashing pass fewer: the mask counts what the save packs)."""
-        if mask:
-            return F.mask_and_save_dropped_many(
-                [t.target.grad for t in targets],  # type: ignore[misc]
-                [data_of(t.target) for t in targets],
-                [t.key for t in targets],
-                [t.threshold for t in targets],
-                [t.scale for t in targets],
-                [t.offset for t in targets],
-            )
-        return F.save_dropped_many(
-            [data_of(t.target) for t in targets],
-            [t.key for t in targets],
-            [t.threshold for t in targets],
-            [t.offset for t in targets],
-        )
+        hashing pass fewer where a gradient sits where its values do: the mask counts what the
+        save packs)."""
+        values = [(t, t.local.values()) for t in targets]
+        if not mask:
+            return _save(values)
+        grads = self._grads(targets)
+        with_grad = {id(t): boxes for t, boxes in grads}
+        paired, grads_apart, values_apart = [], [], []
+        for t, boxes in values:
+            gboxes = with_grad.get(id(t))
+            if gboxes is not None and [b.place for b in gboxes] == [b.place for b in boxes]:
+                paired.append((t, boxes, gboxes))
+            else:
+                values_apart.append((t, boxes))
+                if gboxes is not None:  # e.g. a Replicate gradient of a Shard parameter
+                    grads_apart.append((t, gboxes))
+        parts = []
+        if paired:
+            flat = [(t, v, g) for t, vb, gb in paired for v, g in zip(vb, gb)]
+            parts.append(F.mask_and_save_dropped_many(
+                [g.tensor for _, _, g in flat], [v.tensor for _, v, _ in flat],
+                [t.key for t, _, _ in flat], [t.threshold for t, _, _ in flat],
+                [t.scale for t, _, _ in flat], *zip(*(v.place for _, v, _ in flat)),
+            ))
+        if grads_apart:
+            F.mask_(*_lists(grads_apart, with_scales=True))
+        if values_apart:
+            parts.append(_save(values_apart))
+        return F.DroppedValues.join(*parts)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Mask the gradients, then take the inner optimizer's step.
@@ -447,11 +465,11 @@ class DropGrad(Optimizer):
         targets = self._targets()
         saved = None
         if self.full_update_drop and targets:
-            self._live(targets)  # refuse bad gradients before touching parameters
+            live = self._grads(targets)  # refuse bad gradients before touching parameters
             with torch.no_grad():
                 # Without a closure only parameters that have a gradient can move.
-                live = [t for t in targets if closure is not None or t.target.grad is not None]
-                saved = self._snapshot_dropped(live, mask=closure is None)
+                moving = targets if closure is not None else [t for t, _ in live]
+                saved = self._snapshot_dropped(moving, mask=closure is None)
         if closure is None:
             if saved is None:  # else _snapshot_dropped masked them
                 with torch.no_grad():
@@ -481,6 +499,11 @@ class DropGrad(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its parameters get the default rate."""
         self.optimizer.add_param_group(param_group)
+        try:
+            _refuse_duplicates(self.optimizer.param_groups)
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
         added = self.optimizer.param_groups[-1]
         self._table.add_positions(len(added["params"]), added.get("param_names", ()))
 
@@ -541,6 +564,26 @@ class DropGrad(Optimizer):
         )
 
 
+def _refuse_duplicates(param_groups: list[dict[str, Any]]) -> None:
+    """A ``ValueError`` if a tensor is in the groups twice: DropGrad would mask it twice a step
+    (two keys, so the wrong rate; on a GPU, two writes to it in one launch)."""
+    seen: dict[int, int] = {}
+    position = 0
+    for group in param_groups:
+        names = group.get("param_names") or ()
+        for i, p in enumerate(group["params"]):
+            first = seen.setdefault(id(p), position)
+            if first != position:
+                name = f" ({names[i]!r})" if i < len(names) else ""
+                raise ValueError(
+                    f"the optimizer holds the same parameter twice, at positions {first} and "
+                    f"{position}{name}: DropGrad would mask it twice per step, with two masks. "
+                    "Pass each parameter once (e.g. list(model.parameters()), which skips tied "
+                    "duplicates)."
+                )
+            position += 1
+
+
 def get_dropgrad(obj: Any) -> DropGrad | None:
     """Find the :class:`DropGrad` inside ``obj``.
 
@@ -560,3 +603,23 @@ def optimizer_chain(obj: Any) -> Iterator[Any]:
         obj = getattr(obj, "optimizer", None)
 
 
+
+
+def _lists(
+    items: Sequence[tuple[MaskTarget, Sequence[Box]]], with_scales: bool = False
+) -> tuple[list, ...]:
+    """The per-box lists ``functional`` takes: tensors, keys, thresholds, (scales,) offsets, runs
+    and strides."""
+    flat = [(t, box) for t, boxes in items for box in boxes]
+    places = [box.place for _, box in flat]
+    lists = [[box.tensor for _, box in flat], [t.key for t, _ in flat],
+             [t.threshold for t, _ in flat]]
+    if with_scales:
+        lists.append([t.scale for t, _ in flat])
+    return (*lists, [p[0] for p in places], [p[1] for p in places], [p[2] for p in places])
+
+
+def _save(items: Sequence[tuple[MaskTarget, Sequence[Box]]]) -> F.DroppedValues:
+    """:func:`~hf_dropgrad.functional.save_dropped_many` of the boxes."""
+    tensors, keys, thresholds, offsets, runs, strides = _lists(items)
+    return F.save_dropped_many(tensors, keys, thresholds, offsets, runs=runs, strides=strides)

@@ -5,7 +5,7 @@ shapes; hard-coded shapes when transformers is missing) with random gradients an
 run and interleaved repeat by repeat (so background load hits every contender alike):
 
 * ``adamw``: a bare ``torch.optim.AdamW(params, foreach=True).step()`` (the reference);
-* ``kernel``: the fused C++ kernel alone, ``_cpu_kernel.mask_`` over all gradients (p = 0.1,
+* ``kernel``: the fused C++ kernel alone, ``ops.mask_`` (the op) over all gradients (p = 0.1,
   one key per tensor), and ``functional.mask_`` (the kernel plus its Python dispatch) when present;
 * ``foreach_mul``: one read+write pass over every gradient (``torch._foreach_mul_``), the floor
   of any in-place masking;
@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_dropgrad.kernels import cpp as _cpu_kernel
+from hf_dropgrad.kernels import ops
 
 RESOLUTION = 1 << 16
 
@@ -146,7 +147,7 @@ def kernel_section(params: list[torch.nn.Parameter], p: float, args: argparse.Na
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     fns: dict[str, Callable[[], object]] = {
         "adamw": opt.step,
-        "kernel": lambda: _cpu_kernel.mask_(grads, keys, thresholds, scales),
+        "kernel": lambda: ops.mask_(grads, keys, thresholds, scales),
         "foreach_mul": lambda: torch._foreach_mul_(grads, 1.0),
     }
     try:
@@ -228,11 +229,11 @@ def memory_probe(method: str, numel: int, dtype_name: str) -> dict:
     if method == "kernel":
 
         def call() -> None:
-            _cpu_kernel.mask_([g], [12345], [threshold], [scale])
+            ops.mask_([g], [12345], [threshold], [scale])
     elif method == "keep_mask":
 
         def call() -> None:
-            _cpu_kernel.keep_mask(numel, 12345, threshold)
+            ops.keep_mask_(torch.empty(numel, dtype=torch.bool), 12345, threshold, 0)
     elif method == "reference":
         from hf_dropgrad import functional
 

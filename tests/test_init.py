@@ -125,3 +125,39 @@ def test_settings_imports_the_core_directly() -> None:
         for alias in node.names
     }
     assert {"hf_dropgrad.schedulers", "hf_dropgrad.patterns"} <= modules
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in MODULES if p.parent.name != "kernels"],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_nothing_outside_the_kernels_names_a_backend(path: Path) -> None:
+    """The backend protocol (docs/design.md): callers take a plan from kernels.choose and call
+    its module; they never compare with a backend's name or import a backend module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                consts = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+                for const in consts:
+                    assert not (isinstance(const, ast.Constant)
+                                and const.value in ("cpp", "triton", "torch")), (
+                        f"{path.name}:{node.lineno} compares with a backend name"
+                    )
+    # functional.py's public oracle (mask_reference_, keep_mask_reference, random_bits) is the
+    # reference path by definition: those three names, and nothing else, come from it.
+    oracle = {"mask_tensor_", "keep_mask", "random_bits"}
+    for node in _imports(path):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+            a.name for a in node.names]
+        if (path.name == "functional.py" and isinstance(node, ast.ImportFrom)
+                and node.module == "hf_dropgrad.kernels.reference"
+                and {a.name for a in node.names} <= oracle):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module == "hf_dropgrad.kernels":
+            names += [f"hf_dropgrad.kernels.{a.name}" for a in node.names]
+        for name in names:
+            assert name not in {"hf_dropgrad.kernels.cpp", "hf_dropgrad.kernels.triton",
+                                "hf_dropgrad.kernels.reference", "hf_dropgrad.kernels.ops"}, (
+                f"{path.name}:{node.lineno} imports the backend module {name}"
+            )
