@@ -1,4 +1,4 @@
-r"""DropGrad's settings for the Trainer layer: declared once, one parser, every check.
+r"""DropGrad's settings for the Trainer layer: declared once, every check.
 
 The Transformers-facing classes (``DropGradTrainingArguments``, ``DropGradTrainer``,
 ``DropGradCallback``) take the same nine settings under different spellings: flags
@@ -15,8 +15,8 @@ and :mod:`~hf_dropgrad.optimizer`:
   instance is the validated, immutable settings of one run, with the run-dependent defaults
   resolved (the seed falls back to ``args.seed``, a schedule's length to the run's optimizer
   steps) and the keyword arguments of ``DropGrad`` they stand for;
-* :func:`parse_module_rates`, the ``PATTERN=RATE`` parser;
-* the validators, in one dialect.
+* the validators, in one dialect. (The ``PATTERN=RATE`` parser,
+  :func:`~hf_dropgrad.patterns.parse_module_rates`, lives with the patterns.)
 
 The dialect:
 
@@ -41,7 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
@@ -50,7 +49,7 @@ from dataclasses import Field, InitVar, dataclass, field, fields
 from typing import Any
 
 from hf_dropgrad.optimizer import SEED_LIMIT
-from hf_dropgrad.patterns import check_pattern
+from hf_dropgrad.patterns import parse_module_rates, parse_rate
 from hf_dropgrad.schedulers import (
     ConstantDropRateScheduler,
     CosineAnnealingDropRateScheduler,
@@ -67,7 +66,8 @@ __all__ = [
     "SETTING_FIELDS",
     "DropGradSettings",
     "keyword_names",
-    "parse_module_rates",
+    "parse_module_rates",  # kept importable from here; defined in hf_dropgrad.patterns
+    "parse_rate",  # idem
     "unused_settings",
     "validate_settings",
     "warn_unused",
@@ -82,13 +82,6 @@ SCHEDULERS: dict[str, type[DropRateScheduler]] = {
 }
 
 DEFAULT_GAMMA = 0.5
-
-_MODULE_RATES_FORMS = (
-    "Expected comma-separated PATTERN=RATE pairs (e.g. encoder=0.1,decoder=0.2), a JSON "
-    "object string (e.g. '{\"encoder\": 0.1}') or a mapping {pattern: rate}"
-)
-_RATE_MEANING = "the probability that a gradient element is dropped"
-
 
 def keyword_names(owner: str, *, prefixed: bool = False) -> dict[str, str]:
     """How messages name each setting given as a keyword argument of ``owner``.
@@ -142,16 +135,6 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def parse_rate(value: Any, name: str) -> float:
-    """``value``, a number or a numeric string (not a bool), as a float in ``[0, 1]``;
-    ``ValueError`` naming ``name`` otherwise. (The core's rule for Python arguments,
-    :func:`hf_dropgrad.schedulers.check_rate_number`, takes numbers only.)"""
-    number = _as_float(value)
-    if number is None or not 0.0 <= number <= 1.0:  # the comparison also rejects NaN
-        raise _fail(name, f"a number in [0, 1] ({_RATE_MEANING})", value)
-    return number
-
-
 def check_positive_int(value: Any, name: str, what: str = "optimizer steps") -> int:
     """``value`` as an int ``>= 1``; ``ValueError`` naming ``name`` otherwise."""
     number = _as_int(value)
@@ -189,144 +172,6 @@ def check_choice(value: Any, name: str, choices: Mapping[str, Any]) -> str:
     if kind not in choices:
         raise _fail(name, "one of " + ", ".join(map(repr, choices)), value)
     return kind
-
-
-# -- PATTERN=RATE -----------------------------------------------------------------------------
-
-
-def _split_top_level(text: str) -> list[str]:
-    r"""Split ``text`` on the commas that are outside ``()``, ``[]``, ``{}`` and not escaped.
-
-    This keeps regex quantifiers (``\d{1,2}``), classes (``[,;]``) and groups (``(a|b,c)``)
-    whole. Inside a character class, brackets are literal up to the closing ``]``.
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    depth = 0
-    class_start = -1  # index of the `[` opening the character class we are in, or -1
-    escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif class_start >= 0:
-            # A `]` right after `[` or `[^` is a literal `]` in Python's re.
-            if char == "]" and text[class_start + 1 : index] not in ("", "^"):
-                class_start = -1
-        elif char == "[":
-            class_start = index
-        elif char in "({":
-            depth += 1
-        elif char in ")}":
-            depth = max(depth - 1, 0)
-        elif char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-class _DuplicatePatternError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicatePatternError(f"pattern {key!r} is given more than once")
-        result[key] = value
-    return result
-
-
-def parse_module_rates(
-    value: Any, name: str = "--dropgrad_module_rates"
-) -> dict[str, float] | None:
-    r"""Normalise per-module drop rates to a ``dict[str, float]``, or ``None`` when there are none.
-
-    Accepted forms:
-
-    - a mapping ``{pattern: rate}`` (Python, or a nested mapping in a JSON or YAML config);
-    - a JSON object string (its first non-blank character is ``{``), e.g.
-      ``'{"encoder": 0.1, "layer\\.\\d{1,2}\\..*": 0.2}'``;
-    - comma-separated ``PATTERN=RATE`` pairs, e.g. ``"encoder=0.1, decoder=0.2"``. Blanks
-      around items are ignored, and so is a trailing comma. A comma inside ``()``, ``[]`` or
-      ``{}``, or escaped as ``\,``, belongs to the pattern, so ``layer\.\d{1,2}\..*=0.1`` needs
-      no quoting; the rate is what follows the *last* ``=``.
-
-    Rates follow the dialect of this module (numbers or numeric strings in ``[0, 1]``). An
-    empty string or mapping gives ``None``. Patterns are checked for syntax only, by
-    :func:`hf_dropgrad.patterns.check_pattern`: what they match is decided when ``DropGrad``
-    sees the model.
-
-    Args:
-        value: the value to parse.
-        name: how error messages name the setting.
-
-    Raises:
-        ValueError: naming ``name``, for a malformed string, a duplicated pattern, a pattern
-            that is not a non-empty string or is malformed, or a rate outside ``[0, 1]``.
-
-    Example::
-
-        >>> parse_module_rates("encoder=0.1, decoder.block.0=0.2")
-        {'encoder': 0.1, 'decoder.block.0': 0.2}
-        >>> parse_module_rates(r".*layer\.\d{1,2}\..*=0.3")
-        {'.*layer\\.\\d{1,2}\\..*': 0.3}
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = _parse_text(value, name)
-        if value is None:
-            return None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name}: got {type(value).__name__} {value!r}. {_MODULE_RATES_FORMS}.")
-
-    rates: dict[str, float] = {}
-    for pattern, rate in value.items():
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ValueError(f"{name}: patterns must be non-empty strings, got {pattern!r}.")
-        key = pattern.strip()
-        if key in rates:
-            raise ValueError(f"{name}: pattern {key!r} is given more than once.")
-        check_pattern(key, name)
-        rates[key] = parse_rate(rate, f"{name}: the rate of {key!r}")
-    return rates or None
-
-
-def _parse_text(value: str, name: str) -> dict[str, Any] | None:
-    text = value.strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text, object_pairs_hook=_no_duplicates)
-        except _DuplicatePatternError as error:
-            raise ValueError(f"{name}: {error}.") from None
-        except ValueError as error:  # json.JSONDecodeError
-            raise ValueError(
-                f"{name}: {text!r} is not a valid JSON object ({error}). {_MODULE_RATES_FORMS}."
-            ) from None
-        if not isinstance(parsed, dict):
-            raise ValueError(f"{name}: {text!r} is not a JSON object. {_MODULE_RATES_FORMS}.")
-        return parsed
-    pairs = []
-    for item in _split_top_level(text):
-        item = item.strip()
-        if not item:
-            continue
-        pattern, sep, rate = item.rpartition("=")
-        if not sep or not pattern.strip():
-            raise ValueError(f"{name}: {item!r} is not a PATTERN=RATE pair. {_MODULE_RATES_FORMS}.")
-        pairs.append((pattern.strip(), rate.strip()))
-    try:
-        return _no_duplicates(pairs)
-    except _DuplicatePatternError as error:
-        raise ValueError(f"{name}: {error}.") from None
 
 
 # -- the nine settings together ---------------------------------------------------------------

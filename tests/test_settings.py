@@ -13,37 +13,8 @@ from hf_dropgrad.settings import (
     SCHEDULERS,
     DropGradSettings,
     keyword_names,
-    parse_module_rates,
     validate_settings,
 )
-
-
-@pytest.mark.parametrize(
-    "value, expected",
-    [
-        (None, None),
-        ("", None),
-        ("  ", None),
-        ({}, None),
-        ("encoder=0.1", {"encoder": 0.1}),
-        (" encoder = 0.1 , decoder=1 ,", {"encoder": 0.1, "decoder": 1.0}),
-        ("encoder.block.0=0.3,encoder=1e-1", {"encoder.block.0": 0.3, "encoder": 0.1}),
-        (r"layer\.\d{1,2}\.x=0.2", {r"layer\.\d{1,2}\.x": 0.2}),
-        ("(a|b,c).*=0.2,d=0.1", {"(a|b,c).*": 0.2, "d": 0.1}),
-        ("[,(]x=0.2,d=0.1", {"[,(]x": 0.2, "d": 0.1}),
-        ("[],]x=0.2,d=0.1", {"[],]x": 0.2, "d": 0.1}),
-        (r"a\,b=0.2,d=0.1", {r"a\,b": 0.2, "d": 0.1}),
-        ("(?=x).*=0.5", {"(?=x).*": 0.5}),
-        ('  {"x": 0.5, ".*attention.*": "0.25"}', {"x": 0.5, ".*attention.*": 0.25}),
-        ({"encoder": 1, " decoder ": "0.2"}, {"encoder": 1.0, "decoder": 0.2}),
-    ],
-)
-def test_parse_module_rates_accepts(value, expected) -> None:
-    parsed = parse_module_rates(value)
-    assert parsed == expected
-    if parsed is not None:
-        assert list(parsed) == list(expected)  # order kept
-        assert all(type(v) is float for v in parsed.values())
 
 
 def test_settings_from_plain_training_arguments_with_overrides() -> None:
