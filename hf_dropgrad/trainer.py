@@ -27,7 +27,7 @@ class _DropGradMixin:
         settings = {_SETTING_OF_ARG[name]: kwargs.pop(name) for name in list(kwargs)
                     if name in _SETTING_OF_ARG}
         names = keyword_names(type(self).__name__, prefixed=True)
-        callback = DropGradCallback.from_settings(settings, names)  # bad values fail here
+        callback = DropGradCallback(names=names, **settings)  # bad values fail here
         super().__init__(*args, **kwargs)
         self._dropgrad_num_training_steps: int | None = None
         # Bad patterns, or settings next to a DropGrad passed via optimizers=, fail here.
