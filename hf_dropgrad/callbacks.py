@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad import install as installing
+from hf_dropgrad.deprecated import REMOVED_IN
 from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
@@ -30,6 +32,7 @@ from hf_dropgrad.settings import (
     DropGradSettings,
     GivenSettings,
     keyword_names,
+    numbers_given_as_text,
     setting_names,
     warn_unused,
 )
@@ -92,7 +95,9 @@ class DropGradCallback(TrainerCallback):
     Settings left unset are read from the `dropgrad_*` fields of the Trainer's arguments
     when they are [`DropGradTrainingArguments`], else take their defaults; the seed
     defaults to `args.seed`. Messages name each setting as it was given
-    (`DropGradCallback(module_rates=...)`, `--dropgrad_rate`).
+    (`DropGradCallback(module_rates=...)`, `--dropgrad_rate`). Numbers are given as numbers:
+    a numeric string is deprecated here (text is read on the command line and in config
+    files, by the arguments classes).
 
     A `DropGrad` the Trainer already holds (passed through `optimizers=`) is used as it is:
     then no DropGrad setting may be given (a `ValueError` names those that are), and its
@@ -134,6 +139,14 @@ class DropGradCallback(TrainerCallback):
         names = dict(names) if names is not None else keyword_names(type(self).__name__)
         self._given = GivenSettings(settings, names)  # bad values fail here, not at step 1
         entered, level = self._given.entered(), _user_stacklevel()
+        for key in numbers_given_as_text({key: settings[key] for key in entered}):
+            warnings.warn(
+                f"{names[key]}: a number given as a string ({settings[key]!r}) is deprecated "
+                f"and will be a TypeError in hf_dropgrad {REMOVED_IN}; pass a number (e.g. "
+                "0.1). Text is read on the command line and in JSON/YAML config files.",
+                FutureWarning,
+                stacklevel=level,
+            )
         warn_unused(self._given.validated.values(), names, stacklevel=level, only=entered)
         self._checked: tuple[Any, DropGradSettings] | None = None  # model, settings checked
         self.dropgrad: DropGrad | None = None

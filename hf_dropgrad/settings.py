@@ -27,8 +27,11 @@ The dialect:
   (as for an unexpected keyword argument).
 * Every message starts with the name of what the user passed, as they wrote it: the flag
   (``--dropgrad_rate: ...``) or the call (``DropGradCallback(drop_rate=...): ...``).
-* A number may be given as a number or as a string that ``float()`` / ``int()`` reads (YAML 1.1
-  reads ``1e-1`` as a string); a bool is never a number.
+* A number given as text is read where text is the medium: the command line and JSON/YAML
+  config files, that is the ``dropgrad_*`` fields of the arguments classes (YAML 1.1 reads
+  ``1e-1`` as a string); a bool is never a number. Python keyword APIs take numbers: a string
+  there (:func:`numbers_given_as_text`) is deprecated (``DropGradCallback``,
+  ``DropGradTrainer``) or a ``TypeError`` (``DropGrad``, the schedulers).
 
 Example::
 
@@ -69,6 +72,7 @@ __all__ = [
     "DropGradSettings",
     "GivenSettings",
     "keyword_names",
+    "numbers_given_as_text",
     "parse_module_rates",  # kept importable from here; defined in hf_dropgrad.patterns
     "parse_rate",  # idem
     "setting_names",
@@ -86,6 +90,10 @@ SCHEDULERS: dict[str, type[DropRateScheduler]] = {
 }
 
 DEFAULT_GAMMA = DropGradArguments.dropgrad_gamma
+
+#: The settings that are numbers (a ``module_rates`` mapping holds numbers too).
+_NUMBERS = ("drop_rate", "final_rate", "scheduler_steps", "step_size", "gamma", "seed")
+
 
 def keyword_names(owner: str, *, prefixed: bool = False) -> dict[str, str]:
     """How messages name each setting given as a keyword argument of ``owner``.
@@ -117,6 +125,17 @@ def setting_names(
         key: keyword[key] if key in given or not hasattr(args, arg) else FLAGS[key]
         for key, arg in ARG_FIELDS.items()
     }
+
+
+def numbers_given_as_text(values: Mapping[str, Any]) -> list[str]:
+    """The settings in ``values`` that are numbers given as strings (``drop_rate="0.1"``, or a
+    ``module_rates`` mapping with a string rate; the ``PATTERN=RATE`` string form is text by
+    design and not counted)."""
+    found = [key for key in _NUMBERS if isinstance(values.get(key), str)]
+    rates = values.get("module_rates")
+    if isinstance(rates, Mapping) and any(isinstance(rate, str) for rate in rates.values()):
+        found.append("module_rates")
+    return found
 
 
 # -- validators: one dialect ------------------------------------------------------------------

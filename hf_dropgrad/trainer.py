@@ -72,7 +72,10 @@ class DropGradTrainer(_DropGradMixin, Trainer):
     the `dropgrad_*` fields of [`DropGradTrainingArguments`], or, with a plain
     [`TrainingArguments`], from keyword arguments with the same names
     (`DropGradTrainer(model, args, dropgrad_rate=0.1, dropgrad_module_rates={...})`),
-    which take precedence over the arguments' fields.
+    which take precedence over the arguments' fields. Keyword arguments take numbers as
+    numbers: a numeric string (`dropgrad_rate="0.1"`) still works with a `FutureWarning` and
+    becomes a `TypeError` in 0.3.0 (text is read by the arguments classes: command line,
+    JSON/YAML config files).
 
     A [`DropGrad`] passed through `optimizers=` is used as it is; DropGrad settings must then
     stay at their defaults (a `ValueError` names those that are set), since they would be

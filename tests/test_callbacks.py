@@ -168,6 +168,40 @@ def test_from_settings_and_from_args_build_through_init(tmp_path) -> None:
     assert from_args.settings(plain) == DropGradCallback(drop_rate=0.3, seed=2).settings(plain)
 
 
+def test_a_number_given_as_a_string_in_python_is_deprecated(tmp_path) -> None:
+    """One rule for numbers given as text: read where text is the medium (command line,
+    JSON/YAML configs: the arguments classes); in Python keywords a FutureWarning, pointing at
+    the caller's line, and the value still applies (DropGrad itself raises a TypeError)."""
+    import warnings
+
+    from hf_dropgrad import DropGrad
+
+    with pytest.warns(FutureWarning, match=(
+        r"^DropGradCallback\(drop_rate=\.\.\.\): a number given as a string \('0\.1'\) is "
+        r"deprecated and will be a TypeError in hf_dropgrad 0\.3\.0; pass a number"
+    )) as record:
+        callback = DropGradCallback(drop_rate="0.1", module_rates={"encoder": 0.2})
+    assert [w.filename for w in record] == [__file__]
+    assert callback.settings(SimpleNamespace()).drop_rate == 0.1
+    with pytest.warns(FutureWarning, match=r"^DropGradCallback\(module_rates=\.\.\.\): a number"):
+        DropGradCallback(module_rates={"encoder": "0.2"})
+    with pytest.warns(FutureWarning, match=r"^DropGradTrainer\(dropgrad_rate=\.\.\.\): a number") \
+            as record:
+        trainer = DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
+            dropgrad_rate="0.1",
+        )
+    assert [w.filename for w in record if w.category is FutureWarning] == [__file__]
+    assert trainer.dropgrad_callback.settings(trainer.args).drop_rate == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DropGradCallback(drop_rate=0.1, module_rates="encoder=0.2")  # PATTERN=RATE is text
+        args = DropGradTrainingArguments(**common(tmp_path), dropgrad_rate="0.1")  # text medium
+        DropGradCallback.from_args(args)
+    with pytest.raises(TypeError, match=r"drop_rate must be a number .* pass a number"):
+        DropGrad(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), drop_rate="0.1")
+
+
 def test_the_0_1_installer_still_works_and_names_its_replacement() -> None:
     from hf_dropgrad.callbacks import install_dropgrad
     from hf_dropgrad.settings import DropGradSettings

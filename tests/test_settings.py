@@ -16,6 +16,7 @@ from hf_dropgrad.settings import (
     DropGradSettings,
     GivenSettings,
     keyword_names,
+    numbers_given_as_text,
     setting_names,
     validate_settings,
 )
@@ -314,6 +315,16 @@ def test_given_settings_validate_at_once_and_merge_once_per_arguments() -> None:
     assert given.resolve(SimpleNamespace(seed=5))[0].drop_rate == 0.0
     from_flags = GivenSettings(DropGradSettings(drop_rate=0.1).values(), FLAGS)
     assert from_flags.entered() == []  # read from arguments: checked and warned there
+
+
+def test_numbers_given_as_text() -> None:
+    assert numbers_given_as_text({"drop_rate": "0.1", "seed": 3, "scheduler": "linear"}) == [
+        "drop_rate"
+    ]
+    assert numbers_given_as_text({"gamma": "0.5", "step_size": "2"}) == ["step_size", "gamma"]
+    assert numbers_given_as_text({"module_rates": {"a": "0.1"}}) == ["module_rates"]
+    assert numbers_given_as_text({"module_rates": "a=0.1"}) == []  # PATTERN=RATE is text
+    assert numbers_given_as_text({"module_rates": {"a": 0.1}, "full_update_drop": True}) == []
 
 
 def test_settings_check_model_names_the_setting() -> None:
