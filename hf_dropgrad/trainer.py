@@ -27,7 +27,7 @@ class _DropGradMixin:
         settings = {_SETTING_OF_ARG[name]: kwargs.pop(name) for name in list(kwargs)
                     if name in _SETTING_OF_ARG}
         names = keyword_names(type(self).__name__, prefixed=True)
-        callback = DropGradCallback.from_settings(settings, names)  # bad values fail here
+        callback = DropGradCallback(names=names, **settings)  # bad values fail here
         super().__init__(*args, **kwargs)
         self._dropgrad_num_training_steps: int | None = None
         # Bad patterns, or settings next to a DropGrad passed via optimizers=, fail here.
@@ -72,7 +72,10 @@ class DropGradTrainer(_DropGradMixin, Trainer):
     the `dropgrad_*` fields of [`DropGradTrainingArguments`], or, with a plain
     [`TrainingArguments`], from keyword arguments with the same names
     (`DropGradTrainer(model, args, dropgrad_rate=0.1, dropgrad_module_rates={...})`),
-    which take precedence over the arguments' fields.
+    which take precedence over the arguments' fields. Keyword arguments take numbers as
+    numbers: a numeric string (`dropgrad_rate="0.1"`) still works with a `FutureWarning` and
+    becomes a `TypeError` in 0.3.0 (text is read by the arguments classes: command line,
+    JSON/YAML config files).
 
     A [`DropGrad`] passed through `optimizers=` is used as it is; DropGrad settings must then
     stay at their defaults (a `ValueError` names those that are set), since they would be

@@ -7,8 +7,8 @@ arguments are created (so a bad value fails at parse time, naming its flag), and
 saved with the other arguments (``to_dict()``, ``to_json_string()``, ``training_args.bin``).
 
 The fields, their defaults and their help are declared once, in
-:class:`hf_dropgrad.settings.DropGradSettings`, and generated here (with the ``dropgrad_``
-prefix); so are the docstrings' parameter lists. Parsing and validation live in
+:class:`hf_dropgrad.arguments.DropGradArguments`, which these classes inherit; the docstrings'
+parameter lists are generated from the help. Parsing and validation live in
 :mod:`hf_dropgrad.settings`.
 
 Example::
@@ -23,16 +23,16 @@ Example::
 """
 
 import textwrap
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
+from hf_dropgrad.arguments import DropGradArguments
 from hf_dropgrad.settings import (
     ARG_FIELDS,
     FLAGS,
-    SETTING_FIELDS,
     parse_module_rates,
     validate_settings,
     warn_unused,
@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 
-class _DropGradArgumentsMixin:
-    # First among the bases of the public classes, so that these fields come last in `--help`
-    # and `to_dict()`, and this __post_init__ runs the parent's first. Its fields are
-    # generated below from hf_dropgrad.settings.DropGradSettings, where they are declared.
+class _DropGradArgumentsMixin(DropGradArguments):
+    # First among the bases of the public classes, so that the dropgrad_* fields (declared in
+    # hf_dropgrad.arguments) come last in `--help` and `to_dict()`, and this __post_init__
+    # runs the parent's first.
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -71,23 +71,10 @@ class _DropGradArgumentsMixin:
         return DropGradSettings.from_args(self)
 
 
-_DropGradArgumentsMixin.__annotations__ = {
-    f.metadata["arg"]: f.metadata["arg_type"] for f in SETTING_FIELDS
-}
-for _setting in SETTING_FIELDS:
-    setattr(
-        _DropGradArgumentsMixin,
-        _setting.metadata["arg"],
-        field(default=_setting.default, metadata={"help": _setting.metadata["help"]}),
-    )
-del _setting
-_DropGradArgumentsMixin = dataclass(_DropGradArgumentsMixin)
-
-
 def _parameters_doc() -> str:
     """The docstrings' ``Parameters:`` block, from the fields' help (written once, there)."""
     lines = ["    Parameters:", "        > Parameters that control DropGrad (gradient dropout)", ""]
-    for f in fields(_DropGradArgumentsMixin):
+    for f in fields(DropGradArguments):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         kind = kind.replace(" | None", "")
         default = "" if f.default is None else f", defaults to `{f.default!r}`"

@@ -25,7 +25,8 @@ def _is_submodule(name: str) -> bool:
 
 
 #: The modules that must import without Transformers or Accelerate (docs/design.md): the
-#: torch core, the settings (Transformers-free by design) and the engines' integrations.
+#: torch core, the settings (Transformers-free by design), the engines' integrations and the
+#: installer that plugs them in.
 TRANSFORMERS_FREE = [
     "hf_dropgrad",
     "hf_dropgrad.optimizer",
@@ -36,7 +37,9 @@ TRANSFORMERS_FREE = [
     "hf_dropgrad.report",
     "hf_dropgrad.layout",
     "hf_dropgrad.kernels",
+    "hf_dropgrad.arguments",
     "hf_dropgrad.settings",
+    "hf_dropgrad.install",
     "hf_dropgrad.integrations.deepspeed",
     "hf_dropgrad.integrations.fsdp",
     "hf_dropgrad.integrations.accelerate",

@@ -6,7 +6,9 @@
   method Accelerate's ``AcceleratedOptimizer`` captures under fp16.
 
 Each module says which version of the library it was checked against, next to the internals
-it reads. They hand the core what it needs through public objects only: a
+it reads. The Trainer layer reaches the DeepSpeed and Accelerate ones through one entry point,
+:func:`hf_dropgrad.install.install_dropgrad`, which puts DropGrad into an optimizer chain.
+They hand the core what it needs through public objects only: a
 :class:`~hf_dropgrad.layout.Piece` per local shard, a :class:`~hf_dropgrad.layout.FlatLayout`
 given to :meth:`DropGrad.set_layout <hf_dropgrad.optimizer.DropGrad.set_layout>`. The core
 (``optimizer``, ``functional``, ``schedulers``, ``patterns``, ``kernels``) imports none of
