@@ -16,6 +16,7 @@ import torch
 
 from hf_dropgrad import DropGrad, kernels
 from hf_dropgrad import functional as F
+from hf_dropgrad.kernels import loaders
 from tests import stream_oracle as oracle
 from tests.helpers import backward, tiny_mlp
 
@@ -95,8 +96,8 @@ def test_a_forced_backend_that_cannot_run_raises_instead_of_falling_back(
     monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
 
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
         F.mask_([torch.ones(3)], [1], [6554], [1.1])
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
@@ -108,7 +109,7 @@ def test_forced_triton_refuses_cpu_tensors_outside_the_interpreter(
 ) -> None:
     module = pytest.importorskip("hf_dropgrad.kernels.triton")
     monkeypatch.setattr(module, "_INTERPRETING", False)
-    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setattr(loaders, "_triton", module)
     monkeypatch.setenv(kernels.ENV, "triton")
     with pytest.raises(kernels.BackendUnavailableError, match="CUDA tensors"):
         F.mask_([torch.ones(3)], [1], [6554], [1.1])
@@ -229,8 +230,8 @@ def test_keep_mask_honours_the_forced_backend(monkeypatch: pytest.MonkeyPatch) -
         F.keep_mask(10, 1, 1)
     monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
         F.keep_mask(10, 1, 1)
 
@@ -251,12 +252,12 @@ def test_a_forced_backend_that_cannot_run_here_fails_when_dropgrad_is_built(
     if _available("cpp"):
         build()
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*pip install triton"):
         build()
     module = pytest.importorskip("hf_dropgrad.kernels.triton")
-    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setattr(loaders, "_triton", module)
     monkeypatch.setattr(module, "_INTERPRETING", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*no CUDA device"):

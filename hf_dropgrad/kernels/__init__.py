@@ -31,14 +31,13 @@ bit-identical to the reference (NaN payloads aside).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from hf_dropgrad.kernels import ops, reference
+from hf_dropgrad.kernels import loaders, ops, reference
 from hf_dropgrad.kernels.protocol import Backend, Plan
 
 __all__ = [
@@ -63,11 +62,6 @@ MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 Purpose = Literal["mask", "pack", "keep"]
 
-_lock = threading.Lock()
-_triton: ModuleType | None = None
-_triton_error: str | None = None
-
-
 class BackendUnavailableError(RuntimeError):
     """The backend forced by ``HF_DROPGRAD_BACKEND`` cannot run here, or cannot take a tensor."""
 
@@ -84,36 +78,9 @@ def requested_backend() -> str:
     return value
 
 
-def _cpp() -> ModuleType | None:
-    from hf_dropgrad.kernels import cpp
-
-    return cpp if cpp.load() is not None else None
-
-
-def _cpp_error() -> str:
-    from hf_dropgrad.kernels import cpp
-
-    return cpp.unavailable_reason() or "unknown reason"
-
-
-def _load_triton() -> ModuleType | None:
-    global _triton, _triton_error
-    if _triton is not None or _triton_error is not None:
-        return _triton
-    with _lock:
-        if _triton is None and _triton_error is None:
-            try:
-                from hf_dropgrad.kernels import triton as module
-
-                _triton = module
-            except Exception as exc:  # ImportError, or a Triton that cannot initialise
-                _triton_error = f"{type(exc).__name__}: {exc}"
-    return _triton
-
-
 def triton_module() -> ModuleType | None:
     """:mod:`hf_dropgrad.kernels.triton`, or ``None`` when Triton does not import."""
-    return _load_triton()
+    return loaders.triton_module()
 
 
 def check_forced_backend() -> str:
@@ -131,16 +98,16 @@ def check_forced_backend() -> str:
             says why.
     """
     requested = requested_backend()
-    if requested == "cpp" and _cpp() is None:
+    if requested == "cpp" and loaders.cpp_module() is None:
         raise BackendUnavailableError(
-            f"{ENV}=cpp, but the C++ kernel is unavailable: {_cpp_error()}. Unset {ENV} (or "
+            f"{ENV}=cpp, but the C++ kernel is unavailable: {loaders.cpp_error()}. Unset {ENV} (or "
             "set it to auto) to let hf_dropgrad choose, or torch for the reference path."
         )
     if requested == "triton":
-        module = _load_triton()
+        module = loaders.triton_module()
         if module is None:
             raise BackendUnavailableError(
-                f"{ENV}=triton, but Triton does not import: {_triton_error} (pip install "
+                f"{ENV}=triton, but Triton does not import: {loaders.triton_error()} (pip install "
                 "triton)."
             )
         if not torch.cuda.is_available() and not module.interpreting():
@@ -166,13 +133,14 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
     if backend == "cpp":
         if device != "cpu":
             return f"it runs on CPU tensors, got one on {tensor.device}"
-        if _cpp() is None:
-            return f"it is unavailable: {_cpp_error()}"
+        if loaders.cpp_module() is None:
+            return f"it is unavailable: {loaders.cpp_error()}"
     elif backend == "triton":
-        if _load_triton() is None:
-            return f"Triton does not import: {_triton_error} (pip install triton)"
-        assert _triton is not None
-        if device != "cuda" and not (device == "cpu" and _triton.interpreting()):
+        if loaders.triton_module() is None:
+            return f"Triton does not import: {loaders.triton_error()} (pip install triton)"
+        if device != "cuda" and not (
+            device == "cpu" and loaders.triton_module().interpreting()  # type: ignore[union-attr]
+        ):
             return (
                 f"it runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got one "
                 f"on {tensor.device}"
@@ -219,14 +187,14 @@ def plan_of(backend: str, device: torch.device) -> Plan:
     if backend == "torch":
         return _REFERENCE
     if backend == "cpp":
-        if _cpp() is None:
-            raise BackendUnavailableError(f"the cpp backend is unavailable: {_cpp_error()}")
+        if loaders.cpp_module() is None:
+            raise BackendUnavailableError(f"the cpp backend is unavailable: {loaders.cpp_error()}")
         return _CPP
     if backend == "triton":
-        module = _load_triton()
+        module = loaders.triton_module()
         if module is None:
             raise BackendUnavailableError(
-                f"the triton backend is unavailable: {_triton_error} (pip install triton)"
+                f"the triton backend is unavailable: {loaders.triton_error()} (pip install triton)"
             )
         return _TRITON_OPS if device.type == "cuda" else Plan("triton", module, fused=True)
     raise ValueError(f"unknown backend {backend!r}; allowed: cpp, triton, torch")

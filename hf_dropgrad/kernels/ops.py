@@ -46,12 +46,11 @@ the offsets and runs (:mod:`hf_dropgrad.kernels.checks`) the schema cannot.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from hf_dropgrad.kernels import reference
+from hf_dropgrad.kernels import loaders, reference
 from hf_dropgrad.kernels.checks import check_offset, check_offsets, check_runs, run_chunks
 from hf_dropgrad.kernels.stream import signed64
 
@@ -225,18 +224,12 @@ def mask_gather_dropped_(
 
 
 # ----------------------------------------------------------------------------- implementations
-def _triton() -> ModuleType | None:
-    from hf_dropgrad import kernels
-
-    return kernels.triton_module()
-
-
 def _on_cuda(name: str) -> Callable[..., Any]:
     """The CUDA kernel of op ``name``: the Triton backend's function, the reference's if Triton
     does not import."""
 
     def run(*args: Any) -> Any:
-        module = _triton()
+        module = loaders.triton_module()
         return getattr(reference if module is None else module, name)(*args)
 
     run.__name__ = f"{name}_cuda"
