@@ -63,11 +63,11 @@ class NaiveDropGrad(DropGrad):
     """
 
     def _mask(self, targets):
-        for t in targets:  # MaskTarget(target, key, threshold, scale)
-            p = t.target
-            if p.grad is not None:
-                keep = torch.bernoulli(torch.full_like(p.grad, 1 - t.threshold / F.RESOLUTION))
-                p.grad.mul_(keep).mul_(t.scale)
+        for t in targets:  # MaskTarget(local, key, threshold, scale, name)
+            for box in t.local.grads() or ():
+                grad = box.tensor
+                keep = torch.bernoulli(torch.full_like(grad, 1 - t.threshold / F.RESOLUTION))
+                grad.mul_(keep).mul_(t.scale)
 
 
 def sequences() -> list[dict[str, list[int]]]:
