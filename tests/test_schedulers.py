@@ -167,5 +167,5 @@ def test_check_rate_number_takes_numbers_only_and_the_old_name_warns() -> None:
     assert schedulers.check_rate_number(1, "r") == 1.0
     with pytest.raises(TypeError, match="r must be a number"):
         schedulers.check_rate_number("0.1", "r")  # numeric strings are the settings' dialect
-    with pytest.warns(FutureWarning, match="renamed check_rate_number"):
+    with pytest.warns(FutureWarning, match="check_rate is deprecated.*use .*check_rate_number"):
         assert schedulers.check_rate is schedulers.check_rate_number
