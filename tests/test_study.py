@@ -1,4 +1,4 @@
-"""studies/study.py, studies/overfit.py and their shared studies/study_harness.py.
+"""studies/study.py, studies/study_overfit.py and their shared studies/study_harness.py.
 
 The examples apply DropGrad by default, so a baseline that only omits the DropGrad flags
 silently trains with the example's rates. These tests pin the flags of every configuration and
