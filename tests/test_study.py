@@ -136,8 +136,8 @@ def _study_modules() -> list:
 def test_every_study_follows_the_protocol():
     makefile = (ROOT / "Makefile").read_text()
     modules = _study_modules()
-    assert [m.__name__ for m in modules] == [
-        "studies.study", "studies.study_overfit", "studies.study_tuned"]
+    assert {"studies.study", "studies.study_overfit", "studies.study_tuned"} <= {
+        m.__name__ for m in modules}  # and any study added since
     for module in modules:
         assert isinstance(module.STUDY, harness.Study), module.__name__
         assert module.STUDY.module == module.__name__ and module.main == module.STUDY.main
