@@ -59,4 +59,6 @@ def __getattr__(name: str) -> Any:
 
         importlib.import_module("hf_dropgrad.compat")  # unsupported versions: one clear error
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hf_dropgrad' has no attribute {name!r}")
+    from hf_dropgrad.deprecated import module_attribute  # a deprecated name, or AttributeError
+
+    return module_attribute(__name__, name)

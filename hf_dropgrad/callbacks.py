@@ -183,7 +183,7 @@ class DropGradCallback(TrainerCallback):
         """Deprecated (0.1.0's name): use [`~DropGradCallback.settings`]."""
         from hf_dropgrad.deprecated import warn_deprecated
 
-        warn_deprecated("DropGradCallback.config(args)", "DropGradCallback.settings(args)")
+        warn_deprecated("DropGradCallback.config(args)")
         return self.settings(args)
 
     def attach(self, trainer: Any) -> DropGradCallback:

@@ -222,14 +222,7 @@ class StepDropRateScheduler(DropRateScheduler):
 
 
 def __getattr__(name: str) -> Any:
-    if name == "check_rate":  # listed in __all__ before it was renamed
-        import warnings
+    # check_rate, listed in __all__ before it was renamed (hf_dropgrad/deprecated.py)
+    from hf_dropgrad.deprecated import module_attribute
 
-        warnings.warn(
-            "hf_dropgrad.schedulers.check_rate is renamed check_rate_number; the old name will "
-            "be removed in a future release.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return check_rate_number
-    raise AttributeError(f"module 'hf_dropgrad.schedulers' has no attribute {name!r}")
+    return module_attribute(__name__, name)

@@ -64,10 +64,8 @@ class _DropGradArgumentsMixin(DropGradArguments):
         from hf_dropgrad.deprecated import warn_deprecated
         from hf_dropgrad.settings import DropGradSettings
 
-        warn_deprecated(
-            f"{type(self).__name__}.dropgrad_config",
-            "hf_dropgrad.settings.DropGradSettings.from_args(args)",
-        )
+        warn_deprecated("DropGradTrainingArguments.dropgrad_config",
+                        as_written=f"{type(self).__name__}.dropgrad_config")
         return DropGradSettings.from_args(self)
 
 
@@ -147,7 +145,7 @@ class DropGradSeq2SeqTrainingArguments(_DropGradArgumentsMixin, Seq2SeqTrainingA
 
 def __getattr__(name: str) -> Any:
     # 0.1.0's DropGradConfig and DROPGRAD_SCHEDULERS: deprecated aliases with a FutureWarning
-    # (hf_dropgrad/deprecated.py), removed in 0.3.0.
+    # (their rows in hf_dropgrad/deprecated.py name the release that removes them).
     from hf_dropgrad.deprecated import module_attribute
 
     return module_attribute(__name__, name)

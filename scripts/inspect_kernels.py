@@ -19,7 +19,8 @@ allow). It prints them as a table.
 ``hf_dropgrad/kernels/triton.py`` at git revision ``REF``, before the program map, with its
 8-step binary search) for the comparison in docs/analysis.md.
 
-Usage: ``python scripts/inspect_kernels.py --arch 80 90 --out DIR [--baseline c7357b8]``.
+Usage: ``python scripts/inspect_kernels.py --arch 80 90 --out DIR [--baseline c7357b8]``, with
+``hf_dropgrad`` importable (installed, or ``PYTHONPATH=.`` from the repository root).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 #: Per-SM limits: registers, warp slots, resident blocks, shared memory (bytes usable by blocks).
 SM_LIMITS = {

@@ -170,5 +170,5 @@ def test_check_rate_number_takes_numbers_only_and_the_old_name_warns() -> None:
         schedulers.check_rate_number("0.1", "r")
     with pytest.raises(TypeError, match=r"initial_drop_rate must be a number .* not a string"):
         schedulers.LinearDropRateScheduler("0.1", 0.0, 10)
-    with pytest.warns(FutureWarning, match="renamed check_rate_number"):
+    with pytest.warns(FutureWarning, match="check_rate is deprecated.*use .*check_rate_number"):
         assert schedulers.check_rate is schedulers.check_rate_number
