@@ -61,10 +61,7 @@ def install_dropgrad(
     """Deprecated (0.1.0's installer): use [`hf_dropgrad.install.install_dropgrad`]."""
     from hf_dropgrad.deprecated import warn_deprecated
 
-    warn_deprecated(
-        "hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, num_training_steps)",
-        "hf_dropgrad.install.install_dropgrad(holder, build)",
-    )
+    warn_deprecated("hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, steps)")
 
     def build(optimizer: torch.optim.Optimizer) -> DropGrad:
         return DropGrad(optimizer, model=model, **settings.dropgrad_kwargs(steps))

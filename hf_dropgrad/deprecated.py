@@ -110,6 +110,8 @@ DEPRECATIONS: tuple[Deprecation, ...] = (
       for name, where in _ENGINES_MOVED.items()),
     Deprecation("hf_dropgrad.schedulers.check_rate", "hf_dropgrad.schedulers.check_rate_number",
                 "0.2.0", "hf_dropgrad.schedulers:check_rate_number"),
+    Deprecation("hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, steps)",
+                "hf_dropgrad.install.install_dropgrad(holder, build)", "0.2.0"),
 )
 
 _BY_OLD = {entry.old: entry for entry in DEPRECATIONS}

@@ -94,10 +94,28 @@ def _args_dropgrad_config(tmp_path: Path) -> tuple[Callable[[], Any], Any]:
     return (lambda: args.dropgrad_config), DropGradSettings.from_args(args)
 
 
+def _callbacks_install_dropgrad(tmp_path: Path) -> tuple[Callable[[], Any], Any]:
+    import torch
+
+    from hf_dropgrad import callbacks
+    from hf_dropgrad.optimizer import DropGrad
+
+    settings = DropGradSettings(drop_rate=0.2, seed=3)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+
+    def call() -> tuple[type, float | None, int, Any]:
+        dropgrad = callbacks.install_dropgrad(sgd, None, settings, 10)
+        return type(dropgrad), dropgrad.drop_rate, dropgrad.seed, dropgrad.optimizer
+
+    return call, (DropGrad, 0.2, 3, sgd)
+
+
 #: Each deprecated method or property: how to call it, and what it must return.
 CALLS: dict[str, Callable[[Path], tuple[Callable[[], Any], Any]]] = {
     "DropGradCallback.config(args)": _callback_config,
     "DropGradTrainingArguments.dropgrad_config": _args_dropgrad_config,
+    "hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, steps)":
+        _callbacks_install_dropgrad,
 }
 
 
