@@ -77,8 +77,6 @@ from pathlib import Path
 
 import torch
 
-from hf_dropgrad.kernels import ops  # noqa: F401  (defines the schemas the library implements)
-
 __all__ = ["isa", "load", "unavailable_reason"]
 
 _DISABLE_ENV = "HF_DROPGRAD_DISABLE_EXTENSION"
@@ -144,6 +142,8 @@ def _build() -> str:
         raise RuntimeError(f"no C++ compiler found (looked for {compiler!r}; set CXX)")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
+    # The library implements the ops whose schemas hf_dropgrad.kernels.ops defines; the
+    # package's __init__ imports ops first, so they exist before anything can call load().
     name = _extension_name()
     build_directory = _build_directory(name)
     _clear_stale_lock(os.path.join(build_directory, "lock"))

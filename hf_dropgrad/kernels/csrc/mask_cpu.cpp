@@ -360,6 +360,32 @@ HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t
   return dropped;
 }
 
+// mask_block for a chunk whose valid positions are whole lanes [j0, j1) (a run that covers
+// lanes of a chunk, e.g. a tensor-parallel column shard's half rows): the same constant trip
+// counts, only those lanes applied, and block b0 of the same lanes prefetched at next (the
+// tensor memory that the next chunk's lanes take; a hint, never dereferenced).
+template <int DT, int kIsa, bool kCount>
+HFDG_INLINE int64_t mask_block_lanes(const Seg& s, uint64_t base, void* chunk, uintptr_t next,
+                                     int64_t b0, int j0, int j1, uint32_t* __restrict lo,
+                                     uint32_t* __restrict hi) {
+  using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
+  T* data = static_cast<T*>(chunk);
+  for (int j = j0; j < j1; ++j) {
+    const uintptr_t run = next + (j * kW + b0) * sizeof(T);
+    for (int64_t line = 0; line < kSub * static_cast<int64_t>(sizeof(T)); line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(run + line), 1, 3);
+    }
+  }
+  hash_block<kIsa>(base, b0, kSub, lo, hi);
+  int64_t dropped = 0;
+  for (int j = j0; j < j1; ++j) {
+    apply_dt<DT, kIsa>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
+                        s.scale);
+    if (kCount) dropped += count_dropped(j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold);
+  }
+  return dropped;
+}
+
 // The valid positions [sp.lo, sp.hi) of a partial chunk (the first or last of a tensor), block by
 // block; blocks with no valid position in any lane are not hashed.
 template <int kIsa, typename Fn>
@@ -399,6 +425,16 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
     if (sp.lo == 0 && sp.hi == kChunk) {  // constant trip counts: no loop epilogues
       for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
         dropped += mask_block<DT, kIsa, kCount>(s, base, data + gs, b0, lo, hi);
+      }
+    } else if (sp.lo % kW == 0 && sp.hi % kW == 0) {  // whole lanes: a run of a column shard
+      // The next chunk's lanes: further on in this run, or, past its end, the next run's (the
+      // next segment, whose data follows this one's in a row-major local tensor).
+      const uintptr_t next = reinterpret_cast<uintptr_t>(data + gs) +
+                             (k + 1 < k1 ? kChunk : sp.hi - sp.lo) * sizeof(T);
+      const int j0 = static_cast<int>(sp.lo / kW), j1 = static_cast<int>(sp.hi / kW);
+      for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
+        dropped += mask_block_lanes<DT, kIsa, kCount>(s, base, data + gs, next, b0, j0, j1, lo,
+                                                      hi);
       }
     } else {
       for_partial_chunk<kIsa>(base, sp, lo, hi,
