@@ -26,6 +26,7 @@ __all__ = [
     "check_lengths",
     "check_offset",
     "check_offsets",
+    "check_pairs",
     "check_runs",
     "check_threshold",
     "floor_sum",
@@ -126,6 +127,16 @@ def check_lengths(grads: Sequence, keys: Sequence, thresholds: Sequence, scales:
             f"{n}, {len(keys)}, {len(thresholds)}, {len(scales)}"
         )
     return n
+
+
+def check_pairs(grads: Sequence, tensors: Sequence) -> None:
+    """A ``ValueError`` unless ``tensors[i]`` has ``grads[i]``'s size, for every ``i`` (the
+    parameters of ``mask_gather_dropped_``)."""
+    if len(tensors) != len(grads):
+        raise ValueError(f"grads and tensors differ in length: {len(grads)}, {len(tensors)}")
+    for i, (g, x) in enumerate(zip(grads, tensors)):
+        if g.numel() != x.numel():
+            raise ValueError(f"tensors[{i}] must have grads[{i}]'s size")
 
 
 def num_chunks(numel: int, offset: int = 0) -> int:

@@ -22,6 +22,7 @@ from hf_dropgrad.kernels.checks import (
     check_lengths,
     check_offset,
     check_offsets,
+    check_pairs,
     check_runs,
     check_threshold,
     run_chunks,
@@ -378,11 +379,7 @@ def mask_gather_dropped_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mask_` of ``grads`` and :func:`gather_dropped_many` of ``tensors`` (each of its
     gradient's size; same keys, thresholds, offsets and runs)."""
-    if len(tensors) != len(grads):
-        raise ValueError(f"grads and tensors differ in length: {len(grads)}, {len(tensors)}")
-    for i, (g, x) in enumerate(zip(grads, tensors)):
-        if g.numel() != x.numel():
-            raise ValueError(f"tensors[{i}] must have grads[{i}]'s size")
+    check_pairs(grads, tensors)
     values, starts = gather_dropped_many(tensors, keys, thresholds, offsets, runs, strides)
     mask_(grads, keys, thresholds, scales, offsets, runs, strides)
     return values, starts
