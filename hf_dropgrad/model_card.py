@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hf_dropgrad.run_record import RecordSource, config_entries
+from hf_dropgrad.version import VERSION
 
 __all__ = [
     "CITATION",
@@ -83,12 +84,6 @@ Cite gradient dropout as:
 """
 
 
-def _version() -> str:
-    from hf_dropgrad import __version__
-
-    return __version__
-
-
 def _shown(value: Any) -> str:
     """A setting as the card shows it: mappings as JSON (what `--dropgrad_module_rates`
     reads back), the rest as the Trainer's card shows values (`str`)."""
@@ -131,7 +126,7 @@ def _add_hyperparameters(card: str, record: Mapping[str, Any], optimizer: str) -
 def _add_version(card: str) -> str:
     start = card.find(_VERSIONS)
     if start < 0:
-        return card.rstrip("\n") + f"\n\n{_VERSIONS}\n- hf_dropgrad {_version()}\n"
+        return card.rstrip("\n") + f"\n\n{_VERSIONS}\n- hf_dropgrad {VERSION}\n"
     lines = card[start:].split("\n")
     # The list follows the heading and a blank line; match its style: "- TRL: 1.0" or
     # "- Transformers 5.0".
@@ -139,12 +134,12 @@ def _add_version(card: str) -> str:
     colon = i < len(lines) and re.match(r"- [^:\s]+: ", lines[i]) is not None
     while i < len(lines) and lines[i].startswith("- "):
         i += 1
-    lines.insert(i, f"- hf_dropgrad{':' if colon else ''} {_version()}")
+    lines.insert(i, f"- hf_dropgrad{':' if colon else ''} {VERSION}")
     return card[:start] + "\n".join(lines)
 
 
 def _add_citation(card: str) -> str:
-    text = CITATION.replace("VERSION", _version())
+    text = CITATION.replace("VERSION", VERSION)
     start = card.find(_CITATIONS)
     if start < 0:
         return card.rstrip("\n") + f"\n\n{_CITATIONS}\n{text}"
@@ -167,7 +162,7 @@ def add_to_card(card: str, record: Mapping[str, Any], optimizer: str) -> str:
         the optimizer, ``hf_dropgrad <version>`` under the framework versions, and the
         citations. A card that already names hf_dropgrad's version is returned unchanged.
     """
-    if re.search(rf"^- hf_dropgrad:? {re.escape(_version())}$", card, flags=re.M):
+    if re.search(rf"^- hf_dropgrad:? {re.escape(VERSION)}$", card, flags=re.M):
         return card
     card = _add_hyperparameters(card, record, optimizer)
     card = _add_version(card)

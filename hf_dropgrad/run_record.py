@@ -48,11 +48,10 @@ def record_of_dropgrad(dropgrad: DropGrad) -> dict[str, Any]:
 
 def config_entries(record: Mapping[str, Any]) -> dict[str, Any]:
     """The record's settings under their ``dropgrad_*`` argument names (``drop_rate`` is
-    ``dropgrad_rate``), in declaration order; values as recorded (JSON data). Keys a settings
-    record does not know (:func:`record_of_dropgrad`'s ``rates``) get the same prefix."""
-    out = {ARG_FIELDS[key]: record[key] for key in ARG_FIELDS if key in record}
-    out.update({f"dropgrad_{key}": value for key, value in record.items()
-                if key not in ARG_FIELDS})
+    ``dropgrad_rate``), in declaration order; values as recorded (JSON data). Keys that are no
+    setting (:func:`record_of_dropgrad`'s ``rates``) come first, with the same prefix."""
+    out = {f"dropgrad_{key}": value for key, value in record.items() if key not in ARG_FIELDS}
+    out.update({ARG_FIELDS[key]: record[key] for key in ARG_FIELDS if key in record})
     return out
 
 
