@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad import install as installing
-from hf_dropgrad import model_card, run_record
+from hf_dropgrad import model_card, run_config
 from hf_dropgrad.deprecated import REMOVED_IN
 from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
@@ -341,17 +341,18 @@ class DropGradCallback(TrainerCallback):
         ([`DropGradSettings.to_record`]: the seed and a schedule's length resolved) once
         training started; before, the same record for `args`. For a `DropGrad` passed through
         `optimizers=` (this callback's, or found in `optimizer`), what it says of its own
-        settings ([`hf_dropgrad.run_record.record_of_dropgrad`]).
+        settings ([`hf_dropgrad.run_config.record_of_dropgrad`]).
         """
         users = self.dropgrad if self.dropgrad is not None else get_dropgrad(optimizer)
         if users is not None and not self._built:
-            return run_record.record_of_dropgrad(users)
+            return run_config.record_of_dropgrad(users)
         settings, names = self._given.resolve(args)
         if not settings.enabled:
             return None
         if self._run_record is not None and self._run_record[0] == settings:
             return self._run_record[1]
-        steps = self._built_steps or (args.max_steps if args.max_steps > 0 else None)
+        max_steps = getattr(args, "max_steps", -1)
+        steps = self._built_steps or (max_steps if max_steps > 0 else None)
         try:
             return settings.to_record(steps, names)
         except ValueError:  # a linear/cosine schedule whose length is the run's, not known yet
@@ -359,7 +360,7 @@ class DropGradCallback(TrainerCallback):
 
     def _record_in(self, trainer: Any) -> None:
         """Let `trainer`'s model card and its run configuration (what the trackers log) say
-        what DropGrad did ([`hf_dropgrad.model_card`], [`hf_dropgrad.run_record`])."""
+        what DropGrad did ([`hf_dropgrad.model_card`], [`hf_dropgrad.run_config`])."""
         model_card.hook_create_model_card(
             trainer, lambda: self.run_record(trainer.args, getattr(trainer, "optimizer", None))
         )
@@ -368,7 +369,7 @@ class DropGradCallback(TrainerCallback):
     def _record_in_run(self, args: TrainingArguments, model: Any) -> None:
         # With DropGrad off, nothing: the arguments and the model stay the plain Trainer's.
         if self.run_record(args) is not None:
-            run_record.add_to_run_config(args, lambda: self.run_record(args))
+            run_config.add_to_run_config(args, lambda: self.run_record(args))
             if model is not None:
                 model_card.tag_model(model)
 

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hf_dropgrad.run_record import RecordSource, config_entries
+from hf_dropgrad.run_config import RecordSource, config_entries
 from hf_dropgrad.version import VERSION
 
 __all__ = [
@@ -235,7 +235,10 @@ class CardWriter:
 
 def hook_create_model_card(trainer: Any, record: RecordSource) -> None:
     """Wrap ``trainer.create_model_card`` (an instance attribute: the class is unchanged) in a
-    :class:`CardWriter` reading ``record``; once per trainer (again: the source is replaced)."""
+    :class:`CardWriter` reading ``record``; once per trainer (again: the source is replaced).
+    A trainer without ``create_model_card`` is left alone."""
+    if not callable(getattr(trainer, "create_model_card", None)):
+        return
     current = trainer.__dict__.get("create_model_card")
     if isinstance(current, CardWriter):
         current.record = record

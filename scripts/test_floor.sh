@@ -47,7 +47,7 @@ TESTS=(
     tests/test_integrations_accelerate.py
     tests/test_readme.py
     tests/test_model_card.py
-    tests/test_run_record.py
+    tests/test_run_config.py
     tests/test_hyperparameter_search.py
     tests/test_examples.py::test_extract_cmudict_rows_and_split
     tests/test_examples.py::test_edit_distance_and_g2p_metrics

@@ -84,7 +84,9 @@ def add_to_run_config(args: Any, record: RecordSource) -> None:
     """Make ``args.to_dict()`` (and ``to_json_string()``, ``to_sanitized_dict()``, which call
     it) add the ``dropgrad_*`` entries of ``record()``: over the arguments' own ``dropgrad_*``
     fields where it has them (the record holds the values as used). Once per ``args``: a
-    second call replaces the source."""
+    second call replaces the source. Arguments without ``to_dict`` are left alone."""
+    if not callable(getattr(type(args), "to_dict", None)):
+        return
     current = args.__dict__.get("to_dict")
     if isinstance(current, RunConfig):
         current.record = record

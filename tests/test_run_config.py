@@ -1,5 +1,5 @@
 """The run configuration the experiment trackers log holds DropGrad's settings as used
-(hf_dropgrad/run_record.py): ``args.to_dict()`` and what calls it, TensorBoard's event files."""
+(hf_dropgrad/run_config.py): ``args.to_dict()`` and what calls it, TensorBoard's event files."""
 
 from __future__ import annotations
 
