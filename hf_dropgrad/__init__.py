@@ -18,8 +18,7 @@ from hf_dropgrad.schedulers import (
     LinearDropRateScheduler,
     StepDropRateScheduler,
 )
-
-__version__ = "0.2.0"
+from hf_dropgrad.version import __version__ as __version__
 
 _LAZY = {
     "DropGradTrainingArguments": "hf_dropgrad.training_args",

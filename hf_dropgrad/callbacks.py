@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad import install as installing
+from hf_dropgrad import model_card, run_config
 from hf_dropgrad.deprecated import REMOVED_IN
 from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
@@ -153,6 +154,7 @@ class DropGradCallback(TrainerCallback):
         self._attached = False
         self._log_rates = False
         self._used_rates: dict[str, float] | None = None
+        self._run_record: tuple[DropGradSettings, dict[str, Any]] | None = None  # as trained
 
     @classmethod
     def from_settings(
@@ -198,6 +200,7 @@ class DropGradCallback(TrainerCallback):
         handler = trainer.callback_handler
         handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
         self._attached = True
+        self._record_in(trainer)
         return self
 
     def validate(self, model: torch.nn.Module | None, args: TrainingArguments) -> None:
@@ -276,6 +279,7 @@ class DropGradCallback(TrainerCallback):
             # checks them before touching anything.)
             dropgrad.check_backend()
         self._apply_run_settings(args, state)
+        self._record_in_run(args, kwargs.get("model"))
         dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:
@@ -316,12 +320,55 @@ class DropGradCallback(TrainerCallback):
         dropgrad.drop_rate_scheduler = settings.build_scheduler(steps, names)  # set_step places it
         record = settings.to_record(steps, names)
         state.stateful_callbacks[RECORD_KEY] = {"args": {}, "attributes": {"settings": record}}
+        self._run_record = (settings, record)
         if changes and getattr(args, "should_log", state.is_world_process_zero):
             logger.warning(
                 "Resuming at step %d with DropGrad settings that differ from the checkpoint's; "
                 "this run's apply from step %d on (the steps already taken keep their masks): %s",
                 state.global_step, state.global_step, "; ".join(changes),
             )
+
+    def run_record(
+        self, args: TrainingArguments, optimizer: Any = None
+    ) -> dict[str, Any] | None:
+        """The DropGrad settings of a run with `args` as the model card and the experiment
+        trackers record them, or `None` with DropGrad off (rate 0, no module rates).
+
+        That is the record the run keeps in `trainer_state.json`
+        ([`DropGradSettings.to_record`]: the seed and a schedule's length resolved) once
+        training started; before, the same record for `args`. For a `DropGrad` passed through
+        `optimizers=` (this callback's, or found in `optimizer`), what it says of its own
+        settings ([`hf_dropgrad.run_config.record_of_dropgrad`]).
+        """
+        users = self.dropgrad if self.dropgrad is not None else get_dropgrad(optimizer)
+        if users is not None and not self._built:
+            return run_config.record_of_dropgrad(users)
+        settings, names = self._given.resolve(args)
+        if not settings.enabled:
+            return None
+        if self._run_record is not None and self._run_record[0] == settings:
+            return self._run_record[1]
+        max_steps = getattr(args, "max_steps", -1)
+        steps = self._built_steps or (max_steps if max_steps > 0 else None)
+        try:
+            return settings.to_record(steps, names)
+        except ValueError:  # a linear/cosine schedule whose length is the run's, not known yet
+            return {**settings.to_record(1, names), "scheduler_steps": "the run's optimizer steps"}
+
+    def _record_in(self, trainer: Any) -> None:
+        """Let `trainer`'s model card and its run configuration (what the trackers log) say
+        what DropGrad did ([`hf_dropgrad.model_card`], [`hf_dropgrad.run_config`])."""
+        model_card.hook_create_model_card(
+            trainer, lambda: self.run_record(trainer.args, getattr(trainer, "optimizer", None))
+        )
+        self._record_in_run(trainer.args, None)
+
+    def _record_in_run(self, args: TrainingArguments, model: Any) -> None:
+        # With DropGrad off, nothing: the arguments and the model stay the plain Trainer's.
+        if self.run_record(args) is not None:
+            run_config.add_to_run_config(args, lambda: self.run_record(args))
+            if model is not None:
+                model_card.tag_model(model)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

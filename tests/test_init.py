@@ -40,6 +40,8 @@ TRANSFORMERS_FREE = [
     "hf_dropgrad.arguments",
     "hf_dropgrad.settings",
     "hf_dropgrad.install",
+    "hf_dropgrad.model_card",  # the Transformers layer's card and tracker hooks: text and data
+    "hf_dropgrad.run_config",
     "hf_dropgrad.integrations.deepspeed",
     "hf_dropgrad.integrations.fsdp",
     "hf_dropgrad.integrations.accelerate",
