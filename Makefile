@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,examples]"
+	$(PIP) install -q -e ".[dev,examples,optim]"
 
 # WordNet (the classification example's data) is a Debian package; best effort, the example
 # says what to install when it is missing.

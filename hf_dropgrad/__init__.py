@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hf_dropgrad.in_backward import InBackward
 from hf_dropgrad.integrations import fsdp as _fsdp  # noqa: F401 (registers DTensor shards)
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.schedulers import (
@@ -33,6 +34,7 @@ __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
     "DropRateScheduler",
+    "InBackward",
     "LinearDropRateScheduler",
     "StepDropRateScheduler",
     "get_dropgrad",

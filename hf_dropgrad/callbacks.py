@@ -25,6 +25,7 @@ import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accel
 from hf_dropgrad import install as installing
 from hf_dropgrad import model_card, run_config
 from hf_dropgrad.deprecated import REMOVED_IN
+from hf_dropgrad.integrations import in_backward
 from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
@@ -149,6 +150,8 @@ class DropGradCallback(TrainerCallback):
         self._checked: tuple[Any, DropGradSettings] | None = None  # model, settings checked
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
+        self._in_backward = False  # served beside the chain: this callback calls its step()
+        self._check_gradients = False  # at the first optimizer step of train()
         self._built = False  # whether this callback built the DropGrad (else: the user's)
         self._built_steps: int | None = None
         self._attached = False
@@ -228,6 +231,12 @@ class DropGradCallback(TrainerCallback):
         of a `linear`/`cosine` schedule.
         """
         settings, names = self._given.resolve(args)
+        stepper = in_backward.find_in_backward(optimizer)
+        if stepper is not None:  # before any hook is registered
+            in_backward.check_in_backward_run(
+                stepper, args.gradient_accumulation_steps, args.world_size,
+                f"--optim {getattr(args.optim, 'value', args.optim)}",
+            )
         found = get_dropgrad(optimizer)
         if found is None:
             self.validate(model, args)  # errors name the settings as given
@@ -248,6 +257,7 @@ class DropGradCallback(TrainerCallback):
                 installed.dropgrad.name_parameters(model)
             self._log_rates = True
         self.dropgrad, self._engine_steps = installed.dropgrad, installed.engine_steps
+        self._in_backward = installed.in_backward
         return installed.dropgrad
 
     def _check_no_settings(self, args: TrainingArguments) -> None:
@@ -272,6 +282,11 @@ class DropGradCallback(TrainerCallback):
         # here, once.
         dropgrad = self.install(optimizer, kwargs.get("model"), args, state.max_steps or None)
         check_parameters(dropgrad)  # e.g. tensor-parallel placements
+        if not (self._engine_steps or self._in_backward):
+            # An optimizer whose step() cannot be what trains the model (its updates happen in
+            # hooks or inside backward()) fails here, not after a run that logs unapplied rates.
+            in_backward.check_updates_the_model(dropgrad, kwargs.get("model"))
+            self._check_gradients = True
         if not self._engine_steps:
             # A forced HF_DROPGRAD_BACKEND that cannot take a parameter (its device or dtype)
             # fails here, before the first forward pass, now that the parameters sit on their
@@ -384,6 +399,17 @@ class DropGradCallback(TrainerCallback):
         # Under DeepSpeed the step already ran (and was counted) inside backward().
         if not self._engine_steps:
             self._begin_step(state.global_step)
+        if self._check_gradients and self.dropgrad is not None:
+            self._check_gradients = False
+            in_backward.check_gradients_at_step(self.dropgrad)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # An optimizer that updates inside backward() is served beside the chain, whose step()
+        # does not reach the DropGrad: end its step here (full update drop's restore, the count).
+        if self._in_backward and self.dropgrad is not None:
+            self.dropgrad.step()
 
     def _begin_step(self, step: int) -> None:
         """Make DropGrad's next step be `step`, and remember the rates it uses for its log."""

@@ -61,8 +61,10 @@ __all__ = [
     "keep_mask",
     "keep_mask_reference",
     "keep_scale",
+    "keep_factor",
     "mask_and_save_dropped_many",
     "mask_",
+    "masked",
     "mask_reference_",
     "mix64",
     "needs_mask_buffer",
@@ -243,6 +245,38 @@ def keep_mask(
     if numel:
         kernels.choose(out, "keep").ops.keep_mask_(out, key, threshold, offset)
     return out
+
+
+def keep_factor(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, *, offset: int = 0
+) -> torch.Tensor:
+    """The factor :func:`mask_` multiplies each element of ``grad`` by: ``scale`` where the
+    element is kept, ``0`` where it is dropped, in the compute dtype (``float64`` for a
+    ``float64`` gradient, else ``float32``), shaped like ``grad``.
+
+    ``grad`` gives the shape, device and dtype only (its elements are stream elements
+    ``offset ..``, one run).
+    """
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    keep = keep_mask(grad.numel(), key, threshold, grad.device, offset=offset)
+    return keep.view(grad.shape).to(compute).mul_(scale)
+
+
+def masked(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, *, offset: int = 0
+) -> torch.Tensor:
+    """``grad`` masked out of place, through autograd: ``grad * factor`` with the
+    :func:`keep_factor` of ``(key, threshold, scale)``.
+
+    The values are bit-identical to :func:`mask_` of a copy (``float(g) * factor`` rounded once
+    to ``grad.dtype``), and when ``grad`` requires grad the result's derivative with respect to
+    it is the factor (mask times scale): what a differentiable optimizer step
+    (``differentiable=True``) needs. ``grad`` itself is not modified.
+    """
+    factor = keep_factor(grad, key, threshold, scale, offset=offset)
+    if grad.dtype == factor.dtype:
+        return grad * factor
+    return (factor * grad).to(grad.dtype)
 
 
 class _Group(NamedTuple):

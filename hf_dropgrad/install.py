@@ -9,7 +9,11 @@ one, and makes it exact under the engine that steps it, once per call:
 * DeepSpeed ZeRO (:mod:`hf_dropgrad.integrations.deepspeed`): the ``DropGrad`` is ZeRO's client
   optimizer and masks ZeRO's flat partitions through the layout attached to it;
 * Accelerate (:mod:`hf_dropgrad.integrations.accelerate`): under fp16 the wrapper's captured
-  step method is re-captured, so GradScaler steps the ``DropGrad``.
+  step method is re-captured, so GradScaler steps the ``DropGrad``;
+* optimizers that update inside ``backward()`` (:mod:`hf_dropgrad.integrations.in_backward`:
+  transformers' ``*_layerwise``, LOMO/AdaLomo): the chain is left as it is and the optimizer is
+  served from beside it, the gradients masked in hooks; whoever drives the run calls
+  ``dropgrad.step()`` after each optimizer step.
 
 The Trainer layer calls it twice in a run: ``DropGradTrainer.create_optimizer`` on the bare
 optimizer (nothing to attach yet), and ``DropGradCallback.on_train_begin`` on the prepared
@@ -25,6 +29,7 @@ import torch
 
 from hf_dropgrad.integrations import accelerate as accelerate_integration
 from hf_dropgrad.integrations import deepspeed as deepspeed_integration
+from hf_dropgrad.integrations import in_backward as in_backward_integration
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 
 __all__ = ["Installation", "install_dropgrad"]
@@ -38,11 +43,15 @@ class Installation(NamedTuple):
         built: whether ``build`` made it (else it was in the chain already).
         engine_steps: whether an engine (DeepSpeed ZeRO) steps it, inside ``backward()`` and
             once per partition group, advancing its step count itself.
+        in_backward: whether it serves, from beside the chain, an optimizer that updates
+            inside ``backward()`` (the chain's ``step()`` does not reach it): the caller calls
+            ``dropgrad.step()`` after each optimizer step.
     """
 
     dropgrad: DropGrad
     built: bool
     engine_steps: bool
+    in_backward: bool = False
 
 
 def install_dropgrad(
@@ -63,10 +72,20 @@ def install_dropgrad(
 
     Raises:
         ValueError: the chain holds a DeepSpeed optimizer other than ZeRO-1/2/3, or (under
-            ZeRO) DropGrad cannot map ZeRO's partitions back to the parameters.
+            ZeRO) DropGrad cannot map ZeRO's partitions back to the parameters, or an optimizer
+            that updates inside ``backward()`` under DeepSpeed.
     """
-    found = get_dropgrad(holder)
     zero = deepspeed_integration.zero_optimizer(holder)
+    stepper = in_backward_integration.find_in_backward(holder)
+    if stepper is not None:
+        if zero is not None:
+            raise ValueError(
+                f"DropGrad does not serve {type(stepper).__name__}, which updates inside "
+                "backward(), under DeepSpeed"
+            )
+        dropgrad, built = in_backward_integration.install_in_backward(stepper, build)
+        return Installation(dropgrad, built, engine_steps=False, in_backward=True)
+    found = get_dropgrad(holder)
     if zero is not None:
         # ZeRO steps its client optimizer: wrap it if DropGrad is not in yet (a DeepSpeed
         # `optimizer` block, or DropGradCallback on a plain Trainer), and attach the layout.

@@ -9,6 +9,7 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from hf_dropgrad import compat  # refuses unsupported transformers/accelerate at import
 from hf_dropgrad.callbacks import DropGradCallback
+from hf_dropgrad.integrations.in_backward import kind_of
 from hf_dropgrad.settings import ARG_FIELDS, keyword_names
 
 __all__ = ["DropGradSeq2SeqTrainer", "DropGradTrainer"]
@@ -48,7 +49,10 @@ class _DropGradMixin:
         `create_optimizer_and_scheduler`, else `--max_steps`.
         """
         optimizer = compat.call_create_optimizer(super().create_optimizer, model)  # type: ignore[misc]
-        if isinstance(optimizer, torch.optim.Optimizer):  # not DeepSpeed's DummyOptim
+        # Not DeepSpeed's DummyOptim; not an optimizer that updates inside backward() (--optim
+        # *_layerwise, lomo), which the LR scheduler and Accelerate must see as it is: the
+        # callback serves it from beside the chain at on_train_begin.
+        if isinstance(optimizer, torch.optim.Optimizer) and kind_of(optimizer) is None:
             args = self.args  # type: ignore[attr-defined]
             steps = (
                 self.state.max_steps  # type: ignore[attr-defined]

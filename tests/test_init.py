@@ -36,6 +36,7 @@ TRANSFORMERS_FREE = [
     "hf_dropgrad.rates",
     "hf_dropgrad.report",
     "hf_dropgrad.layout",
+    "hf_dropgrad.in_backward",
     "hf_dropgrad.kernels",
     "hf_dropgrad.arguments",
     "hf_dropgrad.settings",
@@ -45,6 +46,7 @@ TRANSFORMERS_FREE = [
     "hf_dropgrad.integrations.deepspeed",
     "hf_dropgrad.integrations.fsdp",
     "hf_dropgrad.integrations.accelerate",
+    "hf_dropgrad.integrations.in_backward",
 ]
 
 
@@ -71,7 +73,7 @@ def test_core_settings_and_integrations_do_not_import_transformers() -> None:
 def test_the_core_imports_no_integration_and_no_private_torch_module() -> None:
     core = [PACKAGE / f"{name}.py" for name in (
         "optimizer", "functional", "schedulers", "patterns", "rates", "report", "layout",
-        "settings",
+        "in_backward", "settings",
     )] + sorted((PACKAGE / "kernels").glob("*.py"))
     for path in core:
         for node in _imports(path):
