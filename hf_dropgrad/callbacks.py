@@ -1,12 +1,17 @@
-"""``DropGradCallback``: DropGrad for any ``Trainer``, and the one place that installs it.
+"""``DropGradCallback``: DropGrad for any ``Trainer``, driven by the Trainer's events.
 
 ``DropGradTrainer`` is a ``Trainer`` with this callback in front; every other ``Trainer``
 subclass (TRL's, your own) gets the same behaviour from ``DropGradCallback(...).attach(trainer)``.
+The settings are :mod:`hf_dropgrad.settings`'; putting DropGrad into the optimizer chain is
+:func:`hf_dropgrad.install.install_dropgrad`.
 """
 
 from __future__ import annotations
 
 import logging as pylogging
+import os
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +22,22 @@ from transformers.training_args import TrainingArguments
 from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
-from hf_dropgrad.integrations import accelerate as accelerate_integration
-from hf_dropgrad.integrations import deepspeed as deepspeed_integration
+from hf_dropgrad import install as installing
+from hf_dropgrad import model_card, run_config
+from hf_dropgrad.deprecated import REMOVED_IN
+from hf_dropgrad.integrations import in_backward
+from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
 from hf_dropgrad.optimizer import DropGrad, get_dropgrad
-from hf_dropgrad.patterns import resolve_pattern_rates
-from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings, keyword_names, warn_unused
+from hf_dropgrad.settings import (
+    ARG_FIELDS,
+    DropGradSettings,
+    GivenSettings,
+    keyword_names,
+    numbers_given_as_text,
+    setting_names,
+    warn_unused,
+)
 
 # A child of transformers' library logger: the Trainer sets that logger's level from
 # --log_level (main process) and --log_level_replica (the others), and its handler prints.
@@ -34,90 +49,35 @@ __all__ = ["DropGradCallback", "check_supported_setup", "install_dropgrad"]
 LOG_KEY = "dropgrad_rate"
 
 #: Key of DropGrad's entry in `TrainerState.stateful_callbacks`, which every checkpoint saves in
-#: its trainer_state.json: the settings the run trained with, compared with a resumed run's.
-#: (Not a callback's class name, so `restore_callback_states_from_checkpoint` leaves it alone.)
+#: its trainer_state.json: the settings the run trained with (`DropGradSettings.to_record`),
+#: compared with a resumed run's. (Not a callback's class name, so
+#: `restore_callback_states_from_checkpoint` leaves it alone.)
 RECORD_KEY = "hf_dropgrad"
 
-
-def settings_record(settings: DropGradSettings, num_training_steps: int | None) -> dict[str, Any]:
-    """The settings a run trains with, as plain data (JSON): the run-dependent defaults resolved
-    (the seed, a schedule's length) and the settings its schedule ignores left out."""
-    values = settings.values()
-    record = {key: values[key] for key in
-              ("drop_rate", "module_rates", "scheduler", "full_update_drop", "seed")}
-    if settings.scheduler in ("linear", "cosine"):
-        record["final_rate"] = settings.final_rate
-        record["scheduler_steps"] = settings.num_scheduler_steps(num_training_steps)
-    elif settings.scheduler == "step":
-        record["step_size"] = settings.step_size
-        record["gamma"] = settings.gamma
-    return record
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "none" if value is None else str(value)
-
-
-def changed_settings(
-    previous: Mapping[str, Any], current: Mapping[str, Any], names: Mapping[str, str]
-) -> list[str]:
-    """`"<name> <old> -> <new>"` for each setting both records hold that differs."""
-    return [
-        f"{names[key]} {_shown(previous[key])} -> {_shown(current[key])}"
-        for key in current
-        if key in previous and previous[key] != current[key]
-    ]
-
-
-def check_supported_setup(args: TrainingArguments, accelerator: Any = None) -> None:
-    """Refuse the setups where DropGrad cannot be exact, before training starts.
-
-    FSDP2 and DeepSpeed ZeRO-1/2/3 are exact; FSDP1 and DeepSpeed's fp16/bf16 optimizer
-    without ZeRO are refused. See [`hf_dropgrad.integrations.accelerate.check_supported_setup`].
-    """
-    accelerate_integration.check_supported_setup(args, accelerator)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # hf_dropgrad/
 
 
 def install_dropgrad(
-    holder: Any,
-    model: torch.nn.Module | None,
-    settings: DropGradSettings,
-    num_training_steps: int | None,
+    holder: Any, model: torch.nn.Module | None, settings: DropGradSettings, steps: int | None
 ) -> DropGrad:
-    """Wrap the optimizer inside ``holder`` (an optimizer or a chain of ``.optimizer``
-    wrappers such as Accelerate's ``AcceleratedOptimizer``) in a ``DropGrad``.
+    """Deprecated (0.1.0's installer): use [`hf_dropgrad.install.install_dropgrad`]."""
+    from hf_dropgrad.deprecated import warn_deprecated
 
-    Returns the ``DropGrad`` already in the chain when there is one, so installing twice,
-    or a ``DropGrad`` passed through ``Trainer(optimizers=...)``, is fine.
-    """
-    found = get_dropgrad(holder)
-    zero = deepspeed_integration.zero_optimizer(holder)
-    if found is not None:
-        return found
-    kwargs = settings.dropgrad_kwargs(num_training_steps)
+    warn_deprecated("hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, steps)")
 
     def build(optimizer: torch.optim.Optimizer) -> DropGrad:
-        return DropGrad(optimizer, model=model, **kwargs)
+        return DropGrad(optimizer, model=model, **settings.dropgrad_kwargs(steps))
 
-    if zero is not None:
-        # DeepSpeed ZeRO built its optimizer itself (an `optimizer` block, or a Trainer that
-        # is not a DropGradTrainer): wrap the optimizer ZeRO steps.
-        return deepspeed_integration.install_under_deepspeed(zero, None, build)
-    if not hasattr(holder, "optimizer"):
-        return build(holder)
-    parent = holder
-    while hasattr(parent.optimizer, "optimizer"):
-        parent = parent.optimizer
-    # Swapping the innermost optimizer keeps every wrapper (and the LR scheduler built on
-    # the outermost one) working: they reach param_groups and step() through it.
-    dropgrad = build(parent.optimizer)
-    parent.optimizer = dropgrad
-    accelerate_integration.rebind_step(parent, dropgrad)  # fp16: GradScaler must step DropGrad
-    return dropgrad
+    return installing.install_dropgrad(holder, build).dropgrad
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` with which the caller's `warnings.warn` points at the user's line: the
+    first frame outside hf_dropgrad (DropGradCallback(...), DropGradTrainer(...), a subclass)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class DropGradCallback(TrainerCallback):
@@ -125,16 +85,18 @@ class DropGradCallback(TrainerCallback):
 
     At the start of training the callback wraps the Trainer's optimizer (whatever `--optim`
     built, or the one passed through `optimizers=`) in a [`DropGrad`] and logs which
-    parameters got which rate. Before every optimizer step it sets DropGrad's step to
-    `state.global_step` (so masks and schedules resume exactly), and it adds the rates that
-    step used to the training logs (`dropgrad_rate`, `dropgrad_rate/<pattern>`), as the
-    Trainer logs the `learning_rate` the step used. When DropGrad is off (rate 0, no module
-    rates) it adds nothing, so the logs are those of the plain Trainer.
+    parameters got which rate (through transformers' logging: `--log_level`). Before every
+    optimizer step it sets DropGrad's step to `state.global_step` (so masks and schedules
+    resume exactly), and it adds the rates that step used to the training logs
+    (`dropgrad_rate`, `dropgrad_rate/<pattern>`), as the Trainer logs `learning_rate`. With
+    DropGrad off (rate 0, no module rates) it adds nothing: the logs are the plain Trainer's.
 
     Settings left unset are read from the `dropgrad_*` fields of the Trainer's arguments
     when they are [`DropGradTrainingArguments`], else take their defaults; the seed
-    defaults to `args.seed`. Error messages name each setting as it was given
-    (`DropGradCallback(module_rates=...)`, `--dropgrad_rate`).
+    defaults to `args.seed`. Messages name each setting as it was given
+    (`DropGradCallback(module_rates=...)`, `--dropgrad_rate`). Numbers are given as numbers:
+    a numeric string is deprecated here (text is read on the command line and in config
+    files, by the arguments classes).
 
     A `DropGrad` the Trainer already holds (passed through `optimizers=`) is used as it is:
     then no DropGrad setting may be given (a `ValueError` names those that are), and its
@@ -143,20 +105,19 @@ class DropGradCallback(TrainerCallback):
     Order matters: the reporting callbacks (console, TensorBoard, W&B) only see the rates if
     this callback runs before them, and `trainer.add_callback` appends at the end. Use
     [`~DropGradCallback.attach`], which puts the callback first and checks the settings
-    against the model right away; with `add_callback` DropGrad trains the same and
-    `state.log_history` has the rates, but the callbacks before it do not show them (a
-    warning says so).
-
-    The rate table goes through transformers' logging: shown on the main process by default,
-    and, once `--log_level` is set, at INFO level on the main process (`--log_level_replica` on
-    the others).
+    against the model at once (with `add_callback`, `state.log_history` still has the rates,
+    and a warning says so).
 
     Args:
         drop_rate (`float`, *optional*): rate of parameters no `module_rates` pattern matches.
-        module_rates (`dict[str, float]` or `str`, *optional*): `{"encoder": 0.1, ...}`.
+        module_rates (`dict[str, float]` or `str`, *optional*): `{"encoder": 0.1, ...}`, or
+            the `PATTERN=RATE` text of `--dropgrad_module_rates`.
         scheduler (`str`, *optional*): `"constant"`, `"linear"`, `"cosine"` or `"step"`.
         final_rate, scheduler_steps, step_size, gamma, full_update_drop, seed: as the
             `dropgrad_*` arguments of [`DropGradTrainingArguments`].
+        names (`dict[str, str]`, *optional*, keyword-only): how messages name each setting,
+            for integrations that take them under other spellings
+            (`hf_dropgrad.settings.keyword_names`). Defaults to this class's keywords.
 
     Example:
 
@@ -167,75 +128,64 @@ class DropGradCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, **settings: Any) -> None:
-        validated = self._init(settings, keyword_names(type(self).__name__))
-        warn_unused(validated.values(), self._names)
-
-    def _init(self, settings: Mapping[str, Any], names: Mapping[str, str]) -> DropGradSettings:
-        """Set up the callback's state; returns the settings, validated (they fail here, not at
-        step 1)."""
+    def __init__(self, *, names: Mapping[str, str] | None = None, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(ARG_FIELDS))
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unknown setting(s) {unknown}; expected one of "
                 f"{list(ARG_FIELDS)}."
             )
-        self._names = dict(names)
-        self._settings = dict(settings)
-        validated = DropGradSettings(**self._settings, names=self._names)
-        # The run's settings (these merged with the Trainer's arguments), built once per
-        # arguments object, and the (model, settings) pair whose patterns were checked.
-        self._run: tuple[Any, tuple[Any, ...], DropGradSettings] | None = None
-        self._checked: tuple[Any, DropGradSettings] | None = None
+        names = dict(names) if names is not None else keyword_names(type(self).__name__)
+        self._given = GivenSettings(settings, names)  # bad values fail here, not at step 1
+        entered, level = self._given.entered(), _user_stacklevel()
+        for key in numbers_given_as_text({key: settings[key] for key in entered}):
+            warnings.warn(
+                f"{names[key]}: a number given as a string ({settings[key]!r}) is deprecated "
+                f"and will be a TypeError in hf_dropgrad {REMOVED_IN}; pass a number (e.g. "
+                "0.1). Text is read on the command line and in JSON/YAML config files.",
+                FutureWarning,
+                stacklevel=level,
+            )
+        warn_unused(self._given.validated.values(), names, stacklevel=level, only=entered)
+        self._checked: tuple[Any, DropGradSettings] | None = None  # model, settings checked
         self.dropgrad: DropGrad | None = None
         self._engine_steps = False  # DeepSpeed steps inside backward(), keyed at on_step_begin
+        self._in_backward = False  # served beside the chain: this callback calls its step()
+        self._check_gradients = False  # at the first optimizer step of train()
         self._built = False  # whether this callback built the DropGrad (else: the user's)
         self._built_steps: int | None = None
         self._attached = False
         self._log_rates = False
         self._used_rates: dict[str, float] | None = None
-        return validated
+        self._run_record: tuple[DropGradSettings, dict[str, Any]] | None = None  # as trained
 
     @classmethod
     def from_settings(
-        cls, settings: Mapping[str, Any], names: Mapping[str, str], *, warn: bool = True
+        cls, settings: Mapping[str, Any], names: Mapping[str, str]
     ) -> DropGradCallback:
-        """The callback for `settings` (by the names of `__init__`), for integrations.
-
-        `names` maps each setting to how messages should call it, as the user wrote it (e.g.
-        `{"drop_rate": "DropGradTrainer(dropgrad_rate=...)", ...}`; see
-        `hf_dropgrad.settings.keyword_names`). `warn=False` when the settings were already
-        checked for values their schedule ignores (each mistake is reported once).
-        """
-        callback = cls.__new__(cls)
-        validated = callback._init(settings, names)
-        if warn:
-            warn_unused(validated.values(), callback._names, stacklevel=3)
-        return callback
+        """`DropGradCallback(names=names, **settings)`: the callback for `settings` (by the
+        names of `__init__`), whose messages name each setting as `names` says (e.g.
+        `{"drop_rate": "DropGradTrainer(dropgrad_rate=...)", ...}`)."""
+        return cls(names=names, **settings)
 
     @classmethod
     def from_args(cls, args: TrainingArguments) -> DropGradCallback:
         """The callback for the `dropgrad_*` fields of `args` (messages name their flags)."""
-        settings = DropGradSettings.from_args(args)
-        return cls.from_settings(settings.values(), settings.names, warn=False)
+        names = setting_names(args, (), keyword_names(cls.__name__))
+        return cls(names=names, **DropGradSettings.from_args(args).values())
 
     def settings(self, args: TrainingArguments) -> DropGradSettings:
         """The settings for a run with `args`: this callback's, then `args`' `dropgrad_*`.
 
         Built and validated once per `args` (again only if its `dropgrad_*` fields or seed
         change)."""
-        read = tuple(getattr(args, arg, None) for arg in ARG_FIELDS.values())
-        read += (getattr(args, "seed", None),)
-        if self._run is None or self._run[0] is not args or self._run[1] != read:
-            settings = DropGradSettings.from_args(args, self._settings, names=self._names)
-            self._run = (args, read, settings)
-        return self._run[2]
+        return self._given.resolve(args)[0]
 
     def config(self, args: TrainingArguments) -> DropGradSettings:
         """Deprecated (0.1.0's name): use [`~DropGradCallback.settings`]."""
         from hf_dropgrad.deprecated import warn_deprecated
 
-        warn_deprecated("DropGradCallback.config(args)", "DropGradCallback.settings(args)")
+        warn_deprecated("DropGradCallback.config(args)")
         return self.settings(args)
 
     def attach(self, trainer: Any) -> DropGradCallback:
@@ -246,35 +196,24 @@ class DropGradCallback(TrainerCallback):
         that match nothing, or only frozen parameters) and against a `DropGrad` the Trainer
         already holds, so mistakes fail before training. Returns the callback.
         """
-        dropgrad = get_dropgrad(getattr(trainer, "optimizer", None))
-        if dropgrad is not None:
-            self._check_no_settings(self.settings(trainer.args))
+        if get_dropgrad(getattr(trainer, "optimizer", None)) is not None:
+            self._check_no_settings(trainer.args)
         else:
             self.validate(trainer.model, trainer.args)
         handler = trainer.callback_handler
         handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
         self._attached = True
+        self._record_in(trainer)
         return self
 
-    def validate(self, model: torch.nn.Module, args: TrainingArguments) -> None:
+    def validate(self, model: torch.nn.Module | None, args: TrainingArguments) -> None:
         """Check the settings against `model` now (patterns that match nothing, ...)."""
-        self._check_model(model, self.settings(args), args)
-
-    def _check_model(
-        self, model: torch.nn.Module | None, settings: DropGradSettings, args: TrainingArguments
-    ) -> None:
         check_supported_setup(args)
+        settings, names = self._given.resolve(args)
         checked = self._checked
         if checked is not None and checked[0] is model and checked[1] is settings:
             return  # attach() checked this model with these settings already
-        if settings.module_rates and model is not None:
-            trained = {p for p in model.parameters() if p.requires_grad}
-            resolve_pattern_rates(
-                model.named_parameters(remove_duplicate=False),
-                settings.module_rates,
-                argument=settings.names["module_rates"],
-                trained=trained,
-            )
+        settings.check_model(model, names)
         self._checked = (model, settings)
 
     def install(
@@ -284,32 +223,46 @@ class DropGradCallback(TrainerCallback):
         args: TrainingArguments,
         num_training_steps: int | None,
     ) -> DropGrad:
-        """Wrap `optimizer` (or the optimizer inside its wrappers) in a `DropGrad`, once.
+        """Wrap `optimizer` (or the optimizer inside its wrappers) in a `DropGrad`, once, and
+        make it exact under the engine that steps it ([`hf_dropgrad.install.install_dropgrad`]).
 
         A `DropGrad` already in the chain is kept: this callback's own, or the user's, which
         must then come without DropGrad settings. `num_training_steps` is the default length
         of a `linear`/`cosine` schedule.
         """
+        settings, names = self._given.resolve(args)
+        stepper = in_backward.find_in_backward(optimizer)
+        if stepper is not None:  # before any hook is registered
+            in_backward.check_in_backward_run(
+                stepper, args.gradient_accumulation_steps, args.world_size,
+                f"--optim {getattr(args.optim, 'value', args.optim)}",
+            )
         found = get_dropgrad(optimizer)
-        if found is not None and found is self.dropgrad:
-            return found
-        settings = self.settings(args)
         if found is None:
-            self._check_model(model, settings, args)  # errors name the settings as given
-            found = install_dropgrad(optimizer, model, settings, num_training_steps)
-            self._log_rates = settings.enabled
+            self.validate(model, args)  # errors name the settings as given
+        elif found is not self.dropgrad:
+            self._check_no_settings(args)
+
+        def build(inner: torch.optim.Optimizer) -> DropGrad:
+            kwargs = settings.dropgrad_kwargs(num_training_steps, names)
+            return DropGrad(inner, model=model, **kwargs)
+
+        installed = installing.install_dropgrad(optimizer, build)
+        if installed.built:
             # This callback built it, for this many steps: on resume it re-applies the settings.
             self._built, self._built_steps = True, num_training_steps
-        else:
-            self._check_no_settings(settings)
+            self._log_rates = settings.enabled
+        elif installed.dropgrad is not self.dropgrad:  # the user's, passed through optimizers=
             if model is not None:
-                found.name_parameters(model)
+                installed.dropgrad.name_parameters(model)
             self._log_rates = True
-        self.dropgrad = found
-        return found
+        self.dropgrad, self._engine_steps = installed.dropgrad, installed.engine_steps
+        self._in_backward = installed.in_backward
+        return installed.dropgrad
 
-    def _check_no_settings(self, settings: DropGradSettings) -> None:
-        given = settings.given_names()
+    def _check_no_settings(self, args: TrainingArguments) -> None:
+        settings, names = self._given.resolve(args)
+        given = settings.given_names(names)
         if given:
             raise ValueError(
                 "The Trainer's optimizer already is a DropGrad (passed through optimizers=), and "
@@ -325,22 +278,24 @@ class DropGradCallback(TrainerCallback):
         if optimizer is None:
             raise ValueError("DropGradCallback found no optimizer at the start of training")
         check_supported_setup(args, getattr(optimizer, "accelerator_state", None))
-        model = kwargs.get("model")
-        self.install(optimizer, model, args, state.max_steps or None)
-        assert self.dropgrad is not None
-        zero = deepspeed_integration.zero_optimizer(optimizer)
-        if zero is not None:  # ZeRO steps flat partitions: map them back to the parameters
-            deepspeed_integration.install_under_deepspeed(zero, self.dropgrad, build=lambda _: None)
-        self._engine_steps = zero is not None
-        check_parameters(self.dropgrad)  # e.g. tensor-parallel placements
-        if zero is None:
+        # The engines exist now (Accelerate prepared, DeepSpeed initialised): each is attached
+        # here, once.
+        dropgrad = self.install(optimizer, kwargs.get("model"), args, state.max_steps or None)
+        check_parameters(dropgrad)  # e.g. tensor-parallel placements
+        if not (self._engine_steps or self._in_backward):
+            # An optimizer whose step() cannot be what trains the model (its updates happen in
+            # hooks or inside backward()) fails here, not after a run that logs unapplied rates.
+            in_backward.check_updates_the_model(dropgrad, kwargs.get("model"))
+            self._check_gradients = True
+        if not self._engine_steps:
             # A forced HF_DROPGRAD_BACKEND that cannot take a parameter (its device or dtype)
             # fails here, before the first forward pass, now that the parameters sit on their
             # device. (Under ZeRO the partitions DropGrad masks appear at the step, which
             # checks them before touching anything.)
-            self.dropgrad.check_backend()
+            dropgrad.check_backend()
         self._apply_run_settings(args, state)
-        self.dropgrad.set_step(state.global_step)
+        self._record_in_run(args, kwargs.get("model"))
+        dropgrad.set_step(state.global_step)
         self._used_rates = None
         if not self._log_rates:
             return
@@ -354,44 +309,81 @@ class DropGradCallback(TrainerCallback):
         main = getattr(args, "should_log", state.is_world_process_zero)
         passive = getattr(args, "log_level", "passive") == "passive"
         level = pylogging.WARNING if main and passive else pylogging.INFO
-        logger.log(
-            level, "DropGrad rates (step %d):\n%s", state.global_step, self.dropgrad.describe()
-        )
+        logger.log(level, "DropGrad rates (step %d):\n%s", state.global_step, dropgrad.describe())
 
     def _apply_run_settings(self, args: TrainingArguments, state: TrainerState) -> None:
-        """On resume, the settings of this run apply from the resumed step on; say which
-        differ from the checkpoint's.
-
-        The Trainer restores `optimizer.pt` before training starts, and `DropGrad.load_state_dict`
-        restores the checkpoint's seed and schedule into a `DropGrad` built before that
-        (`DropGradTrainer`). The run's own seed and schedule are put back here; the masks of
-        the steps already taken are not affected. The checkpoint's settings are read from its
-        trainer_state.json (`RECORD_KEY`), and this run's are written there for its own
-        checkpoints. A `DropGrad` passed through `optimizers=` is left as loaded (it comes with
-        no settings).
+        """On resume, this run's settings apply from the resumed step on; say which differ
+        from the checkpoint's (its trainer_state.json's `RECORD_KEY`, where this run writes its
+        own). `optimizer.pt`, loaded before training starts, restored the checkpoint's seed
+        and schedule into a `DropGrad` built earlier (`DropGradTrainer`): the run's own are put
+        back; the masks of the steps already taken are not affected. A `DropGrad` passed
+        through `optimizers=` is left as loaded (it comes with no settings).
         """
         dropgrad = self.dropgrad
         if dropgrad is None or not self._built:
             return
         steps = self._built_steps or state.max_steps or None
-        settings = self.settings(args)
-        current = settings_record(settings, steps)
+        settings, names = self._given.resolve(args)
         entry = state.stateful_callbacks.get(RECORD_KEY)
         previous = entry.get("attributes", {}).get("settings") if isinstance(entry, dict) else None
         if previous is None and state.global_step > 0:
             # A checkpoint without the record (hf_dropgrad 0.1.0): what DropGrad loaded.
             previous = {"seed": dropgrad.seed}
-        changes = changed_settings(previous or {}, current, settings.names)
+        changes = settings.diff(previous or {}, steps, names)
         if settings.seed is not None:
             dropgrad.seed = settings.seed
-        dropgrad.drop_rate_scheduler = settings.build_scheduler(steps)  # set_step positions it
-        state.stateful_callbacks[RECORD_KEY] = {"args": {}, "attributes": {"settings": current}}
+        dropgrad.drop_rate_scheduler = settings.build_scheduler(steps, names)  # set_step places it
+        record = settings.to_record(steps, names)
+        state.stateful_callbacks[RECORD_KEY] = {"args": {}, "attributes": {"settings": record}}
+        self._run_record = (settings, record)
         if changes and getattr(args, "should_log", state.is_world_process_zero):
             logger.warning(
                 "Resuming at step %d with DropGrad settings that differ from the checkpoint's; "
                 "this run's apply from step %d on (the steps already taken keep their masks): %s",
                 state.global_step, state.global_step, "; ".join(changes),
             )
+
+    def run_record(
+        self, args: TrainingArguments, optimizer: Any = None
+    ) -> dict[str, Any] | None:
+        """The DropGrad settings of a run with `args` as the model card and the experiment
+        trackers record them, or `None` with DropGrad off (rate 0, no module rates).
+
+        That is the record the run keeps in `trainer_state.json`
+        ([`DropGradSettings.to_record`]: the seed and a schedule's length resolved) once
+        training started; before, the same record for `args`. For a `DropGrad` passed through
+        `optimizers=` (this callback's, or found in `optimizer`), what it says of its own
+        settings ([`hf_dropgrad.run_config.record_of_dropgrad`]).
+        """
+        users = self.dropgrad if self.dropgrad is not None else get_dropgrad(optimizer)
+        if users is not None and not self._built:
+            return run_config.record_of_dropgrad(users)
+        settings, names = self._given.resolve(args)
+        if not settings.enabled:
+            return None
+        if self._run_record is not None and self._run_record[0] == settings:
+            return self._run_record[1]
+        max_steps = getattr(args, "max_steps", -1)
+        steps = self._built_steps or (max_steps if max_steps > 0 else None)
+        try:
+            return settings.to_record(steps, names)
+        except ValueError:  # a linear/cosine schedule whose length is the run's, not known yet
+            return {**settings.to_record(1, names), "scheduler_steps": "the run's optimizer steps"}
+
+    def _record_in(self, trainer: Any) -> None:
+        """Let `trainer`'s model card and its run configuration (what the trackers log) say
+        what DropGrad did ([`hf_dropgrad.model_card`], [`hf_dropgrad.run_config`])."""
+        model_card.hook_create_model_card(
+            trainer, lambda: self.run_record(trainer.args, getattr(trainer, "optimizer", None))
+        )
+        self._record_in_run(trainer.args, None)
+
+    def _record_in_run(self, args: TrainingArguments, model: Any) -> None:
+        # With DropGrad off, nothing: the arguments and the model stay the plain Trainer's.
+        if self.run_record(args) is not None:
+            run_config.add_to_run_config(args, lambda: self.run_record(args))
+            if model is not None:
+                model_card.tag_model(model)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -407,6 +399,17 @@ class DropGradCallback(TrainerCallback):
         # Under DeepSpeed the step already ran (and was counted) inside backward().
         if not self._engine_steps:
             self._begin_step(state.global_step)
+        if self._check_gradients and self.dropgrad is not None:
+            self._check_gradients = False
+            in_backward.check_gradients_at_step(self.dropgrad)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # An optimizer that updates inside backward() is served beside the chain, whose step()
+        # does not reach the DropGrad: end its step here (full update drop's restore, the count).
+        if self._in_backward and self.dropgrad is not None:
+            self.dropgrad.step()
 
     def _begin_step(self, step: int) -> None:
         """Make DropGrad's next step be `step`, and remember the rates it uses for its log."""

@@ -1,103 +1,142 @@
-"""Names removed from the public API, kept working for one more minor release.
+"""The deprecated names: one table, and the hooks that serve it.
 
-Each old name still works and emits a :class:`FutureWarning` that names its replacement
-(CHANGELOG.md lists them with the release that removes them). The shims are thin: they hand
-the work to the current code, so they cannot drift from it. Nothing here imports
-Transformers; :mod:`hf_dropgrad.training_args` and :mod:`hf_dropgrad.callbacks` expose the
-old names where they used to live.
+A public name changes only through a deprecation: the old name keeps working for at least one
+more minor release and emits a :class:`FutureWarning` that names its replacement and the
+release that removes it. Every such name is one row of :data:`DEPRECATIONS`: the old name, the
+new one, the release that deprecated it and the release that removes it (:data:`REMOVED_IN`,
+one for all; CHANGELOG.md and the README name the same). Module attributes are served by the
+module's ``__getattr__``, which hands the name to :func:`module_attribute`; a deprecated
+method or property stays where it is and warns through :func:`warn_deprecated`. A new
+deprecation is a new row (plus the three-line ``__getattr__`` in a module that has none yet);
+``tests/test_deprecated.py`` walks the table.
 
-==================================================  ==============================================
-removed after 0.1.0                                 use instead
-==================================================  ==============================================
-``hf_dropgrad.training_args.DropGradConfig``        ``hf_dropgrad.settings.DropGradSettings``
-``hf_dropgrad.training_args.DROPGRAD_SCHEDULERS``   ``hf_dropgrad.settings.SCHEDULERS`` (classes)
-``DropGradCallback.config(args)``                   ``DropGradCallback.settings(args)``
-``DropGradTrainingArguments.dropgrad_config``       ``DropGradSettings.from_args(args)``
-==================================================  ==============================================
+This module imports nothing from ``hf_dropgrad``: a row names what its old name resolves to
+as a ``"module:attribute"`` string, imported on first use (as the package's lazy names are),
+so any module's hook can read the table, the torch core's included, without an import circle.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
-from hf_dropgrad.settings import SCHEDULERS, DropGradSettings
-
 __all__ = [
+    "DEPRECATIONS",
     "REMOVED_IN",
-    "DropGradConfig",
-    "dropgrad_schedulers",
+    "Deprecation",
     "module_attribute",
     "warn_deprecated",
 ]
 
-#: The release that drops the shims of this module.
+#: The release that removes every deprecated name of :data:`DEPRECATIONS`.
 REMOVED_IN = "0.3.0"
 
 
-def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
-    """Emit the :class:`FutureWarning` of a deprecated name: what to use instead, and when the
-    old name goes."""
-    warnings.warn(
-        f"{old} is deprecated and will be removed in hf_dropgrad {REMOVED_IN}; use {new} instead.",
-        FutureWarning,
-        stacklevel=stacklevel,
-    )
+@dataclass(frozen=True)
+class Deprecation:
+    """One deprecated name.
 
-
-class DropGradConfig(DropGradSettings):
-    """Deprecated: :class:`~hf_dropgrad.settings.DropGradSettings` under its 0.1.0 name.
-
-    Kept for code written against 0.1.0: the same fields and methods, plus 0.1.0's
-    ``from_args(args, **overrides)`` signature and ``scheduler_class_name``. Getting the name
-    from :mod:`hf_dropgrad.training_args` emits the :class:`FutureWarning`.
+    Args:
+        old: the old name as users wrote it: a module attribute's full dotted path
+            (``"hf_dropgrad.engines.attach_deepspeed"``), or a method or property as
+            ``"Class.name"``.
+        new: what to use instead, as the warning names it.
+        since: the release that deprecated ``old``.
+        target: for a module attribute, ``"module:attribute"`` that ``old`` resolves to;
+            ``None`` for a method or property (it stays in its class and warns itself).
+        call: ``target`` is a factory; the old name's value is ``target()``.
+        removed_in: the release that removes ``old``.
     """
 
-    @classmethod
-    def from_args(  # type: ignore[override]
-        cls, args: Any, overrides: Any = None, names: Any = None, **keyword_overrides: Any
-    ) -> DropGradSettings:
-        """0.1.0's ``DropGradConfig.from_args(args, **overrides)`` (the current mapping form
-        works too). Returns a :class:`~hf_dropgrad.settings.DropGradSettings`."""
-        merged = {**dict(overrides or {}), **keyword_overrides}
-        return DropGradSettings.from_args(args, merged, names)
+    old: str
+    new: str
+    since: str
+    target: str | None = None
+    call: bool = False
+    removed_in: str = REMOVED_IN
 
     @property
-    def scheduler_class_name(self) -> str:
-        """Name of the ``hf_dropgrad`` scheduler class for ``scheduler`` (0.1.0)."""
-        return SCHEDULERS[self.scheduler].__name__
+    def module(self) -> str | None:
+        """The module whose ``__getattr__`` serves ``old`` (None for a method or property)."""
+        return self.old.rpartition(".")[0] if self.target is not None else None
+
+    @property
+    def name(self) -> str:
+        """The attribute name under which ``old`` is looked up."""
+        return self.old.rpartition(".")[2]
+
+    def message(self, as_written: str | None = None) -> str:
+        """The warning's text; ``as_written`` names the old name as the user reached it (a
+        subclass's name, say)."""
+        return (f"{as_written or self.old} is deprecated and will be removed in hf_dropgrad "
+                f"{self.removed_in}; use {self.new} instead.")
+
+    def warn(self, stacklevel: int = 2, as_written: str | None = None) -> None:
+        """Emit the :class:`FutureWarning`; ``stacklevel`` counts from the caller of this."""
+        warnings.warn(self.message(as_written), FutureWarning, stacklevel=stacklevel + 1)
+
+    def resolve(self) -> Any:
+        """The object ``old`` stands for (a module attribute's row only), without a warning."""
+        if self.target is None:
+            raise TypeError(f"{self.old} is a method or property, not a module attribute")
+        module, _, attribute = self.target.partition(":")
+        value = getattr(importlib.import_module(module), attribute)
+        return value() if self.call else value
 
 
-def dropgrad_schedulers() -> dict[str, str]:
-    """0.1.0's ``DROPGRAD_SCHEDULERS``: ``{scheduler setting: scheduler class name}``."""
-    return {kind: cls.__name__ for kind, cls in SCHEDULERS.items()}
-
-
-#: ``{module: {old name: (replacement as the warning names it, factory)}}``.
-_MODULE_ATTRIBUTES: dict[str, dict[str, tuple[str, Any]]] = {
-    "hf_dropgrad.training_args": {
-        "DropGradConfig": (
-            "hf_dropgrad.settings.DropGradSettings", lambda: DropGradConfig
-        ),
-        "DROPGRAD_SCHEDULERS": (
-            "hf_dropgrad.settings.SCHEDULERS (it maps each setting to the class itself)",
-            dropgrad_schedulers,
-        ),
-    },
+_ENGINES_MOVED = {
+    "attach_deepspeed": "deepspeed",
+    "install_under_deepspeed": "deepspeed",
+    "zero_optimizer": "deepspeed",
+    "check_supported_setup": "accelerate",
 }
+
+#: Every deprecated name, in the order CHANGELOG.md lists them.
+DEPRECATIONS: tuple[Deprecation, ...] = (
+    Deprecation("hf_dropgrad.training_args.DropGradConfig",
+                "hf_dropgrad.settings.DropGradSettings", "0.2.0",
+                "hf_dropgrad.deprecated_config:DropGradConfig"),
+    Deprecation("hf_dropgrad.training_args.DROPGRAD_SCHEDULERS",
+                "hf_dropgrad.settings.SCHEDULERS (it maps each setting to the class itself)",
+                "0.2.0", "hf_dropgrad.deprecated_config:dropgrad_schedulers", call=True),
+    Deprecation("DropGradCallback.config(args)", "DropGradCallback.settings(args)", "0.2.0"),
+    Deprecation("DropGradTrainingArguments.dropgrad_config",
+                "hf_dropgrad.settings.DropGradSettings.from_args(args)", "0.2.0"),
+    *(Deprecation(f"hf_dropgrad.engines.{name}",
+                  f"hf_dropgrad.integrations.{where}.{name}", "0.2.0",
+                  f"hf_dropgrad.integrations.{where}:{name}")
+      for name, where in _ENGINES_MOVED.items()),
+    Deprecation("hf_dropgrad.schedulers.check_rate", "hf_dropgrad.schedulers.check_rate_number",
+                "0.2.0", "hf_dropgrad.schedulers:check_rate_number"),
+    Deprecation("hf_dropgrad.callbacks.install_dropgrad(holder, model, settings, steps)",
+                "hf_dropgrad.install.install_dropgrad(holder, build)", "0.2.0"),
+)
+
+_BY_OLD = {entry.old: entry for entry in DEPRECATIONS}
+
+
+def warn_deprecated(old: str, *, stacklevel: int = 3, as_written: str | None = None) -> None:
+    """Emit the :class:`FutureWarning` of the table's row ``old`` (for a deprecated method or
+    property; ``stacklevel=3`` points at the line that called the method).
+
+    Raises:
+        KeyError: ``old`` is not in :data:`DEPRECATIONS`.
+    """
+    _BY_OLD[old].warn(stacklevel=stacklevel, as_written=as_written)
 
 
 def module_attribute(module: str, name: str) -> Any:
-    """The deprecated attribute ``name`` of ``module``, with its warning (for a module's
-    ``__getattr__``).
+    """The deprecated attribute ``name`` of ``module``, with its warning: what a module's
+    ``__getattr__`` returns.
 
     Raises:
         AttributeError: ``name`` is not a deprecated attribute of ``module``.
     """
-    entry = _MODULE_ATTRIBUTES.get(module, {}).get(name)
-    if entry is None:
+    entry = _BY_OLD.get(f"{module}.{name}")
+    if entry is None or entry.target is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    new, factory = entry
-    # stacklevel 4: warn_deprecated, this function, the module's __getattr__, the user's line.
-    warn_deprecated(f"{module}.{name}", new, stacklevel=4)
-    return factory()
+    # stacklevel 3 from here: this function, the module's __getattr__, the user's line.
+    entry.warn(stacklevel=3)
+    return entry.resolve()

@@ -18,14 +18,19 @@ realised keep probability: the masked gradient is unbiased.
 
 ``e`` is a *global* index: every entry point takes the offset of the tensor's first element
 (default 0), so a contiguous shard of a parameter masked with its offset gets exactly the
-decisions of those elements of the full parameter (what sharded engines need).
+decisions of those elements of the full parameter (what sharded engines need); and, optionally,
+its runs (``runs[i]`` elements per run, ``strides[i]`` stream elements between run starts), so
+a column shard, whose rows are runs of the full parameter, gets its elements' decisions too
+(what tensor parallel needs; see :mod:`hf_dropgrad.kernels.checks`).
 
 Two paths follow torch.optim's single-tensor / multi-tensor pattern: :func:`mask_reference_`
 (pure torch, any device, the test oracle) and :func:`mask_` (the ``hf_dropgrad::mask_`` torch
-op: C++ on CPU, Triton on CUDA; the backend of each tensor is chosen by
-:func:`hf_dropgrad.kernels.choose`, which alone reads ``HF_DROPGRAD_BACKEND``). They agree bit
-for bit. Full update drop's :func:`save_dropped_many` / :meth:`DroppedValues.restore` go the
-same way, one call per device and dtype for all the tensors.
+op: C++ on CPU, Triton on CUDA). Each tensor's backend is a
+:class:`~hf_dropgrad.kernels.protocol.Plan` from :func:`hf_dropgrad.kernels.choose`, which
+alone reads ``HF_DROPGRAD_BACKEND``; every plan's module offers the same functions, so nothing
+here names a backend. They agree bit for bit. Full update drop's :func:`save_dropped_many` /
+:meth:`DroppedValues.restore` go the same way, one call per plan, device and dtype for all the
+tensors.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from typing import NamedTuple
 import torch
 
 from hf_dropgrad import kernels
-from hf_dropgrad.kernels import reference as _reference
-from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets
+from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets, check_runs
+from hf_dropgrad.kernels.protocol import Plan
+from hf_dropgrad.kernels.reference import keep_mask as _keep_mask_reference
+from hf_dropgrad.kernels.reference import mask_tensor_ as _mask_tensor_reference
+from hf_dropgrad.kernels.reference import random_bits as _random_bits
 from hf_dropgrad.kernels.stream import CHUNK, GOLDEN, MASK64, RESOLUTION, WIDTH
 from hf_dropgrad.kernels.stream import M1 as _M1
 from hf_dropgrad.kernels.stream import M2 as _M2
@@ -53,8 +61,10 @@ __all__ = [
     "keep_mask",
     "keep_mask_reference",
     "keep_scale",
+    "keep_factor",
     "mask_and_save_dropped_many",
     "mask_",
+    "masked",
     "mask_reference_",
     "mix64",
     "needs_mask_buffer",
@@ -106,12 +116,36 @@ def keep_scale(threshold: int) -> float:
 
 
 #: The stream's 16-bit values (int32) of elements ``start .. start + count - 1``.
-random_bits = _reference.random_bits
+random_bits = _random_bits
 #: Boolean keep decisions of elements ``offset .. offset + numel - 1`` (pure torch).
-keep_mask_reference = _reference.keep_mask
+keep_mask_reference = _keep_mask_reference
 #: Mask one gradient in place, span by span: the single-tensor reference path, any device.
 #: ``float(g) * factor`` is rounded once to the gradient's dtype, as the fused kernels do.
-mask_reference_ = _reference.mask_tensor_
+mask_reference_ = _mask_tensor_reference
+
+
+def _places(
+    tensors: Sequence[torch.Tensor],
+    offsets: Sequence[int] | None,
+    runs: Sequence[int] | None,
+    strides: Sequence[int] | None,
+) -> tuple[list[int], list[int], list[int]]:
+    offs = check_offsets(offsets, len(tensors))
+    rs, ss = check_runs([t.numel() for t in tensors], offs, runs, strides)
+    return offs, rs, ss
+
+
+def _contiguous(plan: Plan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    # The fused backends take contiguous tensors: a non-contiguous one goes through a copy.
+    if not plan.fused:
+        return tensors
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _copy_back(targets: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+    for target, tensor in zip(targets, tensors):
+        if target is not tensor:
+            tensor.copy_(target)
 
 
 def mask_(
@@ -120,6 +154,8 @@ def mask_(
     thresholds: Sequence[int],
     scales: Sequence[float],
     offsets: Sequence[int] | None = None,
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
 ) -> None:
     """Mask every gradient in place (the vectorised path).
 
@@ -131,37 +167,56 @@ def mask_(
         offsets: global stream index of each gradient's first element, default 0: masking a
             contiguous slice of a tensor with its offset equals the same slice of the tensor's
             mask.
+        runs, strides: where each gradient's runs sit (default: each gradient one run):
+            ``grads[i]`` holds ``numel // runs[i]`` runs of ``runs[i]`` stream elements, run
+            ``r`` starting at ``offsets[i] + r * strides[i]``. A column shard ``w[:, a:b]`` of
+            a ``(rows, cols)`` weight is ``offsets=[a], runs=[b - a], strides=[cols]``.
 
-    Each gradient goes to the backend :func:`hf_dropgrad.kernels.choose` picks; the gradients of
-    one backend and device go in one call (the ``hf_dropgrad::mask_`` op: one parallel pass of
+    Each gradient goes to the plan :func:`hf_dropgrad.kernels.choose` picks; the gradients of
+    one plan and device go in one call (the ``hf_dropgrad::mask_`` op: one parallel pass of
     the C++ kernel on CPU, one Triton launch per dtype on CUDA), the rest through the reference.
-    Non-contiguous gradients are masked through a contiguous copy. No host-device
-    synchronisation. ``torch.compile(fullgraph=True)`` traces it as one op per group.
+    Non-contiguous gradients are masked through a contiguous copy by the fused backends. No
+    host-device synchronisation. ``torch.compile(fullgraph=True)`` traces it as one op per
+    group.
     """
-    n = check_lengths(grads, keys, thresholds, scales)
-    offs = check_offsets(offsets, n)
-    groups: dict[tuple[str, torch.device], list[int]] = {}
+    check_lengths(grads, keys, thresholds, scales)
+    offs, rs, ss = _places(grads, offsets, runs, strides)
     requested = kernels.requested_backend()  # once per call, not once per gradient
-    for i, grad in enumerate(grads):
-        if thresholds[i] <= 0:
-            continue
-        groups.setdefault((kernels.choose(grad, "mask", requested), grad.device), []).append(i)
-    for (backend, device), index in groups.items():
-        fused = backend != "torch"
-        tensors = [
-            grads[i] if not fused or grads[i].is_contiguous() else grads[i].contiguous()
-            for i in index
-        ]
-        kernels.dispatch(backend, device).mask_(
+    plans = [kernels.choose(g, "mask", requested) if t > 0 else None
+             for g, t in zip(grads, thresholds)]
+    _mask_planned(plans, grads, keys, thresholds, scales, offs, rs, ss)
+
+
+def _mask_planned(
+    plans: Sequence[Plan | None],
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offs: Sequence[int],
+    rs: Sequence[int],
+    ss: Sequence[int],
+) -> None:
+    """:func:`mask_` with each gradient's plan chosen (``None``: not masked)."""
+    # Keyed by the backend's name, not the plan (torch.compile cannot hash a module): on one
+    # device a name stands for one plan.
+    groups: dict[tuple[str, torch.device], tuple[Plan, list[int]]] = {}
+    for i, plan in enumerate(plans):
+        if plan is not None:
+            groups.setdefault((plan.backend, grads[i].device), (plan, []))[1].append(i)
+    for plan, index in groups.values():
+        originals = [grads[i] for i in index]
+        tensors = _contiguous(plan, originals)
+        plan.ops.mask_(
             tensors,
             [keys[i] for i in index],
             [thresholds[i] for i in index],
             [scales[i] for i in index],
             [offs[i] for i in index],
+            [rs[i] for i in index],
+            [ss[i] for i in index],
         )
-        for i, tensor in zip(index, tensors):
-            if tensor is not grads[i]:
-                grads[i].copy_(tensor)
+        _copy_back(tensors, originals)
 
 
 def keep_mask(
@@ -175,7 +230,7 @@ def keep_mask(
 ) -> torch.Tensor:
     """Boolean keep decisions of elements ``offset .. offset + numel - 1`` on ``device``.
 
-    Made by the backend :func:`hf_dropgrad.kernels.choose` picks for the output (the
+    Made by the plan :func:`hf_dropgrad.kernels.choose` picks for the output (the
     ``hf_dropgrad::keep_mask_`` op: the C++ kernel on CPU), like every other entry point.
     ``out``: a contiguous bool tensor of ``numel`` elements to fill instead of a new one.
     """
@@ -187,25 +242,53 @@ def keep_mask(
             f"out must be a contiguous bool tensor of {numel} elements, got {out.dtype} "
             f"{tuple(out.shape)}"
         )
-    backend = kernels.choose(out, "keep")
-    module = kernels.dispatch(backend, out.device)
-    if module is kernels.ops:
-        module.keep_mask_(out, key, threshold, offset)
-    elif backend == "triton":  # Triton's interpreter on a CPU tensor
-        kernels.ops.triton_keep_mask_(module, out, key, threshold, offset)
-    else:
-        _reference.keep_mask(numel, key, threshold, out.device, out=out, offset=offset)
+    if numel:
+        kernels.choose(out, "keep").ops.keep_mask_(out, key, threshold, offset)
     return out
 
 
-class _Group(NamedTuple):
-    """Tensors of one backend, device and dtype, saved by one call."""
+def keep_factor(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, *, offset: int = 0
+) -> torch.Tensor:
+    """The factor :func:`mask_` multiplies each element of ``grad`` by: ``scale`` where the
+    element is kept, ``0`` where it is dropped, in the compute dtype (``float64`` for a
+    ``float64`` gradient, else ``float32``), shaped like ``grad``.
 
-    backend: str
+    ``grad`` gives the shape, device and dtype only (its elements are stream elements
+    ``offset ..``, one run).
+    """
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    keep = keep_mask(grad.numel(), key, threshold, grad.device, offset=offset)
+    return keep.view(grad.shape).to(compute).mul_(scale)
+
+
+def masked(
+    grad: torch.Tensor, key: int, threshold: int, scale: float, *, offset: int = 0
+) -> torch.Tensor:
+    """``grad`` masked out of place, through autograd: ``grad * factor`` with the
+    :func:`keep_factor` of ``(key, threshold, scale)``.
+
+    The values are bit-identical to :func:`mask_` of a copy (``float(g) * factor`` rounded once
+    to ``grad.dtype``), and when ``grad`` requires grad the result's derivative with respect to
+    it is the factor (mask times scale): what a differentiable optimizer step
+    (``differentiable=True``) needs. ``grad`` itself is not modified.
+    """
+    factor = keep_factor(grad, key, threshold, scale, offset=offset)
+    if grad.dtype == factor.dtype:
+        return grad * factor
+    return (factor * grad).to(grad.dtype)
+
+
+class _Group(NamedTuple):
+    """Tensors of one plan, device and dtype, saved by one call."""
+
+    plan: Plan
     tensors: list[torch.Tensor]
     keys: list[int]
     thresholds: list[int]
     offsets: list[int]
+    runs: list[int]
+    strides: list[int]
     values: torch.Tensor
     starts: torch.Tensor
 
@@ -215,7 +298,9 @@ class DroppedValues:
 
     Holds ``p * numel`` values of each tensor's dtype (plus one int64 per 4096-element chunk);
     :meth:`restore` writes them back. Built by :func:`save_dropped_many`, or by hand for one
-    tensor from the values and chunk starts of a ``gather_dropped_many`` call.
+    tensor from the values and chunk starts of a ``gather_dropped_many`` call of ``backend``
+    (``"cpp"``, ``"triton"`` or ``"torch"``), which must hold as many values as ``starts``
+    says (checked here, on the host).
     """
 
     __slots__ = ("_groups",)
@@ -230,15 +315,33 @@ class DroppedValues:
         *,
         offset: int = 0,
         backend: str = "torch",
+        run: int | None = None,
+        stride: int | None = None,
     ) -> None:
-        offset = check_offset(offset)
-        self._groups = [_Group(backend, [tensor], [key], [threshold], [offset], values, starts)]
+        (offset,), (run,), (stride,) = _places(
+            [tensor], [offset], None if run is None else [run],
+            None if stride is None else [stride],
+        )
+        if starts.numel() == 0 or int(starts[-1]) != values.numel():
+            raise ValueError(
+                f"values must hold the {int(starts[-1]) if starts.numel() else '?'} values its "
+                f"starts count, got {values.numel()}"
+            )
+        plan = kernels.plan_of(backend, tensor.device)
+        self._groups = [
+            _Group(plan, [tensor], [key], [threshold], [offset], [run], [stride], values, starts)
+        ]
 
     @classmethod
     def _of_groups(cls, groups: list[_Group]) -> DroppedValues:
         out = cls.__new__(cls)
         out._groups = groups
         return out
+
+    @classmethod
+    def join(cls, *parts: DroppedValues) -> DroppedValues:
+        """The values of several saves as one: :meth:`restore` restores them all."""
+        return cls._of_groups([g for part in parts for g in part._groups])
 
     @property
     def _values(self) -> torch.Tensor:
@@ -264,7 +367,7 @@ class DroppedValues:
     @property
     def backends(self) -> list[str]:
         """The backend that saved (and restores) each of :attr:`tensors`."""
-        return [g.backend for g in self._groups for _ in g.tensors]
+        return [g.plan.backend for g in self._groups for _ in g.tensors]
 
     @property
     def backend(self) -> str:
@@ -275,56 +378,21 @@ class DroppedValues:
     def restore(self, buffer: torch.Tensor | None = None) -> None:
         """Write the saved values back into the dropped elements; kept elements are untouched.
 
-        ``buffer``: a bool tensor of at least ``numel`` elements of the largest tensor on the
-        reference path, on its device, reused for its mask (by default one is made per device;
-        the fused backends need none).
+        ``buffer`` is accepted for compatibility and unused: the reference path works in spans
+        and needs no full-size mask.
         """
-        buffers = _mask_buffers(self._groups, buffer)
         for g in self._groups:
-            device = g.tensors[0].device
-            if g.backend == "torch":
-                _reference.scatter_dropped_many(
-                    g.tensors, g.keys, g.thresholds, g.offsets, g.values, g.starts,
-                    buffer=buffers.get(device),
-                )
-                continue
-            targets = [t if t.is_contiguous() else t.contiguous() for t in g.tensors]
-            kernels.dispatch(g.backend, device).scatter_dropped_many(
-                targets, g.keys, g.thresholds, g.offsets, g.values, g.starts
+            targets = _contiguous(g.plan, g.tensors)
+            g.plan.ops.scatter_dropped_many(
+                targets, g.keys, g.thresholds, g.offsets, g.runs, g.strides, g.values, g.starts
             )
-            for target, tensor in zip(targets, g.tensors):
-                if target is not tensor:
-                    tensor.copy_(target)
-
-
-def _mask_buffers(
-    groups: Sequence[_Group] | Sequence[tuple[str, list[torch.Tensor]]],
-    buffer: torch.Tensor | None,
-) -> dict[torch.device, torch.Tensor]:
-    """One bool buffer per device for the reference path's masks, sized for its largest tensor.
-
-    The reference path of full update drop (non-contiguous parameters, tensor subclasses, no
-    fused backend) needs a full-size mask per tensor; reusing one makes that 1 byte per element
-    of the largest such tensor, not of all of them.
-    """
-    sizes: dict[torch.device, int] = {}
-    for group in groups:
-        backend, tensors = group[0], group[1]
-        if backend == "torch":
-            for t in tensors:
-                sizes[t.device] = max(sizes.get(t.device, 0), t.numel())
-    out = {}
-    for device, size in sizes.items():
-        if buffer is not None and buffer.device == device and buffer.numel() >= size:
-            out[device] = buffer
-        else:
-            out[device] = torch.empty(size, dtype=torch.bool, device=device)
-    return out
+            _copy_back(targets, g.tensors)
 
 
 def needs_mask_buffer(tensor: torch.Tensor) -> bool:
-    """Whether :func:`save_dropped` / :meth:`DroppedValues.restore` build a full-size mask."""
-    return kernels.choose(tensor, "pack") == "torch"
+    """Whether :func:`save_dropped` / :meth:`DroppedValues.restore` of ``tensor`` take the
+    reference path, which builds its masks span by span (the fused backends build none)."""
+    return not kernels.choose(tensor, "pack").fused
 
 
 def save_dropped_many(
@@ -333,47 +401,56 @@ def save_dropped_many(
     thresholds: Sequence[int],
     offsets: Sequence[int] | None = None,
     buffer: torch.Tensor | None = None,
+    *,
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
 ) -> DroppedValues:
     """Save the values of the elements of every tensor that its stream ``(key, threshold)`` drops.
 
-    ``tensors[i]`` holds stream elements ``offsets[i] .. offsets[i] + numel - 1`` (default 0).
-    Full update drop's memory: only the dropped values are kept (``p`` times the tensors' bytes,
-    plus 8 bytes per 4096 elements). The backend of each tensor is chosen once, here, by
-    :func:`hf_dropgrad.kernels.choose`; the tensors of one backend, device and dtype are saved by
-    one call (``hf_dropgrad::gather_dropped_many``: on CPU one counting and one packing pass over
-    all of them, in parallel, with no full-size mask). The reference path builds a mask per
-    tensor (into ``buffer`` when given, see :meth:`DroppedValues.restore`) and uses
-    ``masked_select``.
+    ``tensors[i]`` holds stream elements from ``offsets[i]`` on (default 0), in runs as
+    :func:`mask_` says. Full update drop's memory: only the dropped values are kept (``p``
+    times the tensors' bytes, plus 8 bytes per 4096 elements). The plan of each tensor is
+    chosen once, here, by :func:`hf_dropgrad.kernels.choose`; the tensors of one plan, device
+    and dtype are saved by one call (``hf_dropgrad::gather_dropped_many``: on CPU one counting
+    and one packing pass over all of them, in parallel, with no full-size mask). ``buffer`` is
+    accepted for compatibility and unused.
     """
     n = len(tensors)
     if not len(keys) == len(thresholds) == n:
         raise ValueError(
             f"tensors, keys and thresholds differ in length: {n}, {len(keys)}, {len(thresholds)}"
         )
-    offs = check_offsets(offsets, n)
+    offs, rs, ss = _places(tensors, offsets, runs, strides)
     requested = kernels.requested_backend()
-    index: dict[tuple[str, torch.device, torch.dtype], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        backend = kernels.choose(tensor, "pack", requested)
-        index.setdefault((backend, tensor.device, tensor.dtype), []).append(i)
-    plans = [(backend, [tensors[i] for i in ix]) for (backend, _, _), ix in index.items()]
-    buffers = _mask_buffers(plans, buffer)
+    plans = [kernels.choose(tensor, "pack", requested) for tensor in tensors]
+    return DroppedValues._of_groups(
+        _save_planned(plans, tensors, keys, thresholds, offs, rs, ss)
+    )
+
+
+def _save_planned(
+    plans: Sequence[Plan],
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offs: Sequence[int],
+    rs: Sequence[int],
+    ss: Sequence[int],
+) -> list[_Group]:
+    """:func:`save_dropped_many`'s groups, with each tensor's plan chosen."""
+    index: dict[tuple[str, torch.device, torch.dtype], tuple[Plan, list[int]]] = {}
+    for i, (plan, tensor) in enumerate(zip(plans, tensors)):
+        index.setdefault((plan.backend, tensor.device, tensor.dtype), (plan, []))[1].append(i)
     groups = []
-    for (backend, device, _), ix in index.items():
+    for plan, ix in index.values():
         group = [tensors[i] for i in ix]
         gkeys, gthr = [keys[i] for i in ix], [thresholds[i] for i in ix]
-        goffs = [offs[i] for i in ix]
-        if backend == "torch":
-            values, starts = _reference.gather_dropped_many(
-                group, gkeys, gthr, goffs, buffer=buffers.get(device)
-            )
-        else:
-            sources = [t if t.is_contiguous() else t.contiguous() for t in group]
-            values, starts = kernels.dispatch(backend, device).gather_dropped_many(
-                sources, gkeys, gthr, goffs
-            )
-        groups.append(_Group(backend, group, gkeys, gthr, goffs, values, starts))
-    return DroppedValues._of_groups(groups)
+        goffs, gruns, gstrides = [offs[i] for i in ix], [rs[i] for i in ix], [ss[i] for i in ix]
+        values, starts = plan.ops.gather_dropped_many(
+            _contiguous(plan, group), gkeys, gthr, goffs, gruns, gstrides
+        )
+        groups.append(_Group(plan, group, gkeys, gthr, goffs, gruns, gstrides, values, starts))
+    return groups
 
 
 def save_dropped(
@@ -384,7 +461,7 @@ def save_dropped(
     offset: int = 0,
 ) -> DroppedValues:
     """:func:`save_dropped_many` of one tensor."""
-    return save_dropped_many([tensor], [key], [threshold], [check_offset(offset)], buffer)
+    return save_dropped_many([tensor], [key], [threshold], [check_offset(offset)])
 
 
 def mask_and_save_dropped_many(
@@ -394,62 +471,62 @@ def mask_and_save_dropped_many(
     thresholds: Sequence[int],
     scales: Sequence[float],
     offsets: Sequence[int] | None = None,
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
 ) -> DroppedValues:
     """:func:`mask_` of ``grads``, then :func:`save_dropped_many` of ``tensors``, in fewer passes.
 
     Full update drop's step: ``tensors[i]`` is the parameter (or piece) whose gradient is
-    ``grads[i]``, so its dropped elements are the gradient's (same key, threshold, offset and
-    size). Where both go to the C++ kernel (contiguous CPU tensors of one element size), one
-    ``hf_dropgrad::mask_gather_dropped_`` call per parameter dtype masks the gradients and packs
-    the parameters' dropped values from the same hashes: two passes over the stream per step
-    (mask and pack, restore) instead of four. Everything else takes :func:`mask_` and
-    :func:`save_dropped_many`. The result equals theirs bit for bit.
+    ``grads[i]``, so its dropped elements are the gradient's (same key, threshold, place and
+    size). Where a gradient and its tensor share a plan and an element size, one
+    ``mask_gather_dropped_`` call per plan, device and tensor dtype does both (the C++ kernel
+    in one hashing pass: two passes over the stream per step with the restore, instead of
+    four). Everything else takes :func:`mask_` and :func:`save_dropped_many`. The result equals
+    theirs bit for bit.
     """
     n = check_lengths(grads, keys, thresholds, scales)
     if len(tensors) != n:
         raise ValueError(f"grads and tensors differ in length: {n}, {len(tensors)}")
-    offs = check_offsets(offsets, n)
+    offs, rs, ss = _places(grads, offsets, runs, strides)
     requested = kernels.requested_backend()
-    fused: dict[torch.dtype, list[int]] = {}
+    paired: dict[tuple[str, torch.device, torch.dtype], tuple[Plan, list[int]]] = {}
     rest: list[int] = []
+    mask_plans: list[Plan | None] = []
+    pack_plans: list[Plan] = []
     for i, (grad, tensor) in enumerate(zip(grads, tensors)):
+        mask_plan = kernels.choose(grad, "mask", requested) if thresholds[i] > 0 else None
+        pack_plan = kernels.choose(tensor, "pack", requested)
         if (
-            thresholds[i] > 0
-            and grad.device.type == "cpu"
-            and tensor.device == grad.device
+            mask_plan is not None
+            and mask_plan.fused
+            and mask_plan == pack_plan
             and grad.numel() == tensor.numel()
             and grad.element_size() == tensor.element_size()
             and grad.is_contiguous()
-            and tensor.is_contiguous()
-            and kernels.choose(grad, "mask", requested) == "cpp"
-            and kernels.choose(tensor, "pack", requested) == "cpp"
-            and kernels.dispatch("cpp", grad.device) is kernels.ops
+            and tensor.device == grad.device
         ):
-            fused.setdefault(tensor.dtype, []).append(i)
+            key = (pack_plan.backend, tensor.device, tensor.dtype)
+            paired.setdefault(key, (pack_plan, []))[1].append(i)
         else:
             rest.append(i)
+        mask_plans.append(mask_plan)
+        pack_plans.append(pack_plan)
     groups = []
-    for ix in fused.values():
+    for plan, ix in paired.values():
         gkeys, gthr = [keys[i] for i in ix], [thresholds[i] for i in ix]
-        goffs = [offs[i] for i in ix]
+        goffs, gruns, gstrides = [offs[i] for i in ix], [rs[i] for i in ix], [ss[i] for i in ix]
         group = [tensors[i] for i in ix]
-        values, starts = kernels.ops.mask_gather_dropped_(
-            [grads[i] for i in ix], group, gkeys, gthr, [scales[i] for i in ix], goffs
+        values, starts = plan.ops.mask_gather_dropped_(
+            [grads[i] for i in ix], group, gkeys, gthr, [scales[i] for i in ix], goffs, gruns,
+            gstrides,
         )
-        groups.append(_Group("cpp", group, gkeys, gthr, goffs, values, starts))
+        groups.append(_Group(plan, group, gkeys, gthr, goffs, gruns, gstrides, values, starts))
     if rest:
-        mask_(
-            [grads[i] for i in rest],
-            [keys[i] for i in rest],
-            [thresholds[i] for i in rest],
-            [scales[i] for i in rest],
-            [offs[i] for i in rest],
-        )
-        saved = save_dropped_many(
-            [tensors[i] for i in rest],
-            [keys[i] for i in rest],
-            [thresholds[i] for i in rest],
-            [offs[i] for i in rest],
-        )
-        groups.extend(saved._groups)
+        def pick(values: Sequence) -> list:
+            return [values[i] for i in rest]
+
+        _mask_planned(pick(mask_plans), pick(grads), pick(keys), pick(thresholds), pick(scales),
+                      pick(offs), pick(rs), pick(ss))
+        groups += _save_planned(pick(pack_plans), pick(tensors), pick(keys), pick(thresholds),
+                                pick(offs), pick(rs), pick(ss))
     return DroppedValues._of_groups(groups)

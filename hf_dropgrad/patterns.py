@@ -58,16 +58,22 @@ cannot be matched.
 
 A pattern that matches no name is an error that lists the closest module and parameter names;
 one that matches only parameters that do not train (frozen, or outside the optimizer) is an
-error that says so. Pattern syntax is checked in one place, :func:`check_pattern`, which the
-settings layer (:mod:`hf_dropgrad.settings`) also uses.
+error that says so. Pattern syntax is checked in one place, :func:`check_pattern`.
+
+Patterns given as text (``--dropgrad_module_rates encoder=0.1,decoder=0.2``, a JSON object
+string, a mapping read from a JSON or YAML config) are read by :func:`parse_module_rates`, the
+``PATTERN=RATE`` parser the settings layer (:mod:`hf_dropgrad.settings`) uses; its rates follow
+:func:`parse_rate`, the rule for a rate read from text.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import numbers
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -77,6 +83,8 @@ __all__ = [
     "check_pattern",
     "format_rate_table",
     "is_plain_pattern",
+    "parse_module_rates",
+    "parse_rate",
     "resolve_pattern_rates",
 ]
 
@@ -86,6 +94,10 @@ _RULES_HINT = (
     "everything below it, on '.' boundaries, at any depth (e.g. 'encoder', "
     "'encoder.block.0'); any other pattern is a regular expression that must match the whole "
     "parameter name (e.g. '.*SelfAttention.*')."
+)
+_MODULE_RATES_FORMS = (
+    "Expected comma-separated PATTERN=RATE pairs (e.g. encoder=0.1,decoder=0.2), a JSON "
+    "object string (e.g. '{\"encoder\": 0.1}') or a mapping {pattern: rate}"
 )
 
 
@@ -147,8 +159,9 @@ def is_plain_pattern(pattern: str) -> bool:
 def check_pattern(pattern: str, argument: str = "params") -> None:
     r"""Check the syntax of one pattern: a plain name without empty components, or a regex.
 
-    The one syntax check of the package: :func:`resolve_pattern_rates` and the settings layer's
-    ``PATTERN=RATE`` parser both use it, so a mistake reads the same wherever it is made.
+    The one syntax check of the package: :func:`resolve_pattern_rates` and the ``PATTERN=RATE``
+    parser (:func:`parse_module_rates`) both use it, so a mistake reads the same wherever it is
+    made.
 
     Args:
         pattern (str): a key of the pattern mapping.
@@ -169,6 +182,176 @@ def check_pattern(pattern: str, argument: str = "params") -> None:
         --dropgrad_module_rates: plain name 'encoder..block' has an em
     """
     _compile_pattern(pattern, 0.0, argument)
+
+
+def parse_rate(value: Any, name: str) -> float:
+    """Read a drop rate given as text or as a number: a number, or a string that ``float()``
+    reads (YAML 1.1 reads ``1e-1`` as a string), never a bool, in ``[0, 1]``.
+
+    The rule for rates where text is the medium (the command line, JSON and YAML configs, the
+    ``PATTERN=RATE`` form). Python arguments take numbers only
+    (:func:`hf_dropgrad.schedulers.check_rate_number`).
+
+    Args:
+        value: the rate.
+        name: how the message names the setting (``--dropgrad_rate``).
+
+    Raises:
+        ValueError: ``"<name>: must be a number in [0, 1] (...), got <value>."``
+
+    Example::
+
+        >>> parse_rate(" 1e-1 ", "--dropgrad_rate")
+        0.1
+    """
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is None or not 0.0 <= number <= 1.0:  # the comparison also rejects NaN
+        raise ValueError(
+            f"{name}: must be a number in [0, 1] (the probability that a gradient element is "
+            f"dropped), got {value!r}."
+        )
+    return number
+
+
+def parse_module_rates(
+    value: Any, name: str = "--dropgrad_module_rates"
+) -> dict[str, float] | None:
+    r"""Normalise per-module drop rates to a ``dict[str, float]``, or ``None`` when there are none.
+
+    Accepted forms:
+
+    - a mapping ``{pattern: rate}`` (Python, or a nested mapping in a JSON or YAML config);
+    - a JSON object string (its first non-blank character is ``{``), e.g.
+      ``'{"encoder": 0.1, "layer\\.\\d{1,2}\\..*": 0.2}'``;
+    - comma-separated ``PATTERN=RATE`` pairs, e.g. ``"encoder=0.1, decoder=0.2"``. Blanks
+      around items are ignored, and so is a trailing comma. A comma inside ``()``, ``[]`` or
+      ``{}``, or escaped as ``\,``, belongs to the pattern, so ``layer\.\d{1,2}\..*=0.1`` needs
+      no quoting; the rate is what follows the *last* ``=``.
+
+    Rates follow :func:`parse_rate` (numbers or numeric strings in ``[0, 1]``). An empty string
+    or mapping gives ``None``. Patterns are checked for syntax only, by :func:`check_pattern`:
+    what they match is decided when ``DropGrad`` sees the model.
+
+    Args:
+        value: the value to parse.
+        name: how error messages name the setting.
+
+    Raises:
+        ValueError: naming ``name``, for a malformed string, a duplicated pattern, a pattern
+            that is not a non-empty string or is malformed, or a rate outside ``[0, 1]``.
+
+    Example::
+
+        >>> parse_module_rates("encoder=0.1, decoder.block.0=0.2")
+        {'encoder': 0.1, 'decoder.block.0': 0.2}
+        >>> parse_module_rates(r".*layer\.\d{1,2}\..*=0.3")
+        {'.*layer\\.\\d{1,2}\\..*': 0.3}
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _parse_text(value, name)
+        if value is None:
+            return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name}: got {type(value).__name__} {value!r}. {_MODULE_RATES_FORMS}.")
+
+    rates: dict[str, float] = {}
+    for pattern, rate in value.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"{name}: patterns must be non-empty strings, got {pattern!r}.")
+        key = pattern.strip()
+        if key in rates:
+            raise ValueError(f"{name}: pattern {key!r} is given more than once.")
+        check_pattern(key, name)
+        rates[key] = parse_rate(rate, f"{name}: the rate of {key!r}")
+    return rates or None
+
+
+def _parse_text(value: str, name: str) -> dict[str, Any] | None:
+    text = value.strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text, object_pairs_hook=_no_duplicates)
+        except _DuplicatePatternError as error:
+            raise ValueError(f"{name}: {error}.") from None
+        except ValueError as error:  # json.JSONDecodeError
+            raise ValueError(
+                f"{name}: {text!r} is not a valid JSON object ({error}). {_MODULE_RATES_FORMS}."
+            ) from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{name}: {text!r} is not a JSON object. {_MODULE_RATES_FORMS}.")
+        return parsed
+    pairs = []
+    for item in _split_top_level(text):
+        item = item.strip()
+        if not item:
+            continue
+        pattern, sep, rate = item.rpartition("=")
+        if not sep or not pattern.strip():
+            raise ValueError(f"{name}: {item!r} is not a PATTERN=RATE pair. {_MODULE_RATES_FORMS}.")
+        pairs.append((pattern.strip(), rate.strip()))
+    try:
+        return _no_duplicates(pairs)
+    except _DuplicatePatternError as error:
+        raise ValueError(f"{name}: {error}.") from None
+
+
+def _split_top_level(text: str) -> list[str]:
+    r"""Split ``text`` on the commas that are outside ``()``, ``[]``, ``{}`` and not escaped.
+
+    This keeps regex quantifiers (``\d{1,2}``), classes (``[,;]``) and groups (``(a|b,c)``)
+    whole. Inside a character class, brackets are literal up to the closing ``]``.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    class_start = -1  # index of the `[` opening the character class we are in, or -1
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif class_start >= 0:
+            # A `]` right after `[` or `[^` is a literal `]` in Python's re.
+            if char == "]" and text[class_start + 1 : index] not in ("", "^"):
+                class_start = -1
+        elif char == "[":
+            class_start = index
+        elif char in "({":
+            depth += 1
+        elif char in ")}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+class _DuplicatePatternError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicatePatternError(f"pattern {key!r} is given more than once")
+        result[key] = value
+    return result
 
 
 def resolve_pattern_rates(

@@ -33,12 +33,13 @@ def check_rate_number(value: Any, name: str) -> float:
     """Return ``value``, an ``int`` or ``float`` (not a bool, not a string), as a float in
     ``[0, 1]``; ``TypeError``/``ValueError`` naming the argument ``name`` otherwise.
 
-    The core's rule for rates given in Python. The Trainer layer's settings also read
-    numeric strings (:func:`hf_dropgrad.settings.parse_rate`)."""
+    The rule for rates given in Python. Text is read only where it is the medium (the command
+    line, JSON/YAML configs: :func:`hf_dropgrad.patterns.parse_rate`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = "; pass a number, e.g. 0.1, not a string" if isinstance(value, str) else ""
         raise TypeError(
             f"{name} must be a number in [0, 1] (the probability that a gradient element is "
-            f"dropped), got {value!r} of type {type(value).__name__}"
+            f"dropped), got {value!r} of type {type(value).__name__}{hint}"
         )
     value = float(value)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
@@ -221,14 +222,7 @@ class StepDropRateScheduler(DropRateScheduler):
 
 
 def __getattr__(name: str) -> Any:
-    if name == "check_rate":  # listed in __all__ before it was renamed
-        import warnings
+    # check_rate, listed in __all__ before it was renamed (hf_dropgrad/deprecated.py)
+    from hf_dropgrad.deprecated import module_attribute
 
-        warnings.warn(
-            "hf_dropgrad.schedulers.check_rate is renamed check_rate_number; the old name will "
-            "be removed in a future release.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return check_rate_number
-    raise AttributeError(f"module 'hf_dropgrad.schedulers' has no attribute {name!r}")
+    return module_attribute(__name__, name)

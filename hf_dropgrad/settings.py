@@ -1,32 +1,37 @@
-r"""DropGrad's settings for the Trainer layer: declared once, one parser, every check.
+r"""DropGrad's settings for the Trainer layer: one value, one set of checks.
 
 The Transformers-facing classes (``DropGradTrainingArguments``, ``DropGradTrainer``,
 ``DropGradCallback``) take the same nine settings under different spellings: flags
 (``--dropgrad_rate``), Trainer keywords (``dropgrad_rate=``) and callback keywords
-(``drop_rate=``). This module holds everything about those settings and imports nothing from
-Transformers, only the torch core's :mod:`~hf_dropgrad.schedulers`, :mod:`~hf_dropgrad.patterns`
-and :mod:`~hf_dropgrad.optimizer`:
+(``drop_rate=``). This module imports nothing from Transformers, only the torch core and the
+declaration of the arguments:
 
-* :class:`DropGradSettings`, **the one declaration** of the nine settings: each field carries
-  its default, its help (``metadata["help"]``), its ``TrainingArguments`` field name
-  (``metadata["arg"]``) and type (``metadata["arg_type"]``). The argument classes' fields, the
-  command-line flags, the README's flags table (``scripts/gen_flags_table.py``) and
-  ``DropGradCallback``'s keywords are all generated from it (:data:`SETTING_FIELDS`). An
-  instance is the validated, immutable settings of one run, with the run-dependent defaults
-  resolved (the seed falls back to ``args.seed``, a schedule's length to the run's optimizer
-  steps) and the keyword arguments of ``DropGrad`` they stand for;
-* :func:`parse_module_rates`, the ``PATTERN=RATE`` parser;
-* the validators, in one dialect.
+* the nine ``dropgrad_*`` arguments are declared, with their help, in
+  :class:`hf_dropgrad.arguments.DropGradArguments`; :data:`ARG_FIELDS` pairs each with its
+  setting (``drop_rate`` is ``dropgrad_rate``);
+* :class:`DropGradSettings` is the validated, immutable value of one run's settings, with the
+  run-dependent defaults resolved (the seed falls back to ``args.seed``, a schedule's length to
+  the run's optimizer steps): the keyword arguments of ``DropGrad`` they stand for, and the
+  record a checkpoint keeps of them (:meth:`~DropGradSettings.to_record`,
+  :meth:`~DropGradSettings.diff`). It holds values only: how the user spelled each setting is
+  passed, as a ``names`` mapping (:data:`FLAGS`, :func:`keyword_names`, :func:`setting_names`),
+  where a message needs it;
+* :class:`GivenSettings`, settings given in Python (a callback's or a Trainer's keywords),
+  validated at once and merged with each run's arguments, once per arguments object;
+* the validators, in one dialect. (The ``PATTERN=RATE`` parser,
+  :func:`~hf_dropgrad.patterns.parse_module_rates`, lives with the patterns.)
 
 The dialect:
 
-* A number may be given as a number or as a string that ``float()`` / ``int()`` reads (YAML 1.1
-  reads ``1e-1`` as a string); a bool is never a number.
 * Every bad value is a :class:`ValueError`; an unknown setting name is a :class:`TypeError`
   (as for an unexpected keyword argument).
 * Every message starts with the name of what the user passed, as they wrote it: the flag
-  (``--dropgrad_rate: ...``) or the call (``DropGradCallback(drop_rate=...): ...``). The caller
-  says which, through a ``names`` mapping (:data:`FLAGS`, :func:`keyword_names`).
+  (``--dropgrad_rate: ...``) or the call (``DropGradCallback(drop_rate=...): ...``).
+* A number given as text is read where text is the medium: the command line and JSON/YAML
+  config files, that is the ``dropgrad_*`` fields of the arguments classes (YAML 1.1 reads
+  ``1e-1`` as a string); a bool is never a number. Python keyword APIs take numbers: a string
+  there (:func:`numbers_given_as_text`) is deprecated (``DropGradCallback``,
+  ``DropGradTrainer``) or a ``TypeError`` (``DropGrad``, the schedulers).
 
 Example::
 
@@ -41,16 +46,16 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
-from dataclasses import Field, InitVar, dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
+from hf_dropgrad.arguments import DropGradArguments
 from hf_dropgrad.optimizer import SEED_LIMIT
-from hf_dropgrad.patterns import check_pattern
+from hf_dropgrad.patterns import parse_module_rates, parse_rate, resolve_pattern_rates
 from hf_dropgrad.schedulers import (
     ConstantDropRateScheduler,
     CosineAnnealingDropRateScheduler,
@@ -64,10 +69,13 @@ __all__ = [
     "DEFAULT_GAMMA",
     "FLAGS",
     "SCHEDULERS",
-    "SETTING_FIELDS",
     "DropGradSettings",
+    "GivenSettings",
     "keyword_names",
-    "parse_module_rates",
+    "numbers_given_as_text",
+    "parse_module_rates",  # kept importable from here; defined in hf_dropgrad.patterns
+    "parse_rate",  # idem
+    "setting_names",
     "unused_settings",
     "validate_settings",
     "warn_unused",
@@ -81,13 +89,10 @@ SCHEDULERS: dict[str, type[DropRateScheduler]] = {
     "step": StepDropRateScheduler,
 }
 
-DEFAULT_GAMMA = 0.5
+DEFAULT_GAMMA = DropGradArguments.dropgrad_gamma
 
-_MODULE_RATES_FORMS = (
-    "Expected comma-separated PATTERN=RATE pairs (e.g. encoder=0.1,decoder=0.2), a JSON "
-    "object string (e.g. '{\"encoder\": 0.1}') or a mapping {pattern: rate}"
-)
-_RATE_MEANING = "the probability that a gradient element is dropped"
+#: The settings that are numbers (a ``module_rates`` mapping holds numbers too).
+_NUMBERS = ("drop_rate", "final_rate", "scheduler_steps", "step_size", "gamma", "seed")
 
 
 def keyword_names(owner: str, *, prefixed: bool = False) -> dict[str, str]:
@@ -105,6 +110,32 @@ def keyword_names(owner: str, *, prefixed: bool = False) -> dict[str, str]:
         'DropGradTrainer(dropgrad_rate=...)'
     """
     return {key: f"{owner}({arg if prefixed else key}=...)" for key, arg in ARG_FIELDS.items()}
+
+
+def setting_names(
+    args: Any, overrides: Iterable[str] = (), names: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """How messages name each setting of a run whose settings are ``args``' ``dropgrad_*``
+    fields with ``overrides`` given as keywords: the keyword (from ``names``, default
+    :func:`keyword_names` of ``DropGradSettings``) for an override, else the flag for a field
+    ``args`` has, else the keyword."""
+    keyword = dict(names) if names is not None else _default_names()
+    given = set(overrides)
+    return {
+        key: keyword[key] if key in given or not hasattr(args, arg) else FLAGS[key]
+        for key, arg in ARG_FIELDS.items()
+    }
+
+
+def numbers_given_as_text(values: Mapping[str, Any]) -> list[str]:
+    """The settings in ``values`` that are numbers given as strings (``drop_rate="0.1"``, or a
+    ``module_rates`` mapping with a string rate; the ``PATTERN=RATE`` string form is text by
+    design and not counted)."""
+    found = [key for key in _NUMBERS if isinstance(values.get(key), str)]
+    rates = values.get("module_rates")
+    if isinstance(rates, Mapping) and any(isinstance(rate, str) for rate in rates.values()):
+        found.append("module_rates")
+    return found
 
 
 # -- validators: one dialect ------------------------------------------------------------------
@@ -140,16 +171,6 @@ def _as_int(value: Any) -> int | None:
         except ValueError:
             return None
     return None
-
-
-def parse_rate(value: Any, name: str) -> float:
-    """``value``, a number or a numeric string (not a bool), as a float in ``[0, 1]``;
-    ``ValueError`` naming ``name`` otherwise. (The core's rule for Python arguments,
-    :func:`hf_dropgrad.schedulers.check_rate_number`, takes numbers only.)"""
-    number = _as_float(value)
-    if number is None or not 0.0 <= number <= 1.0:  # the comparison also rejects NaN
-        raise _fail(name, f"a number in [0, 1] ({_RATE_MEANING})", value)
-    return number
 
 
 def check_positive_int(value: Any, name: str, what: str = "optimizer steps") -> int:
@@ -189,144 +210,6 @@ def check_choice(value: Any, name: str, choices: Mapping[str, Any]) -> str:
     if kind not in choices:
         raise _fail(name, "one of " + ", ".join(map(repr, choices)), value)
     return kind
-
-
-# -- PATTERN=RATE -----------------------------------------------------------------------------
-
-
-def _split_top_level(text: str) -> list[str]:
-    r"""Split ``text`` on the commas that are outside ``()``, ``[]``, ``{}`` and not escaped.
-
-    This keeps regex quantifiers (``\d{1,2}``), classes (``[,;]``) and groups (``(a|b,c)``)
-    whole. Inside a character class, brackets are literal up to the closing ``]``.
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    depth = 0
-    class_start = -1  # index of the `[` opening the character class we are in, or -1
-    escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif class_start >= 0:
-            # A `]` right after `[` or `[^` is a literal `]` in Python's re.
-            if char == "]" and text[class_start + 1 : index] not in ("", "^"):
-                class_start = -1
-        elif char == "[":
-            class_start = index
-        elif char in "({":
-            depth += 1
-        elif char in ")}":
-            depth = max(depth - 1, 0)
-        elif char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-class _DuplicatePatternError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicatePatternError(f"pattern {key!r} is given more than once")
-        result[key] = value
-    return result
-
-
-def parse_module_rates(
-    value: Any, name: str = "--dropgrad_module_rates"
-) -> dict[str, float] | None:
-    r"""Normalise per-module drop rates to a ``dict[str, float]``, or ``None`` when there are none.
-
-    Accepted forms:
-
-    - a mapping ``{pattern: rate}`` (Python, or a nested mapping in a JSON or YAML config);
-    - a JSON object string (its first non-blank character is ``{``), e.g.
-      ``'{"encoder": 0.1, "layer\\.\\d{1,2}\\..*": 0.2}'``;
-    - comma-separated ``PATTERN=RATE`` pairs, e.g. ``"encoder=0.1, decoder=0.2"``. Blanks
-      around items are ignored, and so is a trailing comma. A comma inside ``()``, ``[]`` or
-      ``{}``, or escaped as ``\,``, belongs to the pattern, so ``layer\.\d{1,2}\..*=0.1`` needs
-      no quoting; the rate is what follows the *last* ``=``.
-
-    Rates follow the dialect of this module (numbers or numeric strings in ``[0, 1]``). An
-    empty string or mapping gives ``None``. Patterns are checked for syntax only, by
-    :func:`hf_dropgrad.patterns.check_pattern`: what they match is decided when ``DropGrad``
-    sees the model.
-
-    Args:
-        value: the value to parse.
-        name: how error messages name the setting.
-
-    Raises:
-        ValueError: naming ``name``, for a malformed string, a duplicated pattern, a pattern
-            that is not a non-empty string or is malformed, or a rate outside ``[0, 1]``.
-
-    Example::
-
-        >>> parse_module_rates("encoder=0.1, decoder.block.0=0.2")
-        {'encoder': 0.1, 'decoder.block.0': 0.2}
-        >>> parse_module_rates(r".*layer\.\d{1,2}\..*=0.3")
-        {'.*layer\\.\\d{1,2}\\..*': 0.3}
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = _parse_text(value, name)
-        if value is None:
-            return None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name}: got {type(value).__name__} {value!r}. {_MODULE_RATES_FORMS}.")
-
-    rates: dict[str, float] = {}
-    for pattern, rate in value.items():
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ValueError(f"{name}: patterns must be non-empty strings, got {pattern!r}.")
-        key = pattern.strip()
-        if key in rates:
-            raise ValueError(f"{name}: pattern {key!r} is given more than once.")
-        check_pattern(key, name)
-        rates[key] = parse_rate(rate, f"{name}: the rate of {key!r}")
-    return rates or None
-
-
-def _parse_text(value: str, name: str) -> dict[str, Any] | None:
-    text = value.strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text, object_pairs_hook=_no_duplicates)
-        except _DuplicatePatternError as error:
-            raise ValueError(f"{name}: {error}.") from None
-        except ValueError as error:  # json.JSONDecodeError
-            raise ValueError(
-                f"{name}: {text!r} is not a valid JSON object ({error}). {_MODULE_RATES_FORMS}."
-            ) from None
-        if not isinstance(parsed, dict):
-            raise ValueError(f"{name}: {text!r} is not a JSON object. {_MODULE_RATES_FORMS}.")
-        return parsed
-    pairs = []
-    for item in _split_top_level(text):
-        item = item.strip()
-        if not item:
-            continue
-        pattern, sep, rate = item.rpartition("=")
-        if not sep or not pattern.strip():
-            raise ValueError(f"{name}: {item!r} is not a PATTERN=RATE pair. {_MODULE_RATES_FORMS}.")
-        pairs.append((pattern.strip(), rate.strip()))
-    try:
-        return _no_duplicates(pairs)
-    except _DuplicatePatternError as error:
-        raise ValueError(f"{name}: {error}.") from None
 
 
 # -- the nine settings together ---------------------------------------------------------------
@@ -393,13 +276,20 @@ def unused_settings(values: Mapping[str, Any]) -> list[str]:
     return ignored
 
 
-def warn_unused(values: Mapping[str, Any], names: Mapping[str, str], stacklevel: int = 2) -> None:
+def warn_unused(
+    values: Mapping[str, Any],
+    names: Mapping[str, str],
+    stacklevel: int = 2,
+    only: Iterable[str] | None = None,
+) -> None:
     """Warn once about :func:`unused_settings`, naming them as the user wrote them.
 
     Called where the user's input enters (the argument classes, ``DropGradCallback``), never
-    when settings are merged later, so each mistake is reported once.
+    when settings are merged later, so each mistake is reported once. ``only`` limits the
+    warning to the settings that entered there (default: all).
     """
-    ignored = [names[key] for key in unused_settings(values)]
+    entered = set(ARG_FIELDS if only is None else only)
+    ignored = [names[key] for key in unused_settings(values) if key in entered]
     if ignored:
         warnings.warn(
             f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with "
@@ -413,10 +303,12 @@ def _default_names() -> dict[str, str]:
     return keyword_names("DropGradSettings")
 
 
-def _setting(default: Any, *, arg: str, arg_type: Any, help: str) -> Any:
-    """One setting of :class:`DropGradSettings`: its default, its help, and the name and type
-    of the ``TrainingArguments`` field generated from it."""
-    return field(default=default, metadata={"help": help, "arg": arg, "arg_type": arg_type})
+def _shown(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v:g}" for k, v in value.items()) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -424,9 +316,11 @@ class DropGradSettings:
     """DropGrad's settings for one run, validated, with the run-dependent defaults resolved.
 
     Fields mirror the ``dropgrad_*`` arguments without the prefix (``dropgrad_rate`` is
-    ``drop_rate``). Build one from arguments with :meth:`from_args`, which also reads a plain
-    ``TrainingArguments`` (missing ``dropgrad_*`` fields take their defaults) and accepts
-    overrides.
+    ``drop_rate``; :data:`ARG_FIELDS`), with the same defaults. Build one from arguments with
+    :meth:`from_args`, which also reads a plain ``TrainingArguments`` (missing ``dropgrad_*``
+    fields take their defaults) and accepts overrides, or from keyword settings with
+    :meth:`from_values`; both name each setting in their messages as the ``names`` they are
+    given say. Building one directly names them ``DropGradSettings(drop_rate=...)``.
 
     How the settings map onto ``DropGrad`` (:meth:`dropgrad_kwargs`):
 
@@ -442,9 +336,12 @@ class DropGradSettings:
     - ``seed=None`` leaves DropGrad's own default (torch's initial seed); :meth:`from_args`
       fills it from ``args.seed``.
 
-    Two fields do not take part in comparisons: ``names`` (how messages name each setting,
-    as the user wrote it) and ``given`` (the settings set away from their default, worked out
-    at construction; the seed counts unless ``seed_from_args=True`` says it is ``args.seed``).
+    One more field does not take part in comparisons: ``given``, the settings set away from
+    their default, worked out at construction (the seed counts unless ``seed_from_args=True``
+    says it is ``args.seed``).
+
+    The methods whose messages name settings take the ``names`` to use (default: this
+    class's keywords).
 
     Example::
 
@@ -453,122 +350,49 @@ class DropGradSettings:
         {'initial_drop_rate': 0.1, 'final_drop_rate': 0.0, 'num_steps': 1000}
     """
 
-    drop_rate: float = _setting(
-        0.0,
-        arg="dropgrad_rate",
-        arg_type=float,
-        help=(
-            "DropGrad rate: the probability, in [0, 1], that each gradient element is zeroed "
-            "before an optimizer step (kept elements are divided by the keep probability, so "
-            "the gradient stays unbiased). Applies to every trainable parameter that no "
-            "--dropgrad_module_rates pattern matches, and is the first value of a schedule. "
-            "0 is an exact no-op."
-        ),
-    )
-    module_rates: dict[str, float] | None = _setting(  # noqa: RUF009 (returns a field())
-        None,
-        arg="dropgrad_module_rates",
-        arg_type=dict | str | None,
-        help=(
-            "Per-module DropGrad rates: comma-separated PATTERN=RATE pairs, e.g. "
-            "encoder=0.1,decoder=0.2 (blanks allowed), or a JSON object string, e.g. "
-            "'{\"encoder\": 0.1}'; a mapping in JSON/YAML config files. A PATTERN of letters, "
-            "digits, _ and . only is a module name: it matches that submodule and everything "
-            "below it on '.' boundaries ('encoder' matches 'model.encoder.layer.0.weight', "
-            "not 'pre_encoder.x'). Any other PATTERN is a regex that must match the whole "
-            "parameter name (e.g. '.*attention.*'). A regex beats a module name; a longer "
-            "module name beats a shorter one. In the pair form, a comma inside (), [] or {} "
-            "(as in 'layer\\.\\d{1,2}\\..*=0.1') or escaped as '\\,' belongs to the pattern, "
-            "and the rate follows the last '='. Parameters no pattern matches get "
-            "--dropgrad_rate, or no rate at all when it is 0."
-        ),
-    )
-    scheduler: str = _setting(
-        "constant",
-        arg="dropgrad_scheduler",
-        arg_type=str,
-        help=(
-            "DropGrad rate schedule over optimizer steps, one of: 'constant'; 'linear' or "
-            "'cosine' (from --dropgrad_rate to --dropgrad_final_rate over "
-            "--dropgrad_scheduler_steps steps, then constant); 'step' (multiply the rate by "
-            "--dropgrad_gamma every --dropgrad_step_size steps). The first step uses "
-            "--dropgrad_rate. With --dropgrad_module_rates, every module rate is scaled by "
-            "rate(step) / --dropgrad_rate, which must then be > 0."
-        ),
-    )
-    final_rate: float = _setting(
-        0.0,
-        arg="dropgrad_final_rate",
-        arg_type=float,
-        help="DropGrad rate, in [0, 1], at the end of a 'linear' or 'cosine' schedule.",
-    )
-    scheduler_steps: int | None = _setting(
-        None,
-        arg="dropgrad_scheduler_steps",
-        arg_type=int | None,
-        help=(
-            "Length in optimizer steps (a positive integer) of a 'linear' or 'cosine' "
-            "DropGrad schedule. Defaults to the run's total number of optimizer steps "
-            "(--max_steps, or what the Trainer computes from --num_train_epochs)."
-        ),
-    )
-    step_size: int | None = _setting(
-        None,
-        arg="dropgrad_step_size",
-        arg_type=int | None,
-        help=(
-            "Optimizer steps (a positive integer) between two decays of the 'step' DropGrad "
-            "schedule, which requires it."
-        ),
-    )
-    gamma: float = _setting(
-        DEFAULT_GAMMA,
-        arg="dropgrad_gamma",
-        arg_type=float,
-        help=(
-            "Factor (> 0) the DropGrad rate is multiplied by every --dropgrad_step_size "
-            "optimizer steps in the 'step' schedule; the rate is capped at 1."
-        ),
-    )
-    full_update_drop: bool = _setting(
-        False,
-        arg="dropgrad_full_update_drop",
-        arg_type=bool,
-        help=(
-            "Freeze dropped elements for the step: their values after the step equal those "
-            "before, reverting the whole optimizer update for them (momentum, weight decay, "
-            "...), not only the gradient term. Costs extra memory during the step."
-        ),
-    )
-    seed: int | None = _setting(
-        None,
-        arg="dropgrad_seed",
-        arg_type=int | None,
-        help=(
-            "Seed (an integer in [0, 2**64)) of the DropGrad masks, which depend only on "
-            "(seed, optimizer step, parameter), so they are the same on every replica and "
-            "after resuming. Defaults to --seed."
-        ),
-    )
-    names: Mapping[str, str] = field(default_factory=_default_names, compare=False, repr=False)
+    drop_rate: float = DropGradArguments.dropgrad_rate
+    module_rates: dict[str, float] | None = None  # DropGradArguments.dropgrad_module_rates
+    scheduler: str = DropGradArguments.dropgrad_scheduler
+    final_rate: float = DropGradArguments.dropgrad_final_rate
+    scheduler_steps: int | None = DropGradArguments.dropgrad_scheduler_steps
+    step_size: int | None = DropGradArguments.dropgrad_step_size
+    gamma: float = DropGradArguments.dropgrad_gamma
+    full_update_drop: bool = DropGradArguments.dropgrad_full_update_drop
+    seed: int | None = DropGradArguments.dropgrad_seed
     given: frozenset[str] = field(init=False, compare=False, repr=False)
     seed_from_args: InitVar[bool] = False
 
     def __post_init__(self, seed_from_args: bool) -> None:
         # Validation, normalisation ("0.1" -> 0.1, "a=0.1" -> {"a": 0.1}) and `given` are part
-        # of construction, the one place they happen; afterwards nothing changes the object.
-        values = validate_settings(self.values(), self.names)
+        # of construction; afterwards nothing changes the object. (`from_values`/`from_args`
+        # validated already, with the user's spellings: this pass finds nothing more.)
+        values = validate_settings(self.values(), _default_names())
         for key, value in values.items():
             object.__setattr__(self, key, value)
-        defaults = {f.name: f.default for f in SETTING_FIELDS}
+        defaults = _defaults()
         given = {key for key in ARG_FIELDS if key != "seed" and values[key] != defaults[key]}
         if values["seed"] is not None and not seed_from_args:
             given.add("seed")
         object.__setattr__(self, "given", frozenset(given))
 
     def values(self) -> dict[str, Any]:
-        """The nine settings as a dict (``names`` and ``given`` left out)."""
+        """The nine settings as a dict (``given`` left out)."""
         return {key: getattr(self, key) for key in ARG_FIELDS}
+
+    @classmethod
+    def from_values(
+        cls, values: Mapping[str, Any], names: Mapping[str, str] | None = None
+    ) -> DropGradSettings:
+        """The settings ``values`` gives (by this class's field names; the others take their
+        defaults), with messages that name each setting as ``names`` says.
+
+        Raises:
+            TypeError: a key is not one of the nine settings.
+            ValueError: a bad value or combination, naming the settings at fault.
+        """
+        _check_known(values)
+        names = dict(names) if names is not None else _default_names()
+        return cls(**validate_settings({**_defaults(), **values}, names))
 
     @classmethod
     def from_args(
@@ -581,6 +405,7 @@ class DropGradSettings:
 
         Settings missing from ``args`` (a plain ``TrainingArguments``) take their defaults.
         The seed is ``overrides["seed"]``, else ``args.dropgrad_seed``, else ``args.seed``.
+        Messages name each setting as :func:`setting_names` does.
 
         Args:
             args: the Trainer's arguments.
@@ -593,25 +418,17 @@ class DropGradSettings:
             ValueError: a bad value or combination, naming the settings at fault.
         """
         overrides = dict(overrides or {})
-        keyword = dict(names) if names is not None else _default_names()
-        unknown = sorted(set(overrides) - set(ARG_FIELDS))
-        if unknown:
-            raise TypeError(
-                f"Unknown DropGrad setting(s) {unknown}; expected one of {list(ARG_FIELDS)}."
-            )
-        defaults = {f.name: f.default for f in fields(cls) if f.name in ARG_FIELDS}
-        values, used_names = {}, {}
-        for key, arg in ARG_FIELDS.items():
-            if key in overrides:
-                values[key], used_names[key] = overrides[key], keyword[key]
-            elif hasattr(args, arg):
-                values[key], used_names[key] = getattr(args, arg), FLAGS[key]
-            else:
-                values[key], used_names[key] = defaults[key], keyword[key]
+        _check_known(overrides)
+        defaults = _defaults()
+        values = {
+            key: overrides[key] if key in overrides else getattr(args, arg, defaults[key])
+            for key, arg in ARG_FIELDS.items()
+        }
         seed_from_args = values["seed"] is None
         if seed_from_args:
             values["seed"] = getattr(args, "seed", None)
-        return cls(**values, names=used_names, seed_from_args=seed_from_args)
+        values = validate_settings(values, setting_names(args, overrides, names))
+        return cls(**values, seed_from_args=seed_from_args)
 
     @property
     def enabled(self) -> bool:
@@ -628,11 +445,27 @@ class DropGradSettings:
             rates.extend(self.module_rates.values())
         return max(rates) > 0.0
 
-    def given_names(self) -> list[str]:
-        """The settings the user set away from their defaults, named as they wrote them."""
-        return [self.names[key] for key in ARG_FIELDS if key in self.given]
+    def check_model(self, model: Any, names: Mapping[str, str] | None = None) -> None:
+        """Check the ``module_rates`` patterns against ``model`` (a ``torch.nn.Module``) before
+        training: a pattern that matches no parameter, or only frozen ones, is a ``ValueError``
+        naming the setting as ``names`` says."""
+        if self.module_rates and model is not None:
+            names = names if names is not None else _default_names()
+            resolve_pattern_rates(
+                model.named_parameters(remove_duplicate=False),
+                self.module_rates,
+                argument=names["module_rates"],
+                trained={p for p in model.parameters() if p.requires_grad},
+            )
 
-    def num_scheduler_steps(self, num_training_steps: int | None = None) -> int:
+    def given_names(self, names: Mapping[str, str] | None = None) -> list[str]:
+        """The settings set away from their defaults (:attr:`given`), named by ``names``."""
+        names = names if names is not None else _default_names()
+        return [names[key] for key in ARG_FIELDS if key in self.given]
+
+    def num_scheduler_steps(
+        self, num_training_steps: int | None = None, names: Mapping[str, str] | None = None
+    ) -> int:
         """Length of a ``linear``/``cosine`` schedule: ``scheduler_steps``, else the run's steps.
 
         Raises:
@@ -646,14 +479,17 @@ class DropGradSettings:
             or not isinstance(num_training_steps, int)
             or num_training_steps <= 0
         ):
+            names = names if names is not None else _default_names()
             raise ValueError(
-                f"{self.names['scheduler']}: the {self.scheduler!r} schedule needs a length: set "
-                f"{self.names['scheduler_steps']}, or --max_steps when the Trainer cannot compute "
+                f"{names['scheduler']}: the {self.scheduler!r} schedule needs a length: set "
+                f"{names['scheduler_steps']}, or --max_steps when the Trainer cannot compute "
                 f"the run's total optimizer steps (got num_training_steps={num_training_steps!r})."
             )
         return num_training_steps
 
-    def scheduler_kwargs(self, num_training_steps: int | None = None) -> dict[str, Any]:
+    def scheduler_kwargs(
+        self, num_training_steps: int | None = None, names: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Keyword arguments for ``SCHEDULERS[self.scheduler]``."""
         if self.scheduler == "constant":
             return {"drop_rate": self.drop_rate}
@@ -666,22 +502,26 @@ class DropGradSettings:
         return {
             "initial_drop_rate": self.drop_rate,
             "final_drop_rate": self.final_rate,
-            "num_steps": self.num_scheduler_steps(num_training_steps),
+            "num_steps": self.num_scheduler_steps(num_training_steps, names),
         }
 
-    def build_scheduler(self, num_training_steps: int | None = None) -> DropRateScheduler | None:
+    def build_scheduler(
+        self, num_training_steps: int | None = None, names: Mapping[str, str] | None = None
+    ) -> DropRateScheduler | None:
         """The ``drop_rate_scheduler=`` for ``DropGrad``, or ``None`` for ``constant``."""
         if self.scheduler == "constant":
             return None
-        return SCHEDULERS[self.scheduler](**self.scheduler_kwargs(num_training_steps))
+        return SCHEDULERS[self.scheduler](**self.scheduler_kwargs(num_training_steps, names))
 
-    def dropgrad_kwargs(self, num_training_steps: int | None = None) -> dict[str, Any]:
+    def dropgrad_kwargs(
+        self, num_training_steps: int | None = None, names: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Keyword arguments for ``DropGrad(optimizer, model=model, **kwargs)``.
 
         ``num_training_steps`` is the run's total number of optimizer steps, the default length
         of a ``linear``/``cosine`` schedule. See the class docstring for the mapping.
         """
-        scheduler = self.build_scheduler(num_training_steps)
+        scheduler = self.build_scheduler(num_training_steps, names)
         if self.module_rates:
             drop_rate = self.drop_rate if self.drop_rate > 0.0 else None
         else:
@@ -694,15 +534,110 @@ class DropGradSettings:
             "seed": self.seed,
         }
 
+    def to_record(
+        self, num_training_steps: int | None = None, names: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The settings a run trains with, as plain data (JSON), for a checkpoint to keep: the
+        run-dependent defaults resolved (the seed, a schedule's length) and the settings the
+        schedule ignores left out.
 
-#: The nine settings' fields, in declaration order: what every spelling is generated from.
-SETTING_FIELDS: tuple[Field, ...] = tuple(
-    f for f in fields(DropGradSettings) if "arg" in f.metadata
-)
+        Example::
 
-#: Setting -> ``TrainingArguments`` field. Settings drop the prefix so that they read like
-#: ``DropGrad``'s and ``DropGradCallback``'s keyword arguments (``drop_rate=``, ...).
-ARG_FIELDS: dict[str, str] = {f.name: f.metadata["arg"] for f in SETTING_FIELDS}
+            >>> DropGradSettings(drop_rate=0.1, scheduler="step", step_size=5).to_record()["gamma"]
+            0.5
+        """
+        values = self.values()
+        record = {key: values[key] for key in
+                  ("drop_rate", "module_rates", "scheduler", "full_update_drop", "seed")}
+        if self.scheduler in ("linear", "cosine"):
+            record["final_rate"] = self.final_rate
+            record["scheduler_steps"] = self.num_scheduler_steps(num_training_steps, names)
+        elif self.scheduler == "step":
+            record["step_size"] = self.step_size
+            record["gamma"] = self.gamma
+        return record
+
+    def diff(
+        self,
+        record: Mapping[str, Any],
+        num_training_steps: int | None = None,
+        names: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """``"<name> <old> -> <new>"`` for each setting that ``record`` (an earlier
+        :meth:`to_record`, e.g. a checkpoint's) and this run's record both hold and that
+        differs; ``names`` says how to call each setting."""
+        current = self.to_record(num_training_steps, names)
+        names = names if names is not None else _default_names()
+        return [
+            f"{names[key]} {_shown(record[key])} -> {_shown(current[key])}"
+            for key in current
+            if key in record and record[key] != current[key]
+        ]
+
+
+#: Setting -> ``TrainingArguments`` field, in declaration order. Settings drop the prefix so
+#: that they read like ``DropGrad``'s and ``DropGradCallback``'s keyword arguments
+#: (``drop_rate=``, ...); both classes declare the nine in the same order.
+ARG_FIELDS: dict[str, str] = {
+    setting.name: argument.name
+    for setting, argument in zip(
+        [f for f in fields(DropGradSettings) if f.init], fields(DropGradArguments), strict=True
+    )
+}
 
 #: How messages name each setting when it came from the command line or a config file.
 FLAGS: dict[str, str] = {key: f"--{arg}" for key, arg in ARG_FIELDS.items()}
+
+
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(DropGradSettings) if f.name in ARG_FIELDS}
+
+
+def _check_known(values: Mapping[str, Any]) -> None:
+    unknown = sorted(set(values) - set(ARG_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"Unknown DropGrad setting(s) {unknown}; expected one of {list(ARG_FIELDS)}."
+        )
+
+
+class GivenSettings:
+    """Settings given to the Trainer layer in Python (``DropGradCallback(drop_rate=0.1)``,
+    ``DropGradTrainer(dropgrad_rate=0.1)``), merged with each run's ``dropgrad_*`` arguments.
+
+    The values are validated when this is built, with messages that name each setting as
+    ``names`` says, so mistakes fail there and not at the first step. :meth:`resolve` merges
+    them with a run's arguments (they take precedence) once per arguments object.
+
+    Args:
+        values: settings by the names of :class:`DropGradSettings`'s fields.
+        names: how messages name each setting (:func:`keyword_names`; :data:`FLAGS` for values
+            read from arguments).
+
+    Raises:
+        TypeError: a key of ``values`` is not one of the nine settings.
+        ValueError: a bad value or combination, naming the settings at fault.
+    """
+
+    def __init__(self, values: Mapping[str, Any], names: Mapping[str, str]) -> None:
+        self.values = dict(values)
+        self.names = dict(names)
+        self.validated = DropGradSettings.from_values(self.values, self.names)
+        # (arguments object, what was read from it, its settings, their spellings)
+        self._run: tuple[Any, tuple[Any, ...], DropGradSettings, dict[str, str]] | None = None
+
+    def entered(self) -> list[str]:
+        """The settings given here as keywords: where the user typed them, what to warn about
+        (a setting spelled as a flag was read from arguments, whose own checks warned)."""
+        return [key for key in self.values if self.names[key] != FLAGS[key]]
+
+    def resolve(self, args: Any) -> tuple[DropGradSettings, dict[str, str]]:
+        """The settings of a run with ``args`` (:meth:`DropGradSettings.from_args`) and how
+        messages name each of them (:func:`setting_names`); built again only when ``args`` is
+        another object or its ``dropgrad_*`` fields or seed changed."""
+        read = tuple(getattr(args, arg, None) for arg in ARG_FIELDS.values())
+        read += (getattr(args, "seed", None),)
+        if self._run is None or self._run[0] is not args or self._run[1] != read:
+            settings = DropGradSettings.from_args(args, self.values, self.names)
+            self._run = (args, read, settings, setting_names(args, self.values, self.names))
+        return self._run[2], self._run[3]

@@ -9,6 +9,7 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from hf_dropgrad import compat  # refuses unsupported transformers/accelerate at import
 from hf_dropgrad.callbacks import DropGradCallback
+from hf_dropgrad.integrations.in_backward import kind_of
 from hf_dropgrad.settings import ARG_FIELDS, keyword_names
 
 __all__ = ["DropGradSeq2SeqTrainer", "DropGradTrainer"]
@@ -27,7 +28,7 @@ class _DropGradMixin:
         settings = {_SETTING_OF_ARG[name]: kwargs.pop(name) for name in list(kwargs)
                     if name in _SETTING_OF_ARG}
         names = keyword_names(type(self).__name__, prefixed=True)
-        callback = DropGradCallback.from_settings(settings, names)  # bad values fail here
+        callback = DropGradCallback(names=names, **settings)  # bad values fail here
         super().__init__(*args, **kwargs)
         self._dropgrad_num_training_steps: int | None = None
         # Bad patterns, or settings next to a DropGrad passed via optimizers=, fail here.
@@ -48,7 +49,10 @@ class _DropGradMixin:
         `create_optimizer_and_scheduler`, else `--max_steps`.
         """
         optimizer = compat.call_create_optimizer(super().create_optimizer, model)  # type: ignore[misc]
-        if isinstance(optimizer, torch.optim.Optimizer):  # not DeepSpeed's DummyOptim
+        # Not DeepSpeed's DummyOptim; not an optimizer that updates inside backward() (--optim
+        # *_layerwise, lomo), which the LR scheduler and Accelerate must see as it is: the
+        # callback serves it from beside the chain at on_train_begin.
+        if isinstance(optimizer, torch.optim.Optimizer) and kind_of(optimizer) is None:
             args = self.args  # type: ignore[attr-defined]
             steps = (
                 self.state.max_steps  # type: ignore[attr-defined]
@@ -72,7 +76,10 @@ class DropGradTrainer(_DropGradMixin, Trainer):
     the `dropgrad_*` fields of [`DropGradTrainingArguments`], or, with a plain
     [`TrainingArguments`], from keyword arguments with the same names
     (`DropGradTrainer(model, args, dropgrad_rate=0.1, dropgrad_module_rates={...})`),
-    which take precedence over the arguments' fields.
+    which take precedence over the arguments' fields. Keyword arguments take numbers as
+    numbers: a numeric string (`dropgrad_rate="0.1"`) still works with a `FutureWarning` and
+    becomes a `TypeError` in 0.3.0 (text is read by the arguments classes: command line,
+    JSON/YAML config files).
 
     A [`DropGrad`] passed through `optimizers=` is used as it is; DropGrad settings must then
     stay at their defaults (a `ValueError` names those that are set), since they would be

@@ -7,8 +7,8 @@ arguments are created (so a bad value fails at parse time, naming its flag), and
 saved with the other arguments (``to_dict()``, ``to_json_string()``, ``training_args.bin``).
 
 The fields, their defaults and their help are declared once, in
-:class:`hf_dropgrad.settings.DropGradSettings`, and generated here (with the ``dropgrad_``
-prefix); so are the docstrings' parameter lists. Parsing and validation live in
+:class:`hf_dropgrad.arguments.DropGradArguments`, which these classes inherit; the docstrings'
+parameter lists are generated from the help. Parsing and validation live in
 :mod:`hf_dropgrad.settings`.
 
 Example::
@@ -23,16 +23,16 @@ Example::
 """
 
 import textwrap
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
+from hf_dropgrad.arguments import DropGradArguments
 from hf_dropgrad.settings import (
     ARG_FIELDS,
     FLAGS,
-    SETTING_FIELDS,
     parse_module_rates,
     validate_settings,
     warn_unused,
@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 
-class _DropGradArgumentsMixin:
-    # First among the bases of the public classes, so that these fields come last in `--help`
-    # and `to_dict()`, and this __post_init__ runs the parent's first. Its fields are
-    # generated below from hf_dropgrad.settings.DropGradSettings, where they are declared.
+class _DropGradArgumentsMixin(DropGradArguments):
+    # First among the bases of the public classes, so that the dropgrad_* fields (declared in
+    # hf_dropgrad.arguments) come last in `--help` and `to_dict()`, and this __post_init__
+    # runs the parent's first.
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -64,30 +64,15 @@ class _DropGradArgumentsMixin:
         from hf_dropgrad.deprecated import warn_deprecated
         from hf_dropgrad.settings import DropGradSettings
 
-        warn_deprecated(
-            f"{type(self).__name__}.dropgrad_config",
-            "hf_dropgrad.settings.DropGradSettings.from_args(args)",
-        )
+        warn_deprecated("DropGradTrainingArguments.dropgrad_config",
+                        as_written=f"{type(self).__name__}.dropgrad_config")
         return DropGradSettings.from_args(self)
-
-
-_DropGradArgumentsMixin.__annotations__ = {
-    f.metadata["arg"]: f.metadata["arg_type"] for f in SETTING_FIELDS
-}
-for _setting in SETTING_FIELDS:
-    setattr(
-        _DropGradArgumentsMixin,
-        _setting.metadata["arg"],
-        field(default=_setting.default, metadata={"help": _setting.metadata["help"]}),
-    )
-del _setting
-_DropGradArgumentsMixin = dataclass(_DropGradArgumentsMixin)
 
 
 def _parameters_doc() -> str:
     """The docstrings' ``Parameters:`` block, from the fields' help (written once, there)."""
     lines = ["    Parameters:", "        > Parameters that control DropGrad (gradient dropout)", ""]
-    for f in fields(_DropGradArgumentsMixin):
+    for f in fields(DropGradArguments):
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         kind = kind.replace(" | None", "")
         default = "" if f.default is None else f", defaults to `{f.default!r}`"
@@ -160,7 +145,7 @@ class DropGradSeq2SeqTrainingArguments(_DropGradArgumentsMixin, Seq2SeqTrainingA
 
 def __getattr__(name: str) -> Any:
     # 0.1.0's DropGradConfig and DROPGRAD_SCHEDULERS: deprecated aliases with a FutureWarning
-    # (hf_dropgrad/deprecated.py), removed in 0.3.0.
+    # (their rows in hf_dropgrad/deprecated.py name the release that removes them).
     from hf_dropgrad.deprecated import module_attribute
 
     return module_attribute(__name__, name)

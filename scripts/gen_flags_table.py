@@ -18,17 +18,22 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def flags_table() -> str:
     """A Markdown table of every `dropgrad_*` field: flag, type, default, help.
 
-    Read from `hf_dropgrad.settings.SETTING_FIELDS`, the declaration the `TrainingArguments`
-    fields are generated from.
+    Read from the fields of `hf_dropgrad.arguments.DropGradArguments`, where they are declared
+    (and which the `TrainingArguments` subclasses inherit).
     """
-    from hf_dropgrad.settings import SETTING_FIELDS
+    from dataclasses import fields
+    from typing import get_type_hints
 
+    from hf_dropgrad.arguments import DropGradArguments
+
+    # The declared types (HfArgumentParser rewrites `Field.type` in place when it parses).
+    types = get_type_hints(DropGradArguments)
     rows = ["| flag | type | default | what it does |", "| --- | --- | --- | --- |"]
-    for field in SETTING_FIELDS:
-        arg, arg_type = field.metadata["arg"], field.metadata["arg_type"]
+    for field in fields(DropGradArguments):
+        arg_type = types[field.name]
         kind = (getattr(arg_type, "__name__", None) or str(arg_type)).replace("|", "\\|")
         text = " ".join(field.metadata["help"].split()).replace("|", "\\|")
-        rows.append(f"| `--{arg}` | `{kind}` | `{field.default!r}` | {text} |")
+        rows.append(f"| `--{field.name}` | `{kind}` | `{field.default!r}` | {text} |")
     return "\n".join(rows)
 
 

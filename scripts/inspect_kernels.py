@@ -9,7 +9,8 @@ For each architecture and variant it writes ``OUT/<variant>.sm<arch>.cubin`` and
 ``OUT/kernels.json``, a list of objects with ``kernel`` (the ``@triton.jit`` function's name),
 ``variant``, ``arch``, ``dtype`` (``float32``/``bfloat16``/``float16`` or null), ``aligned``
 (bool or null), ``role`` (``mask``, ``count``, ``gather``, ``scatter``), ``cubin`` (relative to
-``OUT``) and the figures: ``registers``, ``spill_instructions`` (``LDL``/``STL``), ``local_bytes``,
+``OUT``) and the figures: ``registers``, ``spill_instructions`` (``LDL``/``STL``),
+``stack_bytes`` (the per-thread stack frame ``cuobjdump -res-usage`` reports), ``local_bytes``,
 ``shared_bytes``, ``loads`` / ``stores`` (global loads and stores by bit width) and
 ``occupancy`` (the share of an SM's warp slots the registers, shared memory and block size
 allow). It prints them as a table.
@@ -18,7 +19,8 @@ allow). It prints them as a table.
 ``hf_dropgrad/kernels/triton.py`` at git revision ``REF``, before the program map, with its
 8-step binary search) for the comparison in docs/analysis.md.
 
-Usage: ``python scripts/inspect_kernels.py --arch 80 90 --out DIR [--baseline c7357b8]``.
+Usage: ``python scripts/inspect_kernels.py --arch 80 90 --out DIR [--baseline c7357b8]``, with
+``hf_dropgrad`` importable (installed, or ``PYTHONPATH=.`` from the repository root).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,6 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 #: Per-SM limits: registers, warp slots, resident blocks, shared memory (bytes usable by blocks).
 SM_LIMITS = {
@@ -204,11 +203,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                             job["num_warps"], arch)
             records.append(record)
     (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")
-    print(f"{'variant':28s} {'arch':>4s} {'regs':>4s} {'spill':>5s} {'local':>5s} {'shared':>6s} "
-          f"{'occupancy':>9s}  loads (count x bits)        stores")
+    print(f"{'variant':28s} {'arch':>4s} {'regs':>4s} {'spill':>5s} {'stack':>5s} {'local':>5s} "
+          f"{'shared':>6s} {'occupancy':>9s}  loads (count x bits)        stores")
     for r in records:
         print(f"{r['variant']:28s} sm{r['arch']:<2d} {r['registers']:4d} "
-              f"{r['spill_instructions']:5d} {r['local_bytes']:5d} {r['shared_bytes']:6d} "
+              f"{r['spill_instructions']:5d} {r['stack_bytes']:5d} {r['local_bytes']:5d} "
+              f"{r['shared_bytes']:6d} "
               f"{100 * r['occupancy']:8.1f}%  {fmt_widths(r['loads']):27s} "
               f"{fmt_widths(r['stores'])}")
     print(f"wrote {len(records)} cubins and kernels.json to {args.out}")

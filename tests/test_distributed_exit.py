@@ -1,7 +1,7 @@
 """A clean exit for every multi-process run (docs/design.md, "A clean exit").
 
 The examples and the test launchers end with ``destroy_process_groups()``
-(examples/distributed_exit.py). What is checked:
+(hf_dropgrad/integrations/gloo_exit.py). What is checked:
 
 - The race that made 2-process gloo runs abort or hang at exit after training succeeded, forced
   to happen every time (tests/distributed_scripts/exit_race.py): a gloo worker thread still
@@ -27,13 +27,11 @@ import torch
 import torch._dynamo  # before any group exists: DDP imports it, and its imports bind
 import torch.distributed as dist  # `group.WORLD` as default arguments (that would hold a group)
 
+from hf_dropgrad.integrations.gloo_exit import destroy_process_groups, gloo_worker_threads
+from tests.test_distributed import free_port, subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_scripts" / "exit_race.py"
-sys.path.insert(0, str(ROOT / "examples"))
-
-from distributed_exit import destroy_process_groups, gloo_worker_threads  # noqa: E402
-
-from tests.test_distributed import free_port, subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 LINUX = sys.platform == "linux"  # where /proc shows gloo's threads

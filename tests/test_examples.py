@@ -429,3 +429,21 @@ def test_accelerate_loop_parses_module_rates_with_the_package_parser(
     )
     results = json.loads((out / "results.json").read_text())
     assert results["final_rates"] == pytest.approx({pattern: 0.3, "decoder": 0.2, "default": 0.1})
+
+
+# -- tensor parallel ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tensor_parallel_example_masks_exactly_in_one_and_two_processes(
+    example_env: dict[str, str],
+) -> None:
+    """The example checks each masked gradient, gathered whole, against the reference mask of
+    the full parameter at every step, and exits non-zero otherwise."""
+    script = str(EXAMPLES / "tensor_parallel.py")
+    out = _run([sys.executable, script, "--steps", "2"], example_env)
+    assert "step 1: " in out and "masks exact on 6 parameters" in out
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script,
+                "--steps", "2"], example_env)
+    assert "'down.weight': '(Shard(dim=1),)'" in out and "masks exact on 6 parameters" in out

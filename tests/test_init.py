@@ -25,7 +25,8 @@ def _is_submodule(name: str) -> bool:
 
 
 #: The modules that must import without Transformers or Accelerate (docs/design.md): the
-#: torch core, the settings (Transformers-free by design) and the engines' integrations.
+#: torch core, the settings (Transformers-free by design), the engines' integrations and the
+#: installer that plugs them in.
 TRANSFORMERS_FREE = [
     "hf_dropgrad",
     "hf_dropgrad.optimizer",
@@ -35,11 +36,17 @@ TRANSFORMERS_FREE = [
     "hf_dropgrad.rates",
     "hf_dropgrad.report",
     "hf_dropgrad.layout",
+    "hf_dropgrad.in_backward",
     "hf_dropgrad.kernels",
+    "hf_dropgrad.arguments",
     "hf_dropgrad.settings",
+    "hf_dropgrad.install",
+    "hf_dropgrad.model_card",  # the Transformers layer's card and tracker hooks: text and data
+    "hf_dropgrad.run_config",
     "hf_dropgrad.integrations.deepspeed",
     "hf_dropgrad.integrations.fsdp",
     "hf_dropgrad.integrations.accelerate",
+    "hf_dropgrad.integrations.in_backward",
 ]
 
 
@@ -66,7 +73,7 @@ def test_core_settings_and_integrations_do_not_import_transformers() -> None:
 def test_the_core_imports_no_integration_and_no_private_torch_module() -> None:
     core = [PACKAGE / f"{name}.py" for name in (
         "optimizer", "functional", "schedulers", "patterns", "rates", "report", "layout",
-        "settings",
+        "in_backward", "settings",
     )] + sorted((PACKAGE / "kernels").glob("*.py"))
     for path in core:
         for node in _imports(path):
@@ -125,3 +132,39 @@ def test_settings_imports_the_core_directly() -> None:
         for alias in node.names
     }
     assert {"hf_dropgrad.schedulers", "hf_dropgrad.patterns"} <= modules
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in MODULES if p.parent.name != "kernels"],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_nothing_outside_the_kernels_names_a_backend(path: Path) -> None:
+    """The backend protocol (docs/design.md): callers take a plan from kernels.choose and call
+    its module; they never compare with a backend's name or import a backend module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                consts = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+                for const in consts:
+                    assert not (isinstance(const, ast.Constant)
+                                and const.value in ("cpp", "triton", "torch")), (
+                        f"{path.name}:{node.lineno} compares with a backend name"
+                    )
+    # functional.py's public oracle (mask_reference_, keep_mask_reference, random_bits) is the
+    # reference path by definition: those three names, and nothing else, come from it.
+    oracle = {"mask_tensor_", "keep_mask", "random_bits"}
+    for node in _imports(path):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+            a.name for a in node.names]
+        if (path.name == "functional.py" and isinstance(node, ast.ImportFrom)
+                and node.module == "hf_dropgrad.kernels.reference"
+                and {a.name for a in node.names} <= oracle):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module == "hf_dropgrad.kernels":
+            names += [f"hf_dropgrad.kernels.{a.name}" for a in node.names]
+        for name in names:
+            assert name not in {"hf_dropgrad.kernels.cpp", "hf_dropgrad.kernels.triton",
+                                "hf_dropgrad.kernels.reference", "hf_dropgrad.kernels.ops"}, (
+                f"{path.name}:{node.lineno} imports the backend module {name}"
+            )

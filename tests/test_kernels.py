@@ -1,8 +1,10 @@
 """The backend choice (hf_dropgrad/kernels/__init__.py) and every backend through functional.py.
 
 Each backend is forced with ``HF_DROPGRAD_BACKEND`` and compared bit for bit with the reference:
-masking (offsets included), slices masked with their offsets against the whole tensor, full
-update drop's save/restore, and a whole DropGrad training run.
+masking (offsets and runs included), slices masked with their offsets against the whole tensor,
+full update drop's save/restore, and a whole DropGrad training run. The backends themselves,
+called through the backend protocol, are checked against the stream's definition in
+test_backends.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from hf_dropgrad import DropGrad, kernels
 from hf_dropgrad import functional as F
+from hf_dropgrad.kernels import loaders
 from tests import stream_oracle as oracle
 from tests.helpers import backward, tiny_mlp
 
@@ -69,12 +72,12 @@ def test_auto_takes_cpp_on_cpu_and_the_reference_for_the_rest(
     assert kernels.requested_backend() == "auto"
     expected = "cpp" if _available("cpp") else "torch"
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert kernels.choose(torch.ones(3, dtype=dtype)) == expected
-    assert kernels.choose(torch.ones(3, 4).t()) == expected  # masked through a copy
-    assert kernels.choose(torch.ones(3, dtype=torch.float64)) == "torch"
-    assert kernels.choose(torch.ones(3, dtype=torch.float64), "pack") == expected
-    assert kernels.choose(torch.ones(3, device="meta")) == "torch"
-    assert kernels.choose(torch.ones(3, 4).t(), "pack") == "torch"  # no full-size copy
+        assert kernels.choose(torch.ones(3, dtype=dtype)).backend == expected
+    assert kernels.choose(torch.ones(3, 4).t()).backend == expected  # masked through a copy
+    assert kernels.choose(torch.ones(3, dtype=torch.float64)).backend == "torch"
+    assert kernels.choose(torch.ones(3, dtype=torch.float64), "pack").backend == expected
+    assert kernels.choose(torch.ones(3, device="meta")).backend == "torch"
+    assert kernels.choose(torch.ones(3, 4).t(), "pack").backend == "torch"  # no full-size copy
     monkeypatch.setenv(kernels.ENV, "  AUTO ")
     assert kernels.requested_backend() == "auto"
 
@@ -93,8 +96,8 @@ def test_a_forced_backend_that_cannot_run_raises_instead_of_falling_back(
     monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
 
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
         F.mask_([torch.ones(3)], [1], [6554], [1.1])
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
@@ -106,7 +109,7 @@ def test_forced_triton_refuses_cpu_tensors_outside_the_interpreter(
 ) -> None:
     module = pytest.importorskip("hf_dropgrad.kernels.triton")
     monkeypatch.setattr(module, "_INTERPRETING", False)
-    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setattr(loaders, "_triton", module)
     monkeypatch.setenv(kernels.ENV, "triton")
     with pytest.raises(kernels.BackendUnavailableError, match="CUDA tensors"):
         F.mask_([torch.ones(3)], [1], [6554], [1.1])
@@ -227,8 +230,8 @@ def test_keep_mask_honours_the_forced_backend(monkeypatch: pytest.MonkeyPatch) -
         F.keep_mask(10, 1, 1)
     monkeypatch.delenv("HF_DROPGRAD_DISABLE_EXTENSION")
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match="pip install triton"):
         F.keep_mask(10, 1, 1)
 
@@ -249,12 +252,12 @@ def test_a_forced_backend_that_cannot_run_here_fails_when_dropgrad_is_built(
     if _available("cpp"):
         build()
     monkeypatch.setenv(kernels.ENV, "triton")
-    monkeypatch.setattr(kernels, "_triton", None)
-    monkeypatch.setattr(kernels, "_triton_error", "ImportError: No module named 'triton'")
+    monkeypatch.setattr(loaders, "_triton", None)
+    monkeypatch.setattr(loaders, "_triton_error", "ImportError: No module named 'triton'")
     with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*pip install triton"):
         build()
     module = pytest.importorskip("hf_dropgrad.kernels.triton")
-    monkeypatch.setattr(kernels, "_triton", module)
+    monkeypatch.setattr(loaders, "_triton", module)
     monkeypatch.setattr(module, "_INTERPRETING", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(kernels.BackendUnavailableError, match=r"=triton.*no CUDA device"):
@@ -309,7 +312,9 @@ def test_a_step_chooses_the_backend_once_per_tensor(monkeypatch: pytest.MonkeyPa
     calls: list[str] = []
     real = kernels.choose
 
-    def counting(tensor: torch.Tensor, purpose: str = "mask", requested: str | None = None) -> str:
+    def counting(
+        tensor: torch.Tensor, purpose: str = "mask", requested: str | None = None
+    ) -> kernels.Plan:
         calls.append(purpose)
         return real(tensor, purpose, requested)  # type: ignore[arg-type]
 
@@ -357,39 +362,3 @@ def test_a_parameter_without_a_rate_is_not_checked(monkeypatch: pytest.MonkeyPat
     extra.grad = torch.ones(3, dtype=torch.float64)
     opt.step()
     assert opt.step_count == 1
-
-
-def test_mask_counted_and_gather_at_references_match_mask_and_gather() -> None:
-    from hf_dropgrad.kernels import ops, reference
-
-    tensors = [torch.randn(n) for n in (4097, 5, 0, 9000)]
-    keys, thresholds, offsets = [1, 2**63, 3, 4], [6554, 65536, 1, 0], [3, 4093, 0, 2**40 + 1]
-    scales = [1.25, 0.0, 1.0, 1.0]
-    want = [t.clone() for t in tensors]
-    reference.mask_(want, keys, thresholds, scales, offsets)
-    values, starts = reference.gather_dropped_many(tensors, keys, thresholds, offsets)
-    got = [t.clone() for t in tensors]
-    out = torch.full_like(starts, -1)
-    ops._mask_counted_reference(got, keys, thresholds, scales, offsets, out)
-    assert torch.equal(out, starts)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert torch.equal(ops._gather_at_reference(tensors, keys, thresholds, offsets, out), values)
-
-
-def test_the_mask_gather_reference_equals_mask_and_gather() -> None:
-    from hf_dropgrad.kernels import ops, reference
-
-    grads = [torch.randn(n) for n in (4097, 5, 0, 9000)]
-    params = [torch.randn(n) for n in (4097, 5, 0, 9000)]
-    keys, thresholds, offsets = [1, 2**63, 3, 4], [6554, 65536, 1, 0], [3, 4093, 0, 2**40 + 1]
-    scales = [1.25, 0.0, 1.0, 1.0]
-    want = [g.clone() for g in grads]
-    reference.mask_(want, keys, thresholds, scales, offsets)
-    values, starts = reference.gather_dropped_many(params, keys, thresholds, offsets)
-    got = [g.clone() for g in grads]
-    signed = [k - 2**64 if k >= 2**63 else k for k in keys]  # the schema's int64 bit patterns
-    got_values, got_starts = ops._mask_gather_reference(
-        got, params, signed, thresholds, scales, offsets
-    )
-    assert torch.equal(got_starts, starts) and torch.equal(got_values, values)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -1,22 +1,20 @@
-"""The Triton backend (hf_dropgrad/kernels/triton.py) against the stream's definition.
+"""What only the Triton backend has (hf_dropgrad/kernels/triton.py): its program map, its aligned
+(128-bit) and generic paths, and its launches and host read-backs, which must not grow with the
+number of tensors or runs. Its agreement with the stream's definition, like every backend's, is
+in test_backends.py.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
-``TRITON_INTERPRET=1`` before Triton is imported); with one, compiled, on CUDA tensors. The
-interpreter is slow, so the sizes stay small but cover every case of the layout: one element,
-a partial lane, a whole chunk, a chunk and one, several chunks, and offsets that start mid-lane
-and mid-chunk.
+``TRITON_INTERPRET=1`` before Triton is imported); with one, compiled, on CUDA tensors.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from tests import stream_oracle as oracle
-from tests.stream_oracle import DTYPES, KEYS, PACK_DTYPES
+from tests.stream_oracle import DTYPES
 from tests.triton_launches import observe
 
 K = pytest.importorskip("hf_dropgrad.kernels.triton", reason="triton is not installed")
@@ -27,78 +25,10 @@ if DEVICE == "cpu" and not K.interpreting():
 # The interpreter computes in numpy: inf * 0 and float16 overflow warn there, as intended.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-NUMELS = [1, 1000, 4096, 4097, 3 * 4096 + 5]
-OFFSETS = [0, 1, 1023, 4095, 5000, 2**40 + 3]
-THRESHOLDS = [0, 1, 6554, 65535, 65536]
 
 
 def _on(t: torch.Tensor) -> torch.Tensor:
     return t.to(DEVICE)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("numel", NUMELS)
-def test_mask_matches_the_definition(numel: int, dtype: torch.dtype) -> None:
-    base = oracle.grad(numel, dtype, seed=numel)
-    for key, t in itertools.product(KEYS[::2], THRESHOLDS):
-        g = _on(base.clone())
-        K.mask_([g], [key], [t], [oracle.scale(t)])
-        oracle.assert_matches(g, oracle.expected(base, key, t, oracle.scale(t)), f"{key} {t}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mask_with_an_offset_matches_the_definition(dtype: torch.dtype) -> None:
-    for numel, offset in itertools.product((1, 3000, 4097), OFFSETS):
-        base = oracle.grad(numel, dtype, seed=offset % 101)
-        for key, t in ((2**64 - 1, 65535), (2**63, 26214)):
-            g = _on(base.clone())
-            K.mask_([g], [key], [t], [oracle.scale(t)], [offset])
-            want = oracle.expected(base, key, t, oracle.scale(t), offset)
-            oracle.assert_matches(g, want, f"numel={numel} offset={offset} key={key}")
-
-
-def test_a_list_of_tensors_equals_one_call_each() -> None:
-    grads = [_on(oracle.grad(n, dt, seed=n)) for n, dt in zip((5, 5000, 9000), DTYPES)]
-    keys, thresholds, offsets = [1, 2**63 + 1, 99], [6554, 32768, 65535], [0, 7, 4096]
-    scales = [oracle.scale(t) for t in thresholds]
-    singles = [g.clone() for g in grads]
-    for args in zip(singles, keys, thresholds, scales, offsets):
-        K.mask_(*([a] for a in args))
-    K.mask_(grads, keys, thresholds, scales, offsets)
-    for a, b in zip(grads, singles):
-        assert torch.equal(oracle.raw(a), oracle.raw(b))
-
-
-@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=str)
-def test_gather_and_scatter_dropped_match_the_definition(dtype: torch.dtype) -> None:
-    for numel, offset in itertools.product((0, 1, 4097, 9001), (0, 3, 4095)):
-        for key, t in ((7, 6554), (2**64 - 1, 65536), (2**63, 0)):
-            dropped = torch.from_numpy(oracle.numpy_bits(key, numel, offset) < t)
-            x = oracle.filled(numel, dtype, seed=numel + t)
-            values, starts = K.gather_dropped(_on(x), key, t, offset)
-            assert values.dtype == dtype and starts.numel() == K.num_chunks(numel, offset) + 1
-            assert torch.equal(oracle.raw(values.cpu()), oracle.raw(x)[dropped]), (numel, t)
-            target = oracle.filled(numel, dtype, seed=1)
-            want = torch.where(dropped, oracle.raw(x), oracle.raw(target))
-            target = _on(target)
-            K.scatter_dropped(target, key, t, values, starts, offset)
-            assert torch.equal(oracle.raw(target.cpu()), want), (numel, offset, t)
-
-
-def test_bad_input_is_rejected() -> None:
-    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
-        K.mask_([_on(torch.ones(4, dtype=torch.float64))], [0], [1], [1.0])
-    with pytest.raises(ValueError, match="contiguous"):
-        K.mask_([_on(torch.ones(4, 4)).t()], [0], [1], [1.0])
-    with pytest.raises(ValueError, match="threshold"):
-        K.mask_([_on(torch.ones(4))], [0], [65537], [1.0])
-    with pytest.raises(ValueError, match="offsets\\[0\\]"):
-        K.mask_([_on(torch.ones(4))], [0], [1], [1.0], [-1])
-    with pytest.raises(ValueError, match="differ in length"):
-        K.mask_([_on(torch.ones(4))], [0, 1], [1], [1.0])
-    values, starts = K.gather_dropped(_on(torch.ones(5000)), 3, 6554)
-    with pytest.raises(ValueError, match="starts"):
-        K.scatter_dropped(_on(torch.ones(5000)), 3, 6554, values, starts[:-1])
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter's device rule")
@@ -150,7 +80,8 @@ def test_aligned_and_generic_paths_match_the_definition(dtype: torch.dtype) -> N
         before = buffer.cpu().clone()
         offsets = [o for _, _, o in layout]
         for g, is_aligned, off in zip(grads, aligned, offsets):
-            assert K._is_aligned(g, off) == is_aligned, (g.data_ptr() % 16, g.numel(), off)
+            call = K._Call([g], [0], [0], [off], None, None)
+            assert call.aligned(0) == is_aligned, (g.data_ptr() % 16, g.numel(), off)
         sc = 1.25 if t == 0 else oracle.scale(t)  # t = 0 with a scale other than 1 still runs
         with observe(K) as seen:
             # key - i < 0 for key 5: keys are taken modulo 2**64
@@ -189,49 +120,6 @@ def test_mask_launches_do_not_grow_with_the_tensor_count() -> None:
 
 
 # ------------------------------------------------------------- full update drop, batched
-def _chunk_counts(dropped: np.ndarray, offset: int) -> list[int]:
-    """Dropped elements per stream chunk that the tensor touches."""
-    counts = []
-    c0 = offset // 4096
-    for c in range(K.num_chunks(dropped.size, offset)):
-        lo = max(0, (c0 + c) * 4096 - offset)
-        hi = min(dropped.size, (c0 + c + 1) * 4096 - offset)
-        counts.append(int(dropped[lo:hi].sum()))
-    return counts
-
-
-def _pack_case(dtype: torch.dtype, sizes: list[int], offsets: list[int], keys: list[int],
-               thresholds: list[int]):
-    tensors = [oracle.filled(n, dtype, seed=3 * i + n) for i, n in enumerate(sizes)]
-    dropped = [oracle.numpy_bits(k, n, o) < t
-               for k, n, o, t in zip(keys, sizes, offsets, thresholds)]
-    want_values = torch.cat([oracle.raw(x)[torch.from_numpy(d)] for x, d in zip(tensors, dropped)])
-    counts = [c for d, o in zip(dropped, offsets) for c in _chunk_counts(d, o)]
-    want_starts = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int64)
-    return tensors, dropped, want_values, want_starts
-
-
-@pytest.mark.parametrize("dtype", PACK_DTYPES, ids=str)
-def test_gather_and_scatter_dropped_many_match_the_definition(dtype: torch.dtype) -> None:
-    sizes = [4097, 0, 1, 3 * 4096 + 5, 77]
-    offsets = [3, 9, 4095, 2**40 + 1, 4096]
-    keys = [2**64 - 1, 7, 2**63, 2**64 - 2, 0]
-    thresholds = [6554, 65536, 0, 65535, 1]
-    tensors, dropped, want_values, want_starts = _pack_case(dtype, sizes, offsets, keys,
-                                                           thresholds)
-    values, starts = K.gather_dropped_many([_on(x) for x in tensors], keys, thresholds, offsets)
-    assert values.dtype == dtype and starts.dtype == torch.int64
-    assert torch.equal(oracle.raw(values.cpu()), want_values)
-    assert torch.equal(starts.cpu(), want_starts)
-    targets = [oracle.filled(n, dtype, seed=1000 + n) for n in sizes]
-    want = [torch.where(torch.from_numpy(d), oracle.raw(x), oracle.raw(y))
-            for d, x, y in zip(dropped, tensors, targets)]
-    targets = [_on(y) for y in targets]
-    K.scatter_dropped_many(targets, keys, thresholds, offsets, values, starts)
-    for got, w in zip(targets, want):
-        assert torch.equal(oracle.raw(got.cpu()), w)
-
-
 def test_full_update_drop_launches_and_readbacks_do_not_grow_with_the_tensor_count() -> None:
     def run(count: int):
         sizes = [1000 + 4096 * (i % 3) for i in range(count)]
@@ -242,7 +130,7 @@ def test_full_update_drop_launches_and_readbacks_do_not_grow_with_the_tensor_cou
         with observe(K) as gathered:
             values, starts = K.gather_dropped_many(tensors, keys, thresholds, offsets)
         with observe(K) as scattered:
-            K.scatter_dropped_many(tensors, keys, thresholds, offsets, values, starts)
+            K.scatter_dropped_many(tensors, keys, thresholds, offsets, None, None, values, starts)
         return gathered, scattered
 
     (g1, s1), (g9, s9) = run(1), run(9)
@@ -254,18 +142,48 @@ def test_full_update_drop_launches_and_readbacks_do_not_grow_with_the_tensor_cou
     assert g9.synchronize_calls == s9.synchronize_calls == 0
 
 
-def test_gather_and_scatter_dropped_many_reject_bad_input() -> None:
-    a, b = _on(torch.ones(10)), _on(torch.ones(10, dtype=torch.float16))
-    with pytest.raises(ValueError, match="element size"):
-        K.gather_dropped_many([a, b], [1, 2], [6554, 6554], [0, 0])
-    with pytest.raises(ValueError, match="at least one"):
-        K.gather_dropped_many([], [], [], [])
-    with pytest.raises(ValueError, match="threshold"):
-        K.gather_dropped_many([a], [1], [65537], [0])
-    with pytest.raises(ValueError, match="differ in length"):
-        K.gather_dropped_many([a], [1, 2], [6554], [0])
-    values, starts = K.gather_dropped_many([a], [1], [65536], [0])
-    with pytest.raises(ValueError, match="values"):
-        K.scatter_dropped_many([a], [1], [65536], [0], values.half(), starts)
-    with pytest.raises(ValueError, match="starts"):
-        K.scatter_dropped_many([a, a], [1, 1], [65536, 65536], [0, 0], values, starts)
+def test_column_shards_in_runs_launch_once_per_dtype_and_path() -> None:
+    """A tensor in runs is one table row and one program per chunk of each run, in the same
+    launch as the contiguous tensors: one launch per dtype and path, whatever the runs."""
+    def run(rows: int):
+        grads, offsets, runs, strides = [], [], [], []
+        for dtype in DTYPES:
+            grads += [_on(oracle.grad(rows * 256, dtype, seed=rows)),  # aligned runs
+                      _on(oracle.grad(rows * 250, dtype, seed=rows))]  # runs of odd length
+            offsets += [256, 3]
+            runs += [256, 250]
+            strides += [1024, 1000]
+        keys = list(range(len(grads)))
+        with observe(K) as seen:
+            K.mask_(grads, keys, [6554] * len(grads), [1.1] * len(grads), offsets, runs, strides)
+        return seen
+
+    few, many = run(2), run(40)
+    assert sorted(few.variants) == sorted(many.variants)
+    assert many.launches == 6  # 3 dtypes x (aligned, generic)
+    assert few.ops == many.ops and many.readbacks == 0 and many.synchronize_calls == 0
+
+
+def test_the_program_map_names_each_program_s_tensor_run_and_chunk() -> None:
+    # a contiguous tensor over 3 chunks, then 3 runs of 3000 at stride 5000 from 4000: the runs
+    # (stream elements 4000-6999, 9000-11999, 14000-16999) touch chunks 0-1, 2, and 3-4
+    progmap = K._program_map(((9000, 100, 9000, 9000), (9000, 4000, 3000, 5000)), False)
+    assert progmap.view(-1, 3).tolist() == [
+        [0, 0, 0], [0, 0, 1], [0, 0, 2],
+        [1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 2, 0], [1, 2, 1],
+    ]
+
+
+def test_scatter_never_reads_past_the_end_of_the_values() -> None:
+    """starts that count more values than given (a hand-made DroppedValues gone wrong): the move
+    kernel reads none past the end; the elements whose values are missing keep theirs."""
+    x = _on(oracle.filled(9000, torch.float32, seed=1))
+    values, starts = K.gather_dropped_many([x], [3], [26214], [0])
+    short = values[: values.numel() // 2].clone()
+    target = _on(torch.zeros(9000))
+    K.scatter_dropped_many([target], [3], [26214], [0], None, None, short, starts)
+    dropped = torch.from_numpy(oracle.numpy_bits(3, 9000) < 26214)
+    got = oracle.raw(target.cpu())[dropped]
+    half = short.numel()
+    assert torch.equal(got[:half], oracle.raw(short.cpu()))
+    assert not got[half:].any()

@@ -8,17 +8,22 @@ import pytest
 import torch
 
 from hf_dropgrad import DropGrad
-from hf_dropgrad.layout import FlatLayout, Piece, Segment, data_of, local_target, offset_of
+from hf_dropgrad.layout import Box, FlatLayout, Local, Piece, Segment, Whole, local_target
 
 
-def test_a_plain_parameter_is_its_own_target_at_offset_zero() -> None:
+def test_a_plain_parameter_is_one_box_at_offset_zero() -> None:
     p = torch.nn.Parameter(torch.ones(3))
-    assert local_target(p) is p
-    assert offset_of(p) == 0
-    assert torch.equal(data_of(p), p.detach())
+    local = local_target(p)
+    assert local == Whole(p) and isinstance(local, Local)
+    (box,) = local.values()
+    assert box.tensor.data_ptr() == p.data_ptr() and box.place == (0, 3, 3)
+    assert local.grads() is None
+    p.grad = torch.zeros(3)
+    (grad,) = local.grads()
+    assert grad.tensor is p.grad and grad.place == (0, 3, 3)
 
 
-def test_sharded_parameters_go_to_the_registered_handler() -> None:
+def test_sharded_parameters_go_to_the_registered_handler_with_their_name() -> None:
     from hf_dropgrad import layout
 
     class Sharded(torch.Tensor):
@@ -26,23 +31,38 @@ def test_sharded_parameters_go_to_the_registered_handler() -> None:
 
     p = torch.zeros(6).as_subclass(Sharded)
     piece = Piece(p[3:], 3, lambda: None)
-    handler = lambda t: piece if isinstance(t, Sharded) else None
+    seen = []
+
+    def handler(t: torch.Tensor, name: str | int | None) -> Piece | None:
+        seen.append(name)
+        return piece if isinstance(t, Sharded) else None
+
     layout.register_sharded(handler)
     try:
-        assert local_target(p) is piece
+        assert local_target(p, "w") is piece
         assert local_target(torch.zeros(2)) is not piece
+        assert seen == ["w", None]
     finally:
         layout._SHARDED.remove(handler)
 
 
 def test_pieces_are_frozen_and_read_their_gradient_when_asked() -> None:
     grads = [None]
-    piece = Piece(torch.zeros(2), 5, lambda: grads[0])
-    assert piece.grad is None and offset_of(piece) == 5
-    grads[0] = torch.ones(2)
-    assert torch.equal(piece.grad, torch.ones(2))
+    piece = Piece(torch.zeros(2, 4), 5, lambda: grads[0], run=4, stride=10)
+    assert piece.grad is None and piece.grads() is None
+    (values,) = piece.values()
+    assert values.place == (5, 4, 10)  # rows of 4 at 5 and 15: a box of a (?, 10) tensor
+    grads[0] = torch.ones(2, 4)
+    (grad,) = piece.grads()
+    assert torch.equal(piece.grad, torch.ones(2, 4)) and grad.place == values.place
     with pytest.raises(dataclasses.FrozenInstanceError):
         piece.offset = 0  # type: ignore[misc]
+
+
+def test_a_box_of_one_run_has_the_stride_of_its_length() -> None:
+    assert Box(torch.zeros(6), 7).place == (7, 6, 6)
+    assert Box(torch.zeros(6), 7, run=6, stride=100).place == (7, 6, 6)  # one run: no stride
+    assert Box(torch.zeros(6), 7, run=3, stride=100).place == (7, 3, 100)
 
 
 def test_flat_layout_cuts_flat_tensors_into_named_runs() -> None:

@@ -561,3 +561,20 @@ def test_seed_outside_the_stream_key_range_is_refused(seed: int) -> None:
     with pytest.raises(ValueError, match=r"seed.*\[0, 2\*\*64\)"):
         DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=seed)
     DropGrad(torch.optim.SGD(model.parameters(), lr=0.1), drop_rate=0.1, seed=2**64 - 1)
+
+
+def test_a_parameter_held_twice_is_refused_naming_both_positions() -> None:
+    import warnings
+
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch only warns about duplicates
+        inner = torch.optim.SGD([p, q, p], lr=0.1)
+    with pytest.raises(ValueError, match="same parameter twice, at positions 0 and 2"):
+        DropGrad(inner, drop_rate=0.5)
+    opt = DropGrad(torch.optim.SGD([p], lr=0.1), drop_rate=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="positions 1 and 2"):
+            opt.add_param_group({"params": [q, q]})  # torch itself refuses p in two groups
+    assert len(opt.param_groups) == 1 and opt.num_params == 1  # left as it was

@@ -27,6 +27,6 @@ def test_the_wheel_contains_the_cpp_source_where_the_loader_looks(tmp_path: Path
     assert source == "hf_dropgrad/kernels/csrc/mask_cpu.cpp"
     assert source in names
     assert {"hf_dropgrad/kernels/triton.py", "hf_dropgrad/kernels/reference.py"} <= names
-    integrations = ("deepspeed", "fsdp", "accelerate")
+    integrations = ("deepspeed", "fsdp", "accelerate", "in_backward")
     assert {f"hf_dropgrad/integrations/{m}.py" for m in integrations} <= names
     assert not any(name.startswith("tests/") for name in names)

@@ -19,6 +19,8 @@ from hf_dropgrad.patterns import (
     ResolvedRate,
     format_rate_table,
     is_plain_pattern,
+    parse_module_rates,
+    parse_rate,
     resolve_pattern_rates,
 )
 
@@ -900,6 +902,63 @@ def test_table_edge_cases() -> None:
 # --------------------------------------------------------------------------------------------
 # Module hygiene
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", None),
+        ("  ", None),
+        ({}, None),
+        ("encoder=0.1", {"encoder": 0.1}),
+        (" encoder = 0.1 , decoder=1 ,", {"encoder": 0.1, "decoder": 1.0}),
+        ("encoder.block.0=0.3,encoder=1e-1", {"encoder.block.0": 0.3, "encoder": 0.1}),
+        (r"layer\.\d{1,2}\.x=0.2", {r"layer\.\d{1,2}\.x": 0.2}),
+        ("(a|b,c).*=0.2,d=0.1", {"(a|b,c).*": 0.2, "d": 0.1}),
+        ("[,(]x=0.2,d=0.1", {"[,(]x": 0.2, "d": 0.1}),
+        ("[],]x=0.2,d=0.1", {"[],]x": 0.2, "d": 0.1}),
+        (r"a\,b=0.2,d=0.1", {r"a\,b": 0.2, "d": 0.1}),
+        ("(?=x).*=0.5", {"(?=x).*": 0.5}),
+        ('  {"x": 0.5, ".*attention.*": "0.25"}', {"x": 0.5, ".*attention.*": 0.25}),
+        ({"encoder": 1, " decoder ": "0.2"}, {"encoder": 1.0, "decoder": 0.2}),
+    ],
+)
+def test_parse_module_rates_accepts(value, expected) -> None:
+    parsed = parse_module_rates(value)
+    assert parsed == expected
+    if parsed is not None:
+        assert list(parsed) == list(expected)  # order kept
+        assert all(type(v) is float for v in parsed.values())
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (3, r"^--dropgrad_module_rates: got int 3\. Expected"),
+        ("encoder", r"'encoder' is not a PATTERN=RATE pair"),
+        ("=0.1", r"'=0.1' is not a PATTERN=RATE pair"),
+        ("a=0.1,a=0.2", r"pattern 'a' is given more than once"),
+        ('{"a": 0.1, "a": 0.2}', r"pattern 'a' is given more than once"),
+        ("{not json", r"is not a valid JSON object"),
+        ({"": 0.1}, r"patterns must be non-empty strings"),
+        ({"a": 0.1, " a ": 0.2}, r"pattern 'a' is given more than once"),
+        ("a..b=0.1", r"plain name 'a\.\.b' has an empty component"),
+        ("a=1.5", r"^--dropgrad_module_rates: the rate of 'a': must be a number in \[0, 1\]"),
+        ({"a": True}, r"the rate of 'a': must be a number"),
+    ],
+)
+def test_parse_module_rates_rejects(value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_module_rates(value)
+
+
+def test_parse_rate_reads_text_and_numbers() -> None:
+    assert parse_rate(" 1e-1 ", "--dropgrad_rate") == 0.1
+    assert parse_rate(1, "--dropgrad_rate") == 1.0
+    for bad in (True, "x", None, float("nan"), -0.1, "1.5"):
+        with pytest.raises(ValueError, match=r"^r: must be a number in \[0, 1\]"):
+            parse_rate(bad, "r")
 
 
 def test_docstring_examples() -> None:

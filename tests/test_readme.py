@@ -51,6 +51,7 @@ def test_every_flag_is_in_the_readme() -> None:
 #   causal_lm  model: a tiny Llama causal LM loaded from a folder that also holds its tokenizer
 #              (as a Hub model would be); config: an SFTConfig for 2 steps on the CPU;
 #              ds: 16 lines of text
+#   classifier model_init: builds a tiny BERT classifier; train_ds, eval_ds: 16 and 8 rows
 #
 # A block without a marker fails test_every_python_block_is_marked: a new snippet must say
 # whether it runs.
@@ -135,7 +136,18 @@ def _causal_lm(tmp_path: Path) -> dict:
     }
 
 
-SETUPS = {"seq2seq": _seq2seq, "causal_lm": _causal_lm}
+def _classifier(tmp_path: Path) -> dict:
+    pytest.importorskip("optuna")
+    from tests.trainer_helpers import classification_data, tiny_bert_classifier
+
+    return {
+        "model_init": lambda trial=None: tiny_bert_classifier(),
+        "train_ds": classification_data(16),
+        "eval_ds": classification_data(8),
+    }
+
+
+SETUPS = {"seq2seq": _seq2seq, "causal_lm": _causal_lm, "classifier": _classifier}
 RUNNABLE = [b for b in python_blocks() if b[1] is not None]
 
 

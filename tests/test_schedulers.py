@@ -165,7 +165,10 @@ def test_check_rate_number_takes_numbers_only_and_the_old_name_warns() -> None:
     from hf_dropgrad import schedulers
 
     assert schedulers.check_rate_number(1, "r") == 1.0
-    with pytest.raises(TypeError, match="r must be a number"):
-        schedulers.check_rate_number("0.1", "r")  # numeric strings are the settings' dialect
-    with pytest.warns(FutureWarning, match="renamed check_rate_number"):
+    # Numbers given as text are read only where text is the medium (command line, configs).
+    with pytest.raises(TypeError, match=r"^r must be a number .*; pass a number, e\.g\. 0\.1"):
+        schedulers.check_rate_number("0.1", "r")
+    with pytest.raises(TypeError, match=r"initial_drop_rate must be a number .* not a string"):
+        schedulers.LinearDropRateScheduler("0.1", 0.0, 10)
+    with pytest.warns(FutureWarning, match="check_rate is deprecated.*use .*check_rate_number"):
         assert schedulers.check_rate is schedulers.check_rate_number

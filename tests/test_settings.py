@@ -8,42 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_dropgrad.arguments import DropGradArguments
 from hf_dropgrad.settings import (
+    ARG_FIELDS,
     FLAGS,
     SCHEDULERS,
     DropGradSettings,
+    GivenSettings,
     keyword_names,
-    parse_module_rates,
+    numbers_given_as_text,
+    setting_names,
     validate_settings,
 )
-
-
-@pytest.mark.parametrize(
-    "value, expected",
-    [
-        (None, None),
-        ("", None),
-        ("  ", None),
-        ({}, None),
-        ("encoder=0.1", {"encoder": 0.1}),
-        (" encoder = 0.1 , decoder=1 ,", {"encoder": 0.1, "decoder": 1.0}),
-        ("encoder.block.0=0.3,encoder=1e-1", {"encoder.block.0": 0.3, "encoder": 0.1}),
-        (r"layer\.\d{1,2}\.x=0.2", {r"layer\.\d{1,2}\.x": 0.2}),
-        ("(a|b,c).*=0.2,d=0.1", {"(a|b,c).*": 0.2, "d": 0.1}),
-        ("[,(]x=0.2,d=0.1", {"[,(]x": 0.2, "d": 0.1}),
-        ("[],]x=0.2,d=0.1", {"[],]x": 0.2, "d": 0.1}),
-        (r"a\,b=0.2,d=0.1", {r"a\,b": 0.2, "d": 0.1}),
-        ("(?=x).*=0.5", {"(?=x).*": 0.5}),
-        ('  {"x": 0.5, ".*attention.*": "0.25"}', {"x": 0.5, ".*attention.*": 0.25}),
-        ({"encoder": 1, " decoder ": "0.2"}, {"encoder": 1.0, "decoder": 0.2}),
-    ],
-)
-def test_parse_module_rates_accepts(value, expected) -> None:
-    parsed = parse_module_rates(value)
-    assert parsed == expected
-    if parsed is not None:
-        assert list(parsed) == list(expected)  # order kept
-        assert all(type(v) is float for v in parsed.values())
 
 
 def test_settings_from_plain_training_arguments_with_overrides() -> None:
@@ -55,9 +31,13 @@ def test_settings_from_plain_training_arguments_with_overrides() -> None:
     overrides = {"drop_rate": 0.2, "module_rates": "encoder=0.3"}
     cfg = DropGradSettings.from_args(plain, overrides, names)
     assert (cfg.drop_rate, cfg.module_rates, cfg.seed) == (0.2, {"encoder": 0.3}, 9)
-    assert cfg.given_names() == [
+    assert cfg.given_names(names) == [
         "MyTrainer(dropgrad_rate=...)", "MyTrainer(dropgrad_module_rates=...)"
     ]
+    assert cfg.given_names() == [  # the value keeps no spelling: the default names its fields
+        "DropGradSettings(drop_rate=...)", "DropGradSettings(module_rates=...)"
+    ]
+    assert not hasattr(cfg, "names")
     with pytest.raises(TypeError, match="dropgrad_rate"):
         DropGradSettings.from_args(plain, {"dropgrad_rate": 0.2})
     with pytest.raises(ValueError, match=r"^MyTrainer\(dropgrad_rate=\.\.\.\): must be"):
@@ -78,9 +58,9 @@ def test_settings_from_args_name_flags_and_overrides_as_given() -> None:
     assert message.startswith("--dropgrad_scheduler: 'linear' with DropGradCallback(module_rates=")
     assert "--dropgrad_rate = 0" in message
     settings = DropGradSettings.from_args(args)
-    assert settings.given_names() == ["--dropgrad_scheduler"]  # the seed came from args.seed
+    assert settings.given_names(FLAGS) == ["--dropgrad_scheduler"]  # the seed is args.seed
     args.dropgrad_seed = 3
-    given = DropGradSettings.from_args(args).given_names()
+    given = DropGradSettings.from_args(args).given_names(setting_names(args))
     assert given == ["--dropgrad_scheduler", "--dropgrad_seed"]
 
 
@@ -245,3 +225,115 @@ def test_settings_dropgrad_kwargs_build_a_dropgrad(kwargs, rates, absent) -> Non
     opt.step()
     if kwargs.get("scheduler") == "linear" and "module_rates" not in kwargs:
         assert opt.current_rates()["decoder.weight"] == pytest.approx(0.1)  # 0 + 0.4 * 1/4
+
+
+def test_settings_pair_with_the_declared_arguments() -> None:
+    """The arguments are declared once (hf_dropgrad/arguments.py); the settings value takes
+    the same defaults, under the names without the prefix."""
+    assert ARG_FIELDS == {
+        "drop_rate": "dropgrad_rate",
+        "module_rates": "dropgrad_module_rates",
+        "scheduler": "dropgrad_scheduler",
+        "final_rate": "dropgrad_final_rate",
+        "scheduler_steps": "dropgrad_scheduler_steps",
+        "step_size": "dropgrad_step_size",
+        "gamma": "dropgrad_gamma",
+        "full_update_drop": "dropgrad_full_update_drop",
+        "seed": "dropgrad_seed",
+    }
+    declared = {f.name: f for f in dataclasses.fields(DropGradArguments)}
+    assert list(declared) == list(ARG_FIELDS.values())
+    defaults = DropGradSettings().values()
+    for key, arg in ARG_FIELDS.items():
+        assert defaults[key] == declared[arg].default, key
+        assert set(declared[arg].metadata) == {"help"}  # what HfArgumentParser hands argparse
+    # Declared literally: static tools see each field with its type.
+    assert DropGradArguments.__annotations__["dropgrad_seed"] == int | None
+    assert DropGradArguments(dropgrad_rate=0.3).dropgrad_rate == 0.3
+
+
+def test_setting_names_say_how_each_setting_was_given() -> None:
+    args = SimpleNamespace(dropgrad_rate=0.1, dropgrad_seed=None, seed=3)
+    names = setting_names(args, ["seed"], keyword_names("MyCallback"))
+    assert names["drop_rate"] == "--dropgrad_rate"  # read from args
+    assert names["seed"] == "MyCallback(seed=...)"  # an override
+    assert names["gamma"] == "MyCallback(gamma=...)"  # args lacks it: its default
+    assert setting_names(args)["gamma"] == "DropGradSettings(gamma=...)"
+
+
+@pytest.mark.parametrize(
+    "kwargs, steps, record",
+    [
+        ({}, None, {"drop_rate": 0.0, "module_rates": None, "scheduler": "constant",
+                    "full_update_drop": False, "seed": None}),
+        ({"drop_rate": 0.4, "scheduler": "linear", "gamma": 0.9, "seed": 3}, 20,
+         {"drop_rate": 0.4, "module_rates": None, "scheduler": "linear",
+          "full_update_drop": False, "seed": 3, "final_rate": 0.0, "scheduler_steps": 20}),
+        ({"drop_rate": 0.4, "scheduler": "step", "step_size": 5, "module_rates": "a=0.1"}, 20,
+         {"drop_rate": 0.4, "module_rates": {"a": 0.1}, "scheduler": "step",
+          "full_update_drop": False, "seed": None, "step_size": 5, "gamma": 0.5}),
+    ],
+)
+def test_settings_record_resolves_defaults_and_leaves_out_what_the_schedule_ignores(
+    kwargs, steps, record
+) -> None:
+    assert DropGradSettings(**kwargs).to_record(steps) == record
+
+
+def test_settings_diff_names_each_changed_setting_as_given() -> None:
+    checkpoint = DropGradSettings(drop_rate=0.8, scheduler="linear", seed=1).to_record(10)
+    resumed = DropGradSettings(drop_rate=0.4, scheduler="linear", seed=999, final_rate=0.1)
+    assert resumed.diff(checkpoint, 10, FLAGS) == [
+        "--dropgrad_rate 0.8 -> 0.4",
+        "--dropgrad_seed 1 -> 999",
+        "--dropgrad_final_rate 0 -> 0.1",
+    ]
+    assert resumed.diff({"seed": 1}, 10) == ["DropGradSettings(seed=...) 1 -> 999"]
+    assert resumed.diff(resumed.to_record(10), 10) == []
+    rates = DropGradSettings(module_rates={"a": 0.1, "b": 0.2})
+    assert rates.diff({"module_rates": None}) == [
+        "DropGradSettings(module_rates=...) none -> a=0.1,b=0.2"
+    ]
+    with pytest.raises(ValueError, match=r"^--dropgrad_scheduler: the 'linear' schedule needs"):
+        resumed.diff(checkpoint, None, FLAGS)
+
+
+def test_given_settings_validate_at_once_and_merge_once_per_arguments() -> None:
+    names = keyword_names("MyCallback")
+    with pytest.raises(ValueError, match=r"^MyCallback\(drop_rate=\.\.\.\): must be"):
+        GivenSettings({"drop_rate": 2}, names)
+    given = GivenSettings({"module_rates": {"encoder": 0.1}}, names)
+    assert given.entered() == ["module_rates"]
+    args = SimpleNamespace(seed=5, dropgrad_rate=0.2)
+    settings, used = given.resolve(args)
+    assert (settings.drop_rate, settings.module_rates, settings.seed) == (0.2, {"encoder": 0.1}, 5)
+    assert used["module_rates"] == "MyCallback(module_rates=...)"
+    assert used["drop_rate"] == "--dropgrad_rate"
+    assert given.resolve(args)[0] is settings  # once per arguments object
+    args.dropgrad_rate = 0.3
+    assert given.resolve(args)[0].drop_rate == 0.3  # again when its fields change
+    assert given.resolve(SimpleNamespace(seed=5))[0].drop_rate == 0.0
+    from_flags = GivenSettings(DropGradSettings(drop_rate=0.1).values(), FLAGS)
+    assert from_flags.entered() == []  # read from arguments: checked and warned there
+
+
+def test_numbers_given_as_text() -> None:
+    assert numbers_given_as_text({"drop_rate": "0.1", "seed": 3, "scheduler": "linear"}) == [
+        "drop_rate"
+    ]
+    assert numbers_given_as_text({"gamma": "0.5", "step_size": "2"}) == ["step_size", "gamma"]
+    assert numbers_given_as_text({"module_rates": {"a": "0.1"}}) == ["module_rates"]
+    assert numbers_given_as_text({"module_rates": "a=0.1"}) == []  # PATTERN=RATE is text
+    assert numbers_given_as_text({"module_rates": {"a": 0.1}, "full_update_drop": True}) == []
+
+
+def test_settings_check_model_names_the_setting() -> None:
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(2, 2)
+    model.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    DropGradSettings(module_rates={"encoder": 0.1}).check_model(model)
+    DropGradSettings(module_rates={"nope": 0.1}).check_model(None)  # no model: nothing to check
+    with pytest.raises(ValueError, match=r"^--dropgrad_module_rates: 1 pattern matches no"):
+        DropGradSettings(module_rates={"encodr": 0.1}).check_model(model, FLAGS)
+    with pytest.raises(ValueError, match="only parameters that do not train"):
+        DropGradSettings(module_rates={"frozen": 0.1}).check_model(model)

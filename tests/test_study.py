@@ -1,38 +1,37 @@
-"""scripts/study.py, scripts/study_overfit.py and their shared scripts/study_harness.py.
+"""studies/study.py, studies/study_overfit.py and their shared studies/study_harness.py.
 
 The examples apply DropGrad by default, so a baseline that only omits the DropGrad flags
 silently trains with the example's rates. These tests pin the flags of every configuration and
-the check that compares them with what the callback logged, and the harness's results store
-and statistics.
+the check that compares them with what the callback logged, and the harness's results store,
+statistics and protocol: every study's summary is recomputed, byte for byte, from its
+committed results.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
-from tests.study_helpers import require_offline_data, study_script
+import studies
+from studies import study
+from studies import study_harness as harness
+from studies import study_overfit as overfit
+from tests.study_helpers import require_offline_data
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def study():
-    with study_script("study") as module:
-        yield module
+# ---------------------------------------------------------------- studies/study_harness.py
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with study_script("study_harness") as module:
-        yield module
-
-
-# ---------------------------------------------------------------- scripts/study_harness.py
-
-
-def test_mean_sd_of_one_value_is_undefined_not_zero(harness):
+def test_mean_sd_of_one_value_is_undefined_not_zero():
     # One run says nothing about the spread: the two former copies (mean_sd, mean_std)
     # disagreed here, one answering 0.0, which printed "± 0.0000" for a single seed.
     assert harness.mean_sd([]) == pytest.approx((math.nan, math.nan), nan_ok=True)
@@ -45,7 +44,7 @@ def test_mean_sd_of_one_value_is_undefined_not_zero(harness):
     assert harness.fmt(math.nan) == "—" and harness.fmt(1.25, 2, sign=True) == "+1.25"
 
 
-def test_paired_compares_seed_by_seed(harness):
+def test_paired_compares_seed_by_seed():
     diff = harness.paired({0: 0.55, 1: 0.60, 2: 0.90, 3: 0.40}, {0: 0.50, 1: 0.60, 3: 0.45})
     assert (diff.better, diff.worse, diff.n) == (1, 1, 3)  # seed 2 has no reference
     assert diff.mean == pytest.approx(0.0) and diff.se == pytest.approx(0.05 / math.sqrt(3))
@@ -53,7 +52,7 @@ def test_paired_compares_seed_by_seed(harness):
     assert (lower.better, lower.worse) == (2, 0) and lower.mean == pytest.approx(-0.75)
 
 
-def test_result_store_csv_round_trip_and_claims(harness, tmp_path):
+def test_result_store_csv_round_trip_and_claims(tmp_path):
     store = harness.ResultStore(tmp_path, ("arm", "seed"), ["arm", "seed", "acc", "flag"],
                                 sort_key=lambda r: (r["seed"], r["arm"]), keep_json=False,
                                 field_types={"seed": int, "acc": float, "flag": bool})
@@ -69,9 +68,102 @@ def test_result_store_csv_round_trip_and_claims(harness, tmp_path):
                                     {"arm": "b", "seed": 1, "acc": 0.25, "flag": True}]
 
 
-def test_expected_rate_logs_of_every_configuration(study):
+class ToyStudy(harness.Study):
+    """A study without training: the protocol's smallest instance."""
+
+    module = "tests.test_study"
+    defaults: ClassVar[dict] = {"seeds": 2, "scale": 1.0}
+    arms = (harness.Config("a"), harness.Config("b"))
+
+    def __init__(self) -> None:
+        self.trained: list[tuple[str, int]] = []
+
+    def store(self, out: Path) -> harness.ResultStore:
+        return harness.ResultStore(out, ("arm", "seed"), ["arm", "seed", "value"],
+                                   sort_key=lambda r: (r["seed"], r["arm"]), keep_json=False,
+                                   field_types={"seed": int, "value": float})
+
+    def train(self, arm: str, seed: int, scale: float) -> dict:
+        self.trained.append((arm, seed))
+        return {"arm": arm, "seed": seed, "value": scale * seed}
+
+    def jobs(self, args):
+        for seed in range(args.seeds):
+            for arm in self.selected_arms(args):
+                yield harness.Job((arm.name, seed), f"{arm.name} seed {seed}",
+                                  lambda log, a=arm.name, s=seed: self.train(a, s, args.scale))
+
+    def describe(self, row: dict) -> str:
+        return f"value {row['value']}"
+
+    def report(self, out: Path, meta) -> str:
+        rows = self.store(out).load()
+        text = f"{len(rows)} runs, seeds 0 to {meta['seeds'] - 1}: {[r['value'] for r in rows]}\n"
+        harness.atomic_write(out / "summary.md", text)
+        return text
+
+
+def test_the_protocol_resumes_grows_refuses_and_reports(tmp_path):
+    toy = ToyStudy()
+    out = ["--out", str(tmp_path)]
+    toy.main([*out, "--arms", "b"])
+    assert toy.trained == [("b", 0), ("b", 1)]
+    rows = toy.main(out)  # resumed: only the other arm trains
+    assert toy.trained[2:] == [("a", 0), ("a", 1)]
+    assert [(r["arm"], r["seed"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    toy.main([*out, "--seeds", "3"])  # seeds may grow
+    assert toy.trained[4:] == [("a", 2), ("b", 2)]
+    with pytest.raises(SystemExit, match="other settings"):
+        toy.main([*out, "--scale", "2"])
+    meta = harness.read_meta(tmp_path)
+    assert meta["settings"] == {"scale": 1.0} and meta["seeds"] == 3
+    assert meta["command"] == f"python -m tests.test_study --out {tmp_path} --seeds 3"
+    assert set(meta["machine"]) == {"torch", "cpu_count"}
+    summary = (tmp_path / "summary.md").read_text()
+    (tmp_path / "summary.md").unlink()
+    assert len(toy.main([*out, "--report"])) == 6 and len(toy.trained) == 6  # no training
+    assert (tmp_path / "summary.md").read_text() == summary == (
+        "6 runs, seeds 0 to 2: [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]\n")
+
+
+def _study_modules() -> list:
+    """Every study of studies/ (the modules other than the harness)."""
+    names = [info.name for info in pkgutil.iter_modules(studies.__path__)]
+    return [importlib.import_module(f"studies.{name}") for name in sorted(names)
+            if name != "study_harness"]
+
+
+def test_every_study_follows_the_protocol():
+    makefile = (ROOT / "Makefile").read_text()
+    modules = _study_modules()
+    assert {"studies.study", "studies.study_overfit", "studies.study_tuned"} <= {
+        m.__name__ for m in modules}  # and any study added since
+    for module in modules:
+        assert isinstance(module.STUDY, harness.Study), module.__name__
+        assert module.STUDY.module == module.__name__ and module.main == module.STUDY.main
+        assert module.STUDY.out.startswith("docs/study") and module.STUDY.arms
+        assert f"-m {module.__name__}" in makefile, f"no Makefile target runs {module.__name__}"
+
+
+@pytest.mark.parametrize("module", _study_modules(), ids=lambda m: m.__name__)
+def test_every_summary_recomputes_from_the_committed_results(module, tmp_path):
+    """summary.md, rebuilt from the committed results file and study_meta.json alone (no
+    training), is the committed one byte for byte."""
+    pytest.importorskip("matplotlib")
+    folder = ROOT / module.STUDY.out
+    if not (folder / "study_meta.json").exists():
+        pytest.skip(f"{folder} holds no results yet")
+    for path in folder.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "summary.md").unlink()
+    module.main(["--report", "--out", str(tmp_path)])
+    assert (tmp_path / "summary.md").read_text() == (folder / "summary.md").read_text()
+
+
+def test_expected_rate_logs_of_every_configuration():
     expected = {
-        (task, config.name): study.expected_rate_logs(config)
+        (task, config.name): harness.expected_rate_logs(config)
         for task, configs in (
             ("seq2seq", study.SEQ2SEQ_CONFIGS),
             ("classification", study.CLASSIFICATION_CONFIGS),
@@ -95,7 +187,7 @@ def test_expected_rate_logs_of_every_configuration(study):
     }
 
 
-def test_baselines_switch_off_the_examples_default_rates(study):
+def test_baselines_switch_off_the_examples_default_rates():
     # Without these flags the flagship trains with encoder=0.1,decoder=0.2 and the classifier
     # with 0.1: the "baseline" would not be one.
     seq2seq = study.SEQ2SEQ_CONFIGS[0]
@@ -105,17 +197,17 @@ def test_baselines_switch_off_the_examples_default_rates(study):
     assert classification.flags == ("--dropgrad_rate", "0")
 
 
-def test_check_rates_accepts_what_the_configuration_asks_for(study, tmp_path):
+def test_check_rates_accepts_what_the_configuration_asks_for(tmp_path):
     both = study.SEQ2SEQ_CONFIGS[2]
     history = [
         {"step": 6, "loss": 3.0, "dropgrad_rate/encoder": 0.3, "dropgrad_rate/decoder": 0.3},
         {"step": 12, "loss": 2.0, "dropgrad_rate/encoder": 0.3, "dropgrad_rate/decoder": 0.3},
         {"step": 12, "eval_loss": 2.5},
     ]
-    study.check_rates(both, history, tmp_path)
+    harness.check_rates(both, history, tmp_path)
     # a baseline may log rate 0 (DropGrad installed as an exact no-op) or nothing at all
-    study.check_rates(study.SEQ2SEQ_CONFIGS[0], [{"step": 6, "dropgrad_rate": 0.0}], tmp_path)
-    study.check_rates(study.SEQ2SEQ_CONFIGS[0], [{"step": 6, "loss": 1.0}], tmp_path)
+    harness.check_rates(study.SEQ2SEQ_CONFIGS[0], [{"step": 6, "dropgrad_rate": 0.0}], tmp_path)
+    harness.check_rates(study.SEQ2SEQ_CONFIGS[0], [{"step": 6, "loss": 1.0}], tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -131,28 +223,22 @@ def test_check_rates_accepts_what_the_configuration_asks_for(study, tmp_path):
         (1, [{"step": 6, "loss": 1.0}], "0.1"),
     ],
 )
-def test_check_rates_rejects_a_run_with_other_rates(study, tmp_path, index, history, match):
+def test_check_rates_rejects_a_run_with_other_rates(tmp_path, index, history, match):
     with pytest.raises(RuntimeError, match=match):
-        study.check_rates(study.SEQ2SEQ_CONFIGS[index], history, tmp_path)
+        harness.check_rates(study.SEQ2SEQ_CONFIGS[index], history, tmp_path)
 
 
-# ---------------------------------------------------------------- scripts/study_overfit.py
+# ---------------------------------------------------------------- studies/study_overfit.py
 
 
-@pytest.fixture(scope="module")
-def overfit():
-    with study_script("study_overfit") as module:
-        yield module
-
-
-def test_overfit_arms_are_wired_as_named(overfit):
+def test_overfit_arms_are_wired_as_named():
     arms = {arm.name: arm for arm in overfit.ARMS}
     assert list(arms) == [
         "baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.6", "p=0.7", "p=0.8",
         "p=0.5 full update drop", "weight decay 0.1", "model dropout 0.2",
         "learning rate x0.5",
     ]
-    expected_logs = {name: overfit.expected_rate_logs(arm.config) for name, arm in arms.items()}
+    expected_logs = {name: harness.expected_rate_logs(arm.config) for name, arm in arms.items()}
     assert expected_logs == {
         "baseline": {}, "p=0.1": {"dropgrad_rate": 0.1}, "p=0.3": {"dropgrad_rate": 0.3},
         "p=0.5": {"dropgrad_rate": 0.5}, "p=0.6": {"dropgrad_rate": 0.6},
@@ -180,7 +266,7 @@ def test_overfit_arms_are_wired_as_named(overfit):
     assert argv[-2:] == ["--dropgrad_rate", "0.7"]  # the arm's flags come last and win
 
 
-def test_overfit_paired_differences(overfit):
+def test_overfit_paired_differences():
     rows = [
         {"arm": "baseline", "seed": 0, "x": 0.50}, {"arm": "baseline", "seed": 1, "x": 0.60},
         {"arm": "p=0.7", "seed": 0, "x": 0.55}, {"arm": "p=0.7", "seed": 1, "x": 0.60},
@@ -199,7 +285,7 @@ TINY_ARMS = ["baseline", "p=0.7", "p=0.5 full update drop", "weight decay 0.1",
 
 
 @pytest.mark.slow
-def test_overfit_study_tiny_run(overfit, tmp_path):
+def test_overfit_study_tiny_run(tmp_path):
     """Each kind of arm trains for real on a tiny setting, its rates and settings verified
     per run; a second call resumes (trains nothing) and the report is rebuilt."""
     require_offline_data()
@@ -224,11 +310,11 @@ def test_overfit_study_tiny_run(overfit, tmp_path):
     assert (out / "accuracy_vs_rate.png").exists() and (out / "learning_curves.png").exists()
 
 
-def test_overfit_append_row_keeps_other_workers_rows(overfit, tmp_path):
+def test_overfit_append_row_keeps_other_workers_rows(tmp_path):
     row = {"task": "classification", "arm": "p=0.1", "seed": 1, "curve": []}
-    store = overfit.store(tmp_path)
+    store = overfit.STUDY.store(tmp_path)
     store.append(dict(row, seed=1))
-    overfit.store(tmp_path).append(dict(row, arm="baseline", seed=0))  # another worker
+    overfit.STUDY.store(tmp_path).append(dict(row, arm="baseline", seed=0))  # another worker
     rows = store.append(dict(row, seed=0))
     assert [(r["arm"], r["seed"]) for r in rows] == [("baseline", 0), ("p=0.1", 0),
                                                      ("p=0.1", 1)]
@@ -236,7 +322,7 @@ def test_overfit_append_row_keeps_other_workers_rows(overfit, tmp_path):
     assert (tmp_path / "results.csv").read_text().count("\n") == 4
 
 
-def test_overfit_verify_run_rejects_other_settings(overfit, tmp_path):
+def test_overfit_verify_run_rejects_other_settings(tmp_path):
     import torch
 
     from hf_dropgrad import DropGradTrainingArguments

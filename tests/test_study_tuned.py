@@ -1,4 +1,4 @@
-"""scripts/study_tuned.py: the learning rate of every arm is chosen on dev, never on test."""
+"""studies/study_tuned.py: the learning rate of every arm is chosen on dev, never on test."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.study_helpers import require_offline_data, study_script
-
-
-@pytest.fixture(scope="module")
-def tuned():
-    with study_script("study_tuned") as module:
-        yield module
+from studies import study_tuned as tuned
+from tests.study_helpers import require_offline_data
 
 
 class DevOnly(dict):
@@ -43,7 +38,7 @@ TEST = {("baseline", 1e-3): (50.0, 52.0), ("baseline", 5e-4): (20.0, 22.0),
         ("p=0.6", 1e-3): (21.0, 25.0), ("p=0.6", 5e-4): (60.0, 60.0)}
 
 
-def test_selection_follows_dev_and_never_reads_test(tuned):
+def test_selection_follows_dev_and_never_reads_test():
     rows = _rows(DEV, TEST)
     assert tuned.select_learning_rates(rows) == {"baseline": 5e-4, "p=0.6": 1e-3}
     assert tuned.select_learning_rates([DevOnly(r) for r in rows]) == {
@@ -53,7 +48,7 @@ def test_selection_follows_dev_and_never_reads_test(tuned):
     assert tuned.select_learning_rates(_rows(TEST, DEV)) == {"baseline": 1e-3, "p=0.6": 5e-4}
 
 
-def test_comparison_pairs_test_at_each_arms_dev_choice(tuned):
+def test_comparison_pairs_test_at_each_arms_dev_choice():
     (base, drop) = tuned.comparison(_rows(DEV, TEST))
     assert (base["arm"], base["learning_rate"]) == ("baseline", 5e-4)
     assert (drop["arm"], drop["learning_rate"]) == ("p=0.6", 1e-3)
@@ -67,7 +62,7 @@ def test_comparison_pairs_test_at_each_arms_dev_choice(tuned):
     assert "| p=0.6 | 0.001 | 2 | 41.0 ± 0.0 | 23.0 ± 2.8 | +2.0 ± 1.0 | 2 / 0 of 2 |" in table
 
 
-def test_only_seeds_with_every_run_enter_the_choice(tuned):
+def test_only_seeds_with_every_run_enter_the_choice():
     rows = [*_rows(DEV, TEST),
             {"arm": "baseline", "learning_rate": 1e-3, "seed": 2, "dev_accuracy": 99.0}]
     assert tuned.complete_seeds(rows, [1e-3, 5e-4], ["baseline", "p=0.6"]) == {0, 1}
@@ -75,7 +70,7 @@ def test_only_seeds_with_every_run_enter_the_choice(tuned):
     assert tuned.complete_seeds(rows, [1e-3, 2.5e-4], ["baseline"]) == set()
 
 
-def test_run_argv_and_arms(tuned):
+def test_run_argv_and_arms():
     assert [(a.name, a.rate, a.full_update_drop) for a in tuned.ARMS] == [
         ("baseline", 0.0, False), ("p=0.6", 0.6, False), ("p=0.5 full update drop", 0.5, True)]
     assert [tuned.harness.expected_rate_logs(a) for a in tuned.ARMS] == [
@@ -87,7 +82,7 @@ def test_run_argv_and_arms(tuned):
     assert argv[-4:] == ["--dropgrad_rate", "0.5", "--dropgrad_full_update_drop", "true"]
 
 
-def test_eval_splits_are_disjoint(tuned):
+def test_eval_splits_are_disjoint():
     require_offline_data()
     splits = tuned.eval_splits(40, 60)
     dev, test = ({r["id"] for r in splits[name]} for name in ("dev", "test"))
@@ -101,7 +96,7 @@ def test_eval_splits_are_disjoint(tuned):
 
 
 @pytest.mark.slow
-def test_tuned_study_tiny_run(tuned, tmp_path):
+def test_tuned_study_tiny_run(tmp_path):
     """Two learning rates, two seeds, one epoch, the baseline and full update drop (the arm
     with the most flags): trained for real, scored on dev and test, resumed without training,
     and the summary recomputed from results.csv alone."""

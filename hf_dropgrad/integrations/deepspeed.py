@@ -129,8 +129,6 @@ def attach_layout(zero: Any, dropgrad: Any) -> FlatLayout:
                 "DropGrad does not support DeepSpeed ZeRO-3 with offload_optimizer: ZeRO then "
                 "steps some partitions with a second optimizer DropGrad does not wrap"
             )
-    if getattr(zero, _ATTACHED, None) is dropgrad and dropgrad.layout is not None:
-        return dropgrad.layout  # installing wraps and attaches; training start attaches again
     layout = zero_layout(zero, dropgrad.num_params)
     dropgrad.set_layout(layout)
     setattr(zero, _ATTACHED, dropgrad)

@@ -1,21 +1,24 @@
 """The masking backends, and the one place that chooses among them.
 
 =========  ==========================================  =====================================
-backend    module                                      runs on
+backend    what the plan calls                         runs on
 =========  ==========================================  =====================================
-``cpp``    :mod:`hf_dropgrad.kernels.cpp`              CPU (built on first use)
-``triton`` :mod:`hf_dropgrad.kernels.triton`           CUDA (CPU under ``TRITON_INTERPRET=1``)
+``cpp``    :mod:`hf_dropgrad.kernels.ops` (the C++     CPU (built on first use by
+           kernel is the ops' CPU implementation)      :mod:`hf_dropgrad.kernels.cpp`)
+``triton`` :mod:`~hf_dropgrad.kernels.ops` on CUDA,    CUDA (CPU under ``TRITON_INTERPRET=1``)
+           :mod:`hf_dropgrad.kernels.triton` else
 ``torch``  :mod:`hf_dropgrad.kernels.reference`        any device: the oracle and the fallback
 =========  ==========================================  =====================================
 
-The kernels are ``torch.library`` ops (:mod:`hf_dropgrad.kernels.ops`: ``hf_dropgrad::mask_``,
-``keep_mask_``, ``gather_dropped_many``, ``scatter_dropped_many``) whose implementation the
-dispatcher picks by the tensors' device: the C++ kernel on CPU, Triton on CUDA, the reference
-elsewhere. ``HF_DROPGRAD_BACKEND`` only forces one, and this module is the one place that reads
-it: :func:`choose` says which backend takes a tensor, :func:`dispatch` what to call for it (the
-ops when the backend is the one the device takes anyway, the backend's module otherwise), and
-:func:`check_forced_backend` refuses, when ``DropGrad`` is built, a forced backend that cannot
-run in this environment at all.
+Every backend offers the same functions with the same signatures and returns, the backend
+protocol (:class:`~hf_dropgrad.kernels.protocol.Backend`). The kernels are ``torch.library``
+ops (:mod:`hf_dropgrad.kernels.ops`) whose implementation the dispatcher picks by the tensors'
+device: the C++ kernel on CPU, Triton on CUDA, the reference elsewhere. ``HF_DROPGRAD_BACKEND``
+only forces one, and this module is the one place that reads it: :func:`choose` returns the
+:class:`~hf_dropgrad.kernels.protocol.Plan` of a tensor (which backend, the module to call,
+what it can do), and :func:`check_forced_backend` refuses, when ``DropGrad`` is built, a forced
+backend that cannot run in this environment at all. Nothing outside this package names a
+backend.
 
 ``auto`` (the default) takes ``cpp`` for CPU tensors, ``triton`` for CUDA tensors when Triton
 imports, and ``torch`` for everything else (other devices, float64 gradients, tensor subclasses,
@@ -28,25 +31,25 @@ bit-identical to the reference (NaN payloads aside).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from hf_dropgrad.kernels import ops
+from hf_dropgrad.kernels import loaders, ops, reference
+from hf_dropgrad.kernels.protocol import Backend, Plan
 
 __all__ = [
     "BACKENDS",
     "ENV",
+    "Backend",
     "BackendUnavailableError",
-    "backend_module",
+    "Plan",
     "check_backend_accepts",
     "check_forced_backend",
     "choose",
-    "dispatch",
-    "native_backend",
+    "plan_of",
     "requested_backend",
     "triton_module",
 ]
@@ -58,11 +61,6 @@ BACKENDS = ("auto", "cpp", "triton", "torch")
 MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 Purpose = Literal["mask", "pack", "keep"]
-
-_lock = threading.Lock()
-_triton: ModuleType | None = None
-_triton_error: str | None = None
-
 
 class BackendUnavailableError(RuntimeError):
     """The backend forced by ``HF_DROPGRAD_BACKEND`` cannot run here, or cannot take a tensor."""
@@ -80,66 +78,9 @@ def requested_backend() -> str:
     return value
 
 
-def _cpp() -> ModuleType | None:
-    from hf_dropgrad.kernels import cpp
-
-    return cpp if cpp.load() is not None else None
-
-
-def _cpp_error() -> str:
-    from hf_dropgrad.kernels import cpp
-
-    return cpp.unavailable_reason() or "unknown reason"
-
-
-def _load_triton() -> ModuleType | None:
-    global _triton, _triton_error
-    if _triton is not None or _triton_error is not None:
-        return _triton
-    with _lock:
-        if _triton is None and _triton_error is None:
-            try:
-                from hf_dropgrad.kernels import triton as module
-
-                _triton = module
-            except Exception as exc:  # ImportError, or a Triton that cannot initialise
-                _triton_error = f"{type(exc).__name__}: {exc}"
-    return _triton
-
-
 def triton_module() -> ModuleType | None:
     """:mod:`hf_dropgrad.kernels.triton`, or ``None`` when Triton does not import."""
-    return _load_triton()
-
-
-def native_backend(device: torch.device) -> str:
-    """The backend the ``hf_dropgrad`` ops run for tensors on ``device``.
-
-    ``cpp`` on CPU once the C++ library is loaded (this loads it), ``triton`` on CUDA when
-    Triton imports, ``torch`` (the reference, the ops' default implementation) otherwise.
-    """
-    if device.type == "cpu":
-        return "cpp" if _cpp() is not None else "torch"
-    if device.type == "cuda":
-        return "triton" if _load_triton() is not None else "torch"
-    return "torch"
-
-
-def dispatch(backend: str, device: torch.device) -> ModuleType:
-    """What to call to run ``backend`` (from :func:`choose`) on tensors of ``device``.
-
-    :mod:`hf_dropgrad.kernels.ops` (the torch ops: the dispatcher then runs the device's
-    implementation, and ``torch.compile`` sees one opaque node) when ``backend`` is what the
-    device takes anyway; otherwise the backend's own module, called directly: the reference
-    forced on CPU or CUDA, Triton's interpreter on CPU tensors. Each has ``mask_``,
-    ``gather_dropped_many`` and ``scatter_dropped_many`` with the same signatures.
-    """
-    if backend == "torch" and device.type in ("cpu", "cuda"):
-        # The ops would run the fused kernel registered for the device.
-        return backend_module("torch")
-    if backend == native_backend(device):
-        return ops
-    return backend_module(backend)
+    return loaders.triton_module()
 
 
 def check_forced_backend() -> str:
@@ -157,16 +98,16 @@ def check_forced_backend() -> str:
             says why.
     """
     requested = requested_backend()
-    if requested == "cpp" and _cpp() is None:
+    if requested == "cpp" and loaders.cpp_module() is None:
         raise BackendUnavailableError(
-            f"{ENV}=cpp, but the C++ kernel is unavailable: {_cpp_error()}. Unset {ENV} (or "
+            f"{ENV}=cpp, but the C++ kernel is unavailable: {loaders.cpp_error()}. Unset {ENV} (or "
             "set it to auto) to let hf_dropgrad choose, or torch for the reference path."
         )
     if requested == "triton":
-        module = _load_triton()
+        module = loaders.triton_module()
         if module is None:
             raise BackendUnavailableError(
-                f"{ENV}=triton, but Triton does not import: {_triton_error} (pip install "
+                f"{ENV}=triton, but Triton does not import: {loaders.triton_error()} (pip install "
                 "triton)."
             )
         if not torch.cuda.is_available() and not module.interpreting():
@@ -176,27 +117,6 @@ def check_forced_backend() -> str:
                 "choose."
             )
     return requested
-
-
-def backend_module(name: str) -> ModuleType:
-    """The module of backend ``name`` (``cpp``, ``triton`` or ``torch``), loading it if needed."""
-    if name == "torch":
-        from hf_dropgrad.kernels import reference
-
-        return reference
-    if name == "cpp":
-        module = _cpp()
-        if module is None:
-            raise BackendUnavailableError(f"the cpp backend is unavailable: {_cpp_error()}")
-        return module
-    if name == "triton":
-        module = _load_triton()
-        if module is None:
-            raise BackendUnavailableError(
-                f"the triton backend is unavailable: {_triton_error} (pip install triton)"
-            )
-        return module
-    raise ValueError(f"unknown backend {name!r}; allowed: cpp, triton, torch")
 
 
 def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None:
@@ -213,13 +133,14 @@ def _why_not(backend: str, tensor: torch.Tensor, purpose: Purpose) -> str | None
     if backend == "cpp":
         if device != "cpu":
             return f"it runs on CPU tensors, got one on {tensor.device}"
-        if _cpp() is None:
-            return f"it is unavailable: {_cpp_error()}"
+        if loaders.cpp_module() is None:
+            return f"it is unavailable: {loaders.cpp_error()}"
     elif backend == "triton":
-        if _load_triton() is None:
-            return f"Triton does not import: {_triton_error} (pip install triton)"
-        assert _triton is not None
-        if device != "cuda" and not (device == "cpu" and _triton.interpreting()):
+        if loaders.triton_module() is None:
+            return f"Triton does not import: {loaders.triton_error()} (pip install triton)"
+        if device != "cuda" and not (
+            device == "cpu" and loaders.triton_module().interpreting()  # type: ignore[union-attr]
+        ):
             return (
                 f"it runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got one "
                 f"on {tensor.device}"
@@ -252,8 +173,40 @@ def check_backend_accepts(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> 
             )
 
 
-def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | None = None) -> str:
-    """The backend for ``tensor``: ``"cpp"``, ``"triton"`` or ``"torch"``.
+def plan_of(backend: str, device: torch.device) -> Plan:
+    """The plan that runs ``backend`` on tensors of ``device``.
+
+    The ops (the dispatcher then runs the device's implementation, and ``torch.compile`` sees
+    one opaque node) when ``backend`` is what the device takes anyway; otherwise the backend's
+    own module, called directly: the reference forced on CPU or CUDA, Triton's interpreter on
+    CPU tensors.
+
+    Raises:
+        BackendUnavailableError: the backend's module cannot be loaded.
+    """
+    if backend == "torch":
+        return _REFERENCE
+    if backend == "cpp":
+        if loaders.cpp_module() is None:
+            raise BackendUnavailableError(f"the cpp backend is unavailable: {loaders.cpp_error()}")
+        return _CPP
+    if backend == "triton":
+        module = loaders.triton_module()
+        if module is None:
+            raise BackendUnavailableError(
+                f"the triton backend is unavailable: {loaders.triton_error()} (pip install triton)"
+            )
+        return _TRITON_OPS if device.type == "cuda" else Plan("triton", module, fused=True)
+    raise ValueError(f"unknown backend {backend!r}; allowed: cpp, triton, torch")
+
+
+_REFERENCE = Plan("torch", reference, fused=False)
+_CPP = Plan("cpp", ops, fused=True)
+_TRITON_OPS = Plan("triton", ops, fused=True)
+
+
+def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | None = None) -> Plan:
+    """The :class:`~hf_dropgrad.kernels.protocol.Plan` for ``tensor``.
 
     ``requested``: :func:`requested_backend`'s value, read once by callers that choose for
     many tensors (default: read it now).
@@ -268,17 +221,17 @@ def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | Non
     if requested is None:
         requested = requested_backend()
     if requested == "torch":
-        return "torch"
+        return _REFERENCE
     if requested == "auto":
         device = tensor.device.type
         candidate = "cpp" if device == "cpu" else "triton" if device == "cuda" else None
         if candidate is None or _why_not(candidate, tensor, purpose) is not None:
-            return "torch"
+            return _REFERENCE
         if purpose == "pack" and not tensor.is_contiguous():
             # A fused backend would pack a contiguous copy (a full-size temporary of the
-            # parameter); the reference's 1-byte mask of it costs less.
-            return "torch"
-        return candidate
+            # parameter); the reference works on it in spans.
+            return _REFERENCE
+        return plan_of(candidate, tensor.device)
     reason = _why_not(requested, tensor, purpose)
     if reason is not None:
         raise BackendUnavailableError(
@@ -286,4 +239,4 @@ def choose(tensor: torch.Tensor, purpose: Purpose = "mask", requested: str | Non
             f"{tuple(tensor.shape)} on {tensor.device}: {reason}. Unset {ENV} (or set it to "
             "auto) to let hf_dropgrad choose, or torch for the reference path."
         )
-    return requested
+    return plan_of(requested, tensor.device)

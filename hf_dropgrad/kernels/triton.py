@@ -18,11 +18,15 @@ All the gradients of a call that share a device and dtype go in one launch per *
 So a call makes one launch per dtype, or two when a dtype has tensors of both kinds.
 
 A program finds its tensor with two dependent loads and no search: the host builds a
-*program map* (one int32 per program: the row of the program's tensor in the table), and the
-program reads its entry, then its tensor's row of the table (data pointer, size, offset, key,
-first program, threshold, scale). The table and the map travel to the device in two
-asynchronous copies from pinned memory, so there is no host-device synchronisation; the map only
-depends on the tensors' sizes and offsets and is cached, pinned, on the host. In-chunk indices
+*program map* (three int32 per program: the row of the program's tensor in the table, the run of
+the tensor the program works in, and the program's chunk within that run), and the program
+reads its entry, then its tensor's row of the table (data pointer, run length, offset, key, run
+stride, threshold, scale). A tensor in several runs (a column shard under tensor parallel, see
+:mod:`hf_dropgrad.kernels.checks`) costs nothing more per program than a contiguous one: the
+run's stream offset and data pointer are two multiply-adds. The table and the map travel to the
+device in two asynchronous copies from pinned memory, so there is no host-device
+synchronisation; the map only depends on the tensors' sizes, offsets and runs and is cached,
+pinned, on the host. In-chunk indices
 are int32 (the chunk's base pointer carries the 64-bit part), which keeps every masking variant
 well under 64 registers per thread (``scripts/inspect_kernels.py`` prints the compiled
 figures). The bits equal the C++ kernel's and the reference's (bfloat16 is rounded in the kernel
@@ -35,7 +39,7 @@ elements of every chunk of every tensor, ``torch.cumsum`` turns the counts into 
 device, and a moving kernel writes (or reads back) each chunk's dropped values at its offset, in
 stream order. Sizing the values tensor reads the total back to the host: one synchronisation per
 call, whatever the number of tensors. Memory: the values (``p`` times the tensors' bytes) plus
-8 bytes of offsets and 4 bytes of program map per 4096 elements.
+8 bytes of offsets and 12 bytes of program map per chunk.
 
 Every kernel variant the backend launches is listed in :data:`VARIANTS` with its compile
 signature, and launches go through it, so ``scripts/inspect_kernels.py`` compiles exactly what
@@ -57,19 +61,27 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_dropgrad.kernels.checks import check_lengths, check_offset, check_offsets
-from hf_dropgrad.kernels.stream import CHUNK, RESOLUTION, signed64
+from hf_dropgrad.kernels.checks import (
+    check_lengths,
+    check_offset,
+    check_offsets,
+    check_pairs,
+    check_runs,
+    check_threshold,
+)
+from hf_dropgrad.kernels.stream import CHUNK, signed64
 
 __all__ = [
     "DTYPES",
     "VARIANTS",
     "Variant",
-    "gather_dropped",
+    "gather_dropped_at",
     "gather_dropped_many",
     "interpreting",
+    "keep_mask_",
     "mask_",
-    "num_chunks",
-    "scatter_dropped",
+    "mask_counted_",
+    "mask_gather_dropped_",
     "scatter_dropped_many",
 ]
 
@@ -101,13 +113,6 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def num_chunks(numel: int, offset: int = 0) -> int:
-    """Number of stream chunks that elements ``offset .. offset + numel - 1`` touch."""
-    if numel <= 0:
-        return 0
-    return (offset + numel - 1) // CHUNK - offset // CHUNK + 1
-
-
 # ----------------------------------------------------------------------------------- kernels
 # Every runtime argument is left unspecialised (no "divisible by 16" or "equals 1" variants), so
 # a kernel compiles to exactly one binary per entry of VARIANTS, the one inspect_kernels.py reads.
@@ -115,8 +120,9 @@ def _jit(*params: str):
     return triton.jit(do_not_specialize=list(params), do_not_specialize_on_alignment=list(params))
 
 
-# A row of the table the kernels read is 8 int64: data pointer, numel, offset, key (int64
-# bits), first program of the tensor in its launch, threshold, scale (float32 bits), unused.
+# A row of the table the kernels read is 8 int64: data pointer, run length, offset, key (int64
+# bits), run stride, threshold, scale (float32 bits), unused. A program's entry of the program
+# map is 3 int32: its table row, its run, its chunk within the run.
 
 
 @triton.jit
@@ -134,28 +140,36 @@ def _hashes(key, chunk):
 def _locate(table, progmap, V: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's tensor and chunk: two dependent loads (map entry, then the table row).
 
-    Returns the row, the chunk (global index), ``start`` (the tensor index of the chunk's first
-    stream element, int64, negative when the tensor starts inside the chunk), the in-chunk bounds
-    ``[lo, hi)`` of the tensor (int32), and the key. On the aligned path ``offset``, ``numel``
-    and so ``start``, ``lo`` and ``hi`` are multiples of ``V`` elements (16 bytes).
+    Returns the row, the chunk (global index), ``start`` (the index, within the program's run,
+    of the chunk's first stream element: int64, negative when the run starts inside the chunk),
+    the in-chunk bounds ``[lo, hi)`` of the run (int32), the key, and the local index of the
+    run's first element. On the aligned path the run length, offset and stride, and so
+    ``start``, ``lo``, ``hi`` and the run's first element, are multiples of ``V`` elements
+    (16 bytes).
     """
-    pid = tl.program_id(0)
-    row = table + tl.load(progmap + pid).to(tl.int64) * 8  # 8 words per row
-    numel = tl.load(row + 1)
+    entry = progmap + tl.program_id(0).to(tl.int64) * 3
+    row = table + tl.load(entry).to(tl.int64) * 8  # 8 words per row
+    r = tl.load(entry + 1).to(tl.int64)
+    k = tl.load(entry + 2).to(tl.int64)
+    run = tl.load(row + 1)
     offset = tl.load(row + 2)
     key = tl.load(row + 3).to(tl.uint64)
-    first = tl.load(row + 4)
+    stride = tl.load(row + 4)
     if ALIGNED:
-        numel = tl.multiple_of(numel, V)
+        run = tl.multiple_of(run, V)
         offset = tl.multiple_of(offset, V)
-    chunk = pid - first + offset // 4096
-    start = chunk * 4096 - offset
+        stride = tl.multiple_of(stride, V)
+    at = offset + r * stride  # the run's first stream element
+    chunk = at // 4096 + k
+    start = chunk * 4096 - at
     lo = tl.maximum(-start, 0).to(tl.int32)
-    hi = tl.minimum(numel - start, 4096).to(tl.int32)
+    hi = tl.minimum(run - start, 4096).to(tl.int32)
+    first = r * run
     if ALIGNED:
         lo = tl.multiple_of(lo, V)
         hi = tl.multiple_of(hi, V)
-    return row, chunk, start, lo, hi, key
+        first = tl.multiple_of(first, V)
+    return row, chunk, start + first, lo, hi, key
 
 
 @triton.jit
@@ -227,26 +241,29 @@ def _count_kernel(table, progmap, counts):
     row, chunk, _start, lo, hi, key = _locate(table, progmap, 1, False)
     threshold = tl.load(row + 5).to(tl.int32)
     z = _hashes(key, chunk)
-    total = 0
+    # Counted per thread across the four lanes, then reduced once: four reductions of i1
+    # vectors made the compiler pack partial sums as bytes through an 8-byte stack frame.
+    dropped = tl.zeros([1024], dtype=tl.int32)
     for j in tl.static_range(4):
         local = _lane(j, False)
-        dropped = (((z >> (16 * j)) & 0xFFFF).to(tl.int32) < threshold) & (local >= lo) & (
-            local < hi
-        )
-        total += tl.sum(dropped.to(tl.int32), axis=0)
+        bits = ((z >> (16 * j)) & 0xFFFF).to(tl.int32)
+        dropped += tl.where((bits < threshold) & (local >= lo) & (local < hi), 1, 0)
+    total = tl.sum(dropped, axis=0)
     pid = tl.program_id(0)
     tl.store(counts + pid + 1, total.to(tl.int64))
     if pid == 0:
         tl.store(counts, total.to(tl.int64) * 0)
 
 
-@_jit("table", "progmap", "values", "starts")
-def _move_kernel(table, progmap, values, starts, DTYPE: tl.constexpr, GATHER: tl.constexpr):
+@_jit("table", "progmap", "values", "starts", "nvalues")
+def _move_kernel(table, progmap, values, starts, nvalues, DTYPE: tl.constexpr,
+                 GATHER: tl.constexpr):
     """Copy this chunk's dropped elements to (GATHER) or from ``values`` at ``starts[pid]``.
 
     Elements move as raw bits (``DTYPE`` an int type of the element size). Within a chunk the
     stream order is lane after lane, each lane in element order: an in-lane prefix sum gives
-    each dropped element its slot.
+    each dropped element its slot. Slots at or past ``nvalues`` (the values tensor's length)
+    are never touched, whatever ``starts`` says.
     """
     row, chunk, start, lo, hi, key = _locate(table, progmap, 1, False)
     threshold = tl.load(row + 5).to(tl.int32)
@@ -260,10 +277,11 @@ def _move_kernel(table, progmap, values, starts, DTYPE: tl.constexpr, GATHER: tl
         )
         d = dropped.to(tl.int32)
         slot = slot0 + (tl.cumsum(d, axis=0) - d).to(tl.int64)
+        moved = dropped & (slot < nvalues)
         if GATHER:
-            tl.store(values + slot, tl.load(base + local, mask=dropped), mask=dropped)
+            tl.store(values + slot, tl.load(base + local, mask=moved), mask=moved)
         else:
-            tl.store(base + local, tl.load(values + slot, mask=dropped), mask=dropped)
+            tl.store(base + local, tl.load(values + slot, mask=moved), mask=moved)
         slot0 += tl.sum(d, axis=0).to(tl.int64)
 
 
@@ -309,7 +327,8 @@ def _all_variants() -> dict[str, Variant]:
             role = "gather" if gather else "scatter"
             found.append(Variant(
                 f"{role}_{8 * size}bit", _move_kernel, role,
-                {"table": "*i64", "progmap": "*i32", "values": f"*{name}", "starts": "*i64"},
+                {"table": "*i64", "progmap": "*i32", "values": f"*{name}", "starts": "*i64",
+                 "nvalues": "i64"},
                 {"DTYPE": int_type, "GATHER": gather}, num_warps=_PACK_WARPS,
             ))
     return {v.name: v for v in found}
@@ -339,49 +358,95 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=16)
-def _program_map(chunks: tuple[int, ...], pinned: bool) -> torch.Tensor:
-    """The program map (CPU, int32) of tensors with these chunk counts: row ``r`` repeated.
+#: ``(numel, offset, run, stride)`` of each tensor of a launch, in table order.
+_Layout = tuple[tuple[int, int, int, int], ...]
 
-    Cached (it depends only on the layout, the same at every step) and never written to; in
-    pinned memory for CUDA, so copies from it are asynchronous and need no staging.
+
+@functools.lru_cache(maxsize=64)
+def _program_map(layout: _Layout, pinned: bool) -> torch.Tensor:
+    """The program map (CPU, int32, 3 per program) of tensors laid out as ``layout``: for each
+    tensor, each run, each chunk of the run, ``(tensor row, run, chunk within the run)``.
+
+    Built in plain Python (no torch work on the host, whatever the layout), cached (it depends
+    only on the layout, the same at every step) and never written to; in pinned memory for
+    CUDA, so copies from it are asynchronous and need no staging.
     """
     out = array("i")
-    for r, n in enumerate(chunks):
-        out.extend(array("i", [r]) * n)
+    for row, (numel, offset, run, stride) in enumerate(layout):
+        for r in range(numel // run if numel else 0):
+            at = offset + r * stride
+            for k in range((at + run - 1) // CHUNK - at // CHUNK + 1):
+                out.extend((row, r, k))
     progmap = torch.frombuffer(out, dtype=torch.int32) if out else torch.empty(0, dtype=torch.int32)
     return progmap.pin_memory() if pinned else progmap
 
 
-def _upload(table: array, chunks: tuple[int, ...], device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table as int64, program map as int32) on ``device``, copied without blocking the host.
+def _upload(table: array, layout: _Layout, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(table as int64, program map as int32, programs) on ``device``, copied without blocking
+    the host.
 
     On CUDA both copies read pinned memory: the table is staged in torch's caching host
     allocator (its block is reused only once the copy has run), the map is cached pinned.
     """
     rows = torch.frombuffer(table, dtype=torch.int64)  # holds a reference to the array
+    progmap = _program_map(layout, device.type == "cuda")
+    programs = progmap.numel() // 3
     if device.type != "cuda":
-        return rows, _program_map(chunks, False)
-    progmap = _program_map(chunks, True)
+        return rows, progmap, programs
     return (rows.pin_memory().to(device, non_blocking=True),
-            progmap.to(device, non_blocking=True))
+            progmap.to(device, non_blocking=True), programs)
 
 
-def _is_aligned(tensor: torch.Tensor, offset: int) -> bool:
-    size = tensor.element_size()
-    return (
-        tensor.data_ptr() % _VECTOR_BYTES == 0
-        and offset * size % _VECTOR_BYTES == 0
-        and tensor.numel() * size % _VECTOR_BYTES == 0
-    )
+class _Call:
+    """A call's tensors, checked, with their places: what the launches read."""
 
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        keys: Sequence[int],
+        thresholds: Sequence[int],
+        offsets: Sequence[int] | None,
+        runs: Sequence[int] | None,
+        strides: Sequence[int] | None,
+    ) -> None:
+        n = len(tensors)
+        if not len(keys) == len(thresholds) == n:
+            raise ValueError(
+                f"tensors, keys and thresholds differ in length: {n}, {len(keys)}, "
+                f"{len(thresholds)}"
+            )
+        self.tensors = list(tensors)
+        self.offsets = check_offsets(offsets, n)
+        self.runs, self.strides = check_runs(
+            [t.numel() for t in tensors], self.offsets, runs, strides
+        )
+        self.keys = [signed64(int(k)) for k in keys]
+        self.thresholds = [check_threshold(t, f"thresholds[{i}]")
+                           for i, t in enumerate(thresholds)]
 
-def _check_threshold(threshold: int) -> int:
-    t = int(threshold)
-    if not 0 <= t <= RESOLUTION:
-        raise ValueError(f"threshold must be in [0, {RESOLUTION}], got {t}")
-    return t
+    def aligned(self, i: int) -> bool:
+        """Whether tensor ``i``'s pointer, runs and run starts are multiples of 16 bytes."""
+        t, size = self.tensors[i], self.tensors[i].element_size()
+        return (
+            t.data_ptr() % _VECTOR_BYTES == 0
+            and self.offsets[i] * size % _VECTOR_BYTES == 0
+            and self.runs[i] * size % _VECTOR_BYTES == 0
+            and (self.runs[i] == t.numel() or self.strides[i] * size % _VECTOR_BYTES == 0)
+        )
+
+    def table(self, index: Sequence[int], scale_bits: Sequence[int] | None = None
+              ) -> tuple[array, _Layout]:
+        """The table rows and the layout of the tensors ``index``, in that order."""
+        table = array("q")
+        layout = []
+        for i in index:
+            t = self.tensors[i]
+            table.extend((t.data_ptr(), self.runs[i], self.offsets[i], self.keys[i],
+                          self.strides[i], self.thresholds[i],
+                          0 if scale_bits is None else scale_bits[i], 0))
+            layout.append((t.numel(), self.offsets[i], self.runs[i], self.strides[i]))
+        return table, tuple(layout)
 
 
 def mask_(
@@ -390,24 +455,20 @@ def mask_(
     thresholds: Sequence[int],
     scales: Sequence[float],
     offsets: Sequence[int] | None = None,
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
 ) -> None:
     """Mask every gradient in place: per device and dtype, one launch per path (at most two).
 
     A table of the tensors and the program map go to the device in two asynchronous copies from
-    pinned memory; every program of a launch masks one stream chunk of one tensor. Tensors whose
-    pointer, offset and size are multiples of 16 bytes take the aligned (128-bit) kernel, the
-    others the generic one.
-
-    Args:
-        grads: contiguous CUDA tensors (CPU under ``TRITON_INTERPRET=1``), float32, bfloat16 or
-            float16, not overlapping one another.
-        keys: one stream key per tensor, an int taken modulo ``2**64``.
-        thresholds: drop thresholds in ``[0, 65536]``.
-        scales: factor of kept elements, rounded to float32.
-        offsets: global stream index of each tensor's first element (default 0 each).
+    pinned memory; every program of a launch masks one stream chunk of one run of one tensor.
+    Tensors whose pointer, offset, runs and run stride are multiples of 16 bytes take the
+    aligned (128-bit) kernel, the others the generic one. Arguments as in
+    :class:`hf_dropgrad.kernels.protocol.Backend`: contiguous CUDA tensors (CPU under
+    ``TRITON_INTERPRET=1``), float32, bfloat16 or float16, not overlapping one another.
     """
-    n = check_lengths(grads, keys, thresholds, scales)
-    offs = check_offsets(offsets, n)
+    check_lengths(grads, keys, thresholds, scales)
+    call = _Call(grads, keys, thresholds, offsets, runs, strides)
     scale_bits = array("I", array("f", [float(x) for x in scales]).tobytes())
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
     for i, g in enumerate(grads):
@@ -417,44 +478,27 @@ def mask_(
                 f"grads[{i}] must be a contiguous dense float32/bfloat16/float16 tensor, got "
                 f"{g.dtype} {g.layout}{'' if g.is_contiguous() else ' (not contiguous)'}"
             )
-        t = _check_threshold(thresholds[i])
-        if g.numel() and not (t == 0 and scale_bits[i] == _ONE_BITS):
+        if g.numel() and not (call.thresholds[i] == 0 and scale_bits[i] == _ONE_BITS):
             paths = groups.setdefault((g.device, g.dtype), ([], []))
-            paths[0 if _is_aligned(g, offs[i]) else 1].append(i)
-    for (device, dtype), paths in groups.items():
-        table = array("q")
-        chunks: list[int] = []
-        for path in paths:
-            first = 0
-            for i in path:
-                g = grads[i]
-                table.extend((g.data_ptr(), g.numel(), offs[i], signed64(int(keys[i])), first,
-                              int(thresholds[i]), scale_bits[i], 0))
-                chunks.append(num_chunks(g.numel(), offs[i]))
-                first += chunks[-1]
-        table_d, progmap = _upload(table, tuple(chunks), device)
+            paths[0 if call.aligned(i) else 1].append(i)
+    for (device, dtype), (aligned, generic) in groups.items():
+        table, layout = call.table(aligned + generic, scale_bits)
+        table_d, progmap, programs = _upload(table, layout, device)
+        # The aligned tensors' programs come first in the map (a prefix of the same layout).
+        split = _program_map(layout[: len(aligned)], False).numel() // 3
         name = f"mask_{_DTYPE_NAME[dtype]}_"
-        aligned_programs = sum(chunks[: len(paths[0])])
         with _on_device(device):
-            if paths[0]:
-                _launch(name + "aligned", aligned_programs, table_d, progmap)
-            if paths[1]:
-                _launch(name + "generic", sum(chunks) - aligned_programs, table_d,
-                        progmap[aligned_programs:])
+            if aligned:
+                _launch(name + "aligned", split, table_d, progmap)
+            if generic:
+                _launch(name + "generic", programs - split, table_d, progmap[3 * split:])
 
 
-def _check_pack(tensors: Sequence[torch.Tensor], keys: Sequence[int],
-                thresholds: Sequence[int], offsets: Sequence[int]) -> list[int]:
-    n = len(tensors)
-    if n == 0:
+def _check_pack(call: _Call) -> None:
+    if not call.tensors:
         raise ValueError("tensors must hold at least one tensor")
-    if not len(keys) == len(thresholds) == n:
-        raise ValueError(
-            f"tensors, keys and thresholds differ in length: {n}, {len(keys)}, {len(thresholds)}"
-        )
-    offs = check_offsets(offsets, n)
-    first = tensors[0]
-    for i, t in enumerate(tensors):
+    first = call.tensors[0]
+    for i, t in enumerate(call.tensors):
         _check_device(t, f"tensors[{i}]")
         if (
             t.layout is not torch.strided
@@ -470,21 +514,6 @@ def _check_pack(tensors: Sequence[torch.Tensor], keys: Sequence[int],
                 f"tensors must share one device and element size: tensors[0] is {first.dtype} on "
                 f"{first.device}, tensors[{i}] {t.dtype} on {t.device}"
             )
-        _check_threshold(thresholds[i])
-    return offs
-
-
-def _pack_table(tensors: Sequence[torch.Tensor], keys: Sequence[int],
-                thresholds: Sequence[int], offs: list[int]) -> tuple[array, tuple[int, ...]]:
-    table = array("q")
-    chunks: list[int] = []
-    first = 0
-    for t, key, threshold, off in zip(tensors, keys, thresholds, offs):
-        table.extend((t.data_ptr(), t.numel(), off, signed64(int(key)), first, int(threshold),
-                      0, 0))
-        chunks.append(num_chunks(t.numel(), off))
-        first += chunks[-1]
-    return table, tuple(chunks)
 
 
 def _raw(tensor: torch.Tensor) -> torch.Tensor:
@@ -492,46 +521,61 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1).view(_INT_OF_SIZE[tensor.element_size()])
 
 
+def _counts(call: _Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(starts, table, progmap, programs)`` of a pack call: the count launch and its cumsum."""
+    device = call.tensors[0].device
+    table, layout = call.table(range(len(call.tensors)))
+    table_d, progmap, programs = _upload(table, layout, device)
+    with _on_device(device):
+        if programs == 0:
+            return torch.zeros(1, dtype=torch.int64, device=device), table_d, progmap, 0
+        counts = torch.empty(programs + 1, dtype=torch.int64, device=device)
+        _launch("count", programs, table_d, progmap, counts)
+        return torch.cumsum(counts, 0), table_d, progmap, programs
+
+
 def gather_dropped_many(
     tensors: Sequence[torch.Tensor],
     keys: Sequence[int],
     thresholds: Sequence[int],
     offsets: Sequence[int],
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The dropped elements of every tensor, packed in stream order, and each chunk's start.
 
-    Returns ``(values, starts)``: ``values`` (``tensors[0].dtype``) equals
-    ``torch.cat([t.flatten()[~keep_i] for t in tensors])``; ``starts`` (int64, one per chunk of
-    every tensor, tensor after tensor, plus the total) is what :func:`scatter_dropped_many`
-    needs to put them back. Launches: two copies, a count, a cumsum and a gather, whatever the
-    number of tensors; one host read-back (the total, to size ``values``).
-
-    Args:
-        tensors: contiguous tensors on one CUDA device (CPU under ``TRITON_INTERPRET=1``), with
-            one element size (1, 2, 4 or 8 bytes; moved as raw bits).
-        keys: one stream key per tensor, an int taken modulo ``2**64``.
-        thresholds: drop thresholds in ``[0, 65536]``.
-        offsets: global stream index of each tensor's first element.
+    Returns ``(values, starts)`` as :class:`hf_dropgrad.kernels.protocol.Backend` says: one
+    element size for all the tensors (1, 2, 4 or 8 bytes; moved as raw bits), on one CUDA
+    device (CPU under ``TRITON_INTERPRET=1``). Launches: two copies, a count, a cumsum and a
+    gather, whatever the number of tensors; one host read-back (the total, to size
+    ``values``).
     """
-    offs = _check_pack(tensors, keys, thresholds, offsets)
-    device, dtype = tensors[0].device, tensors[0].dtype
-    table, chunks = _pack_table(tensors, keys, thresholds, offs)
-    programs = sum(chunks)
-    if programs == 0:
-        return (torch.empty(0, dtype=dtype, device=device),
-                torch.zeros(1, dtype=torch.int64, device=device))
-    table_d, progmap = _upload(table, chunks, device)
+    call = _Call(tensors, keys, thresholds, offsets, runs, strides)
+    _check_pack(call)
+    device, dtype = call.tensors[0].device, call.tensors[0].dtype
+    starts, table_d, progmap, programs = _counts(call)
     with _on_device(device):
-        counts = torch.empty(programs + 1, dtype=torch.int64, device=device)
-        _launch("count", programs, table_d, progmap, counts)
-        starts = torch.cumsum(counts, 0)
-        del counts
         total = int(starts[-1])  # sizing the output: the one host-device synchronisation
         values = torch.empty(total, dtype=dtype, device=device)
         if total:
             _launch(f"gather_{8 * values.element_size()}bit", programs, table_d, progmap,
-                    _raw(values), starts)
+                    _raw(values), starts, total)
     return values, starts
+
+
+def _check_starts(starts: torch.Tensor, programs: int, device: torch.device) -> None:
+    if starts.dtype != torch.int64 or starts.numel() != programs + 1 or starts.device != device:
+        raise ValueError(f"starts must be an int64 tensor of {programs + 1} elements on {device}")
+
+
+def _check_values(values: torch.Tensor, call: _Call) -> None:
+    first = call.tensors[0]
+    if (values.element_size() != first.element_size() or values.device != first.device
+            or not values.is_contiguous()):
+        raise ValueError(
+            f"values must be a contiguous tensor of {first.dtype}'s element size on "
+            f"{first.device}, got {values.dtype} on {values.device}"
+        )
 
 
 def scatter_dropped_many(
@@ -539,47 +583,104 @@ def scatter_dropped_many(
     keys: Sequence[int],
     thresholds: Sequence[int],
     offsets: Sequence[int],
+    runs: Sequence[int] | None,
+    strides: Sequence[int] | None,
     values: torch.Tensor,
     starts: torch.Tensor,
 ) -> None:
     """Write ``values`` back into the dropped elements of every tensor; kept ones stay.
 
     ``values`` and ``starts`` come from :func:`gather_dropped_many` with the same arguments.
-    Two copies and one launch, no host read-back.
+    Two copies and one launch, no host read-back: the kernel never reads past the end of
+    ``values``, whatever ``starts`` says (the callers that do not hold values made by
+    :func:`gather_dropped_many` check ``starts[-1]`` against them on the host).
     """
-    offs = _check_pack(tensors, keys, thresholds, offsets)
-    device, dtype = tensors[0].device, tensors[0].dtype
-    table, chunks = _pack_table(tensors, keys, thresholds, offs)
-    programs = sum(chunks)
-    if starts.dtype != torch.int64 or starts.numel() != programs + 1 or starts.device != device:
-        raise ValueError(f"starts must be an int64 tensor of {programs + 1} elements on {device}")
-    if values.dtype != dtype or values.device != device or not values.is_contiguous():
-        raise ValueError(
-            f"values must be a contiguous {dtype} tensor on {device}, got {values.dtype} on "
-            f"{values.device}"
-        )
+    call = _Call(tensors, keys, thresholds, offsets, runs, strides)
+    _check_pack(call)
+    device = call.tensors[0].device
+    table, layout = call.table(range(len(call.tensors)))
+    table_d, progmap, programs = _upload(table, layout, device)
+    _check_starts(starts, programs, device)
+    _check_values(values, call)
     if programs == 0 or values.numel() == 0:
         return
-    table_d, progmap = _upload(table, chunks, device)
     with _on_device(device):
         _launch(f"scatter_{8 * values.element_size()}bit", programs, table_d, progmap,
-                _raw(values), starts)
+                _raw(values), starts, values.numel())
 
 
-def gather_dropped(
-    tensor: torch.Tensor, key: int, threshold: int, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gather_dropped_many` of one tensor."""
-    return gather_dropped_many([tensor], [key], [threshold], [check_offset(offset)])
-
-
-def scatter_dropped(
-    tensor: torch.Tensor,
-    key: int,
-    threshold: int,
-    values: torch.Tensor,
+def mask_counted_(
+    grads: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    runs: Sequence[int] | None,
+    strides: Sequence[int] | None,
     starts: torch.Tensor,
-    offset: int = 0,
 ) -> None:
-    """:func:`scatter_dropped_many` of one tensor."""
-    scatter_dropped_many([tensor], [key], [threshold], [check_offset(offset)], values, starts)
+    """:func:`mask_`, and ``starts`` filled by the count kernel (a launch of its own: the mask
+    kernel does not count)."""
+    call = _Call(grads, keys, thresholds, offsets, runs, strides)
+    _check_pack(call)
+    counted, _, _, programs = _counts(call)
+    _check_starts(starts, programs, call.tensors[0].device)
+    starts.copy_(counted)
+    mask_(grads, keys, thresholds, scales, call.offsets, call.runs, call.strides)
+
+
+def gather_dropped_at(
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    offsets: Sequence[int],
+    runs: Sequence[int] | None,
+    strides: Sequence[int] | None,
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """The ``values`` of :func:`gather_dropped_many`, packed at ``starts`` (no count launch; one
+    host read-back, the total)."""
+    call = _Call(tensors, keys, thresholds, offsets, runs, strides)
+    _check_pack(call)
+    device, dtype = call.tensors[0].device, call.tensors[0].dtype
+    table, layout = call.table(range(len(call.tensors)))
+    table_d, progmap, programs = _upload(table, layout, device)
+    _check_starts(starts, programs, device)
+    with _on_device(device):
+        total = int(starts[-1])
+        values = torch.empty(total, dtype=dtype, device=device)
+        if total:
+            _launch(f"gather_{8 * values.element_size()}bit", programs, table_d, progmap,
+                    _raw(values), starts, total)
+    return values
+
+
+def mask_gather_dropped_(
+    grads: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    thresholds: Sequence[int],
+    scales: Sequence[float],
+    offsets: Sequence[int],
+    runs: Sequence[int] | None = None,
+    strides: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_dropped_many` of ``tensors``, then :func:`mask_` of ``grads`` (two hashing
+    passes and the gather's)."""
+    check_pairs(grads, tensors)
+    values, starts = gather_dropped_many(tensors, keys, thresholds, offsets, runs, strides)
+    mask_(grads, keys, thresholds, scales, offsets, runs, strides)
+    return values, starts
+
+
+def keep_mask_(out: torch.Tensor, key: int, threshold: int, offset: int) -> None:
+    """Keep decisions through the mask kernel (Triton has no keep-mask kernel of its own).
+
+    Masks a bfloat16 tensor of ones with scale 1: kept elements stay 1, dropped ones become 0
+    (2 bytes per element of temporary).
+    """
+    _check_device(out, "out")
+    ones = torch.ones(out.numel(), dtype=torch.bfloat16, device=out.device)
+    if check_threshold(threshold) > 0:
+        mask_([ones], [key], [threshold], [1.0], [check_offset(offset)])
+    torch.ne(ones, 0, out=out.view(-1))

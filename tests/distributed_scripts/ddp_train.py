@@ -43,11 +43,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from hf_dropgrad import DropGrad, LinearDropRateScheduler, get_dropgrad
+from hf_dropgrad import DropGrad, LinearDropRateScheduler, destroy_process_groups, get_dropgrad
 from hf_dropgrad import functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
 
 N_SEQUENCES = 64
 BATCH = 4
@@ -66,11 +63,11 @@ class NaiveDropGrad(DropGrad):
     """
 
     def _mask(self, targets):
-        for t in targets:  # MaskTarget(target, key, threshold, scale)
-            p = t.target
-            if p.grad is not None:
-                keep = torch.bernoulli(torch.full_like(p.grad, 1 - t.threshold / F.RESOLUTION))
-                p.grad.mul_(keep).mul_(t.scale)
+        for t in targets:  # MaskTarget(local, key, threshold, scale, name)
+            for box in t.local.grads() or ():
+                grad = box.tensor
+                keep = torch.bernoulli(torch.full_like(grad, 1 - t.threshold / F.RESOLUTION))
+                grad.mul_(keep).mul_(t.scale)
 
 
 def sequences() -> list[dict[str, list[int]]]:

@@ -14,7 +14,7 @@ worker also holds the lock that the group's destructor takes first.)
 
 ``MODE``, the teardown that follows:
 
-- ``helper``: ``destroy_process_groups()`` (examples/distributed_exit.py) after ``main()``;
+- ``helper``: ``destroy_process_groups()`` (hf_dropgrad/integrations/gloo_exit.py) after ``main()``;
 - ``destroy``: ``dist.destroy_process_group()``, then the model is freed as ``main()`` returns:
   its reducer drops the group's last reference with the GIL held, and the group's destructor
   waits for the worker, which waits for the GIL: a deadlock;
@@ -34,14 +34,12 @@ import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import torch
 import torch._dynamo  # before the group exists, so that its imports bind no group
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
+from hf_dropgrad import destroy_process_groups
 
 HOLD_S = 2.0
 HANG_S = {"helper": 120.0, "destroy": 10.0, "none": 10.0}

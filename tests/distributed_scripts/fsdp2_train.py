@@ -38,10 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hf_dropgrad import DropGrad, LinearDropRateScheduler
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
+from hf_dropgrad import DropGrad, LinearDropRateScheduler, destroy_process_groups
 
 MAX_STEPS = 4
 GLOBAL_BATCH = 8
@@ -136,17 +133,18 @@ def train(
 
 
 def run(name: str, rank: int, world: int) -> dict:
-    from hf_dropgrad.integrations import fsdp as sharding
+    from hf_dropgrad.integrations import dtensor
+    from hf_dropgrad.layout import Box
 
     kind, *variant = name.split("-")
     sharded = world > 1
-    offset = sharding.dtensor_offset
-    if "nooffset" in variant:
-        sharding.dtensor_offset = lambda t: 0  # the bug the offsets prevent
+    boxes_of = dtensor.boxes_of
+    if "nooffset" in variant:  # the bug the offsets prevent: every shard at element 0
+        dtensor.boxes_of = lambda local, *args: (Box(local),) if local.numel() else ()
     try:
         return train_run(kind, variant, sharded, rank, world)
     finally:
-        sharding.dtensor_offset = offset
+        dtensor.boxes_of = boxes_of
 
 
 def train_run(kind: str, variant: list[str], sharded: bool, rank: int, world: int) -> dict:

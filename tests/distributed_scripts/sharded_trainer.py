@@ -64,8 +64,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from distributed_exit import destroy_process_groups  # examples/distributed_exit.py
+from hf_dropgrad import destroy_process_groups
 
 DEEPSPEED_JSON = Path(__file__).parents[2] / "examples" / "accelerate_configs" / "ds_zero2.json"
 MAX_STEPS = 4

@@ -3,11 +3,16 @@
 // exist with or without this library, whose TORCH_LIBRARY_IMPL block at the end adds the CPU
 // kernels); the loader and the checked Python entry points in hf_dropgrad/kernels/cpp.py.
 //
-// Every entry point takes the global element offset `off` of the tensor's first element: the
-// tensor holds elements [off, off + n) of the stream, so a contiguous slice of a parameter (a
-// shard) masked with its offset gets exactly the decisions of those elements of the full
-// parameter. The chunks a tensor touches are the global chunks off / 4096 .. (off + n - 1) / 4096;
-// only the first and the last can be partial.
+// Every op takes, per tensor, where its elements sit in the stream (hf_dropgrad/kernels/checks.py):
+// the global element offset `off` of its first element, and its runs: a tensor of n elements in
+// runs of `run` (stride `stride`) holds n / run runs, run r (elements [r * run, (r + 1) * run))
+// being stream elements [off + r * stride, off + r * stride + run). One run (run == n) is a
+// contiguous slice of the stream, so a contiguous shard of a parameter masked with its offset gets
+// exactly the decisions of those elements of the full parameter; several runs are e.g. a column
+// shard (tensor parallel). The ops expand each run into a segment of its own, so every kernel below
+// sees contiguous runs: the chunks a run touches are the global chunks off / 4096 ..
+// (off + run - 1) / 4096, only the first and the last partial. Chunks are numbered segment by
+// segment (tensor by tensor, run by run), which is the numbering of full update drop's starts.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -355,6 +360,32 @@ HFDG_INLINE int64_t mask_block(const Seg& s, uint64_t base, void* chunk, int64_t
   return dropped;
 }
 
+// mask_block for a chunk whose valid positions are whole lanes [j0, j1) (a run that covers
+// lanes of a chunk, e.g. a tensor-parallel column shard's half rows): the same constant trip
+// counts, only those lanes applied, and block b0 of the same lanes prefetched at next (the
+// tensor memory that the next chunk's lanes take; a hint, never dereferenced).
+template <int DT, int kIsa, bool kCount>
+HFDG_INLINE int64_t mask_block_lanes(const Seg& s, uint64_t base, void* chunk, uintptr_t next,
+                                     int64_t b0, int j0, int j1, uint32_t* __restrict lo,
+                                     uint32_t* __restrict hi) {
+  using T = typename std::conditional<DT == kF32, float, uint16_t>::type;
+  T* data = static_cast<T*>(chunk);
+  for (int j = j0; j < j1; ++j) {
+    const uintptr_t run = next + (j * kW + b0) * sizeof(T);
+    for (int64_t line = 0; line < kSub * static_cast<int64_t>(sizeof(T)); line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(run + line), 1, 3);
+    }
+  }
+  hash_block<kIsa>(base, b0, kSub, lo, hi);
+  int64_t dropped = 0;
+  for (int j = j0; j < j1; ++j) {
+    apply_dt<DT, kIsa>(data + j * kW + b0, j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold,
+                        s.scale);
+    if (kCount) dropped += count_dropped(j < 2 ? lo : hi, (j & 1) * 16, kSub, s.threshold);
+  }
+  return dropped;
+}
+
 // The valid positions [sp.lo, sp.hi) of a partial chunk (the first or last of a tensor), block by
 // block; blocks with no valid position in any lane are not hashed.
 template <int kIsa, typename Fn>
@@ -394,6 +425,16 @@ HFDG_INLINE void mask_chunks_t(const Seg& s, int64_t k0, int64_t k1) {
     if (sp.lo == 0 && sp.hi == kChunk) {  // constant trip counts: no loop epilogues
       for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
         dropped += mask_block<DT, kIsa, kCount>(s, base, data + gs, b0, lo, hi);
+      }
+    } else if (sp.lo % kW == 0 && sp.hi % kW == 0) {  // whole lanes: a run of a column shard
+      // The next chunk's lanes: further on in this run, or, past its end, the next run's (the
+      // next segment, whose data follows this one's in a row-major local tensor).
+      const uintptr_t next = reinterpret_cast<uintptr_t>(data + gs) +
+                             (k + 1 < k1 ? kChunk : sp.hi - sp.lo) * sizeof(T);
+      const int j0 = static_cast<int>(sp.lo / kW), j1 = static_cast<int>(sp.hi / kW);
+      for (int64_t b0 = 0; b0 < kW; b0 += kSub) {
+        dropped += mask_block_lanes<DT, kIsa, kCount>(s, base, data + gs, next, b0, j0, j1, lo,
+                                                      hi);
       }
     } else {
       for_partial_chunk<kIsa>(base, sp, lo, hi,
@@ -835,10 +876,36 @@ uint32_t checked_threshold(int64_t t) {
   return static_cast<uint32_t>(t);
 }
 
-void check_lengths(int64_t n, int64_t keys, int64_t thresholds, int64_t offsets) {
-  TORCH_CHECK_VALUE(keys == n && thresholds == n && offsets == n,
-                    "tensors, keys, thresholds and offsets differ in length: ", n, ", ", keys,
-                    ", ", thresholds, ", ", offsets);
+// Where tensor i's runs sit (see the top of this file), checked: run r of a tensor of numel
+// elements holds elements [first + r * run, first + (r + 1) * run) at stream offset
+// off + r * stride.
+struct Runs {
+  int64_t off, run, stride, rows;
+};
+
+constexpr int64_t kMaxOffset = int64_t{1} << 62;
+
+Runs runs_of(int64_t i, int64_t numel, at::IntArrayRef offsets, at::IntArrayRef runs,
+             at::IntArrayRef strides) {
+  const int64_t off = offsets[i], run = runs[i], stride = strides[i];
+  TORCH_CHECK_VALUE(0 <= off && off < kMaxOffset, "offsets[", i, "] must be in [0, 2**62), got ",
+                    off);
+  if (numel == 0) return Runs{off, 0, 0, 0};
+  TORCH_CHECK_VALUE(run > 0 && numel % run == 0, "runs[", i, "] must divide the tensor's ", numel,
+                    " elements, got ", run);
+  const int64_t rows = numel / run;
+  TORCH_CHECK_VALUE(rows == 1 || stride >= run, "strides[", i, "] must be >= runs[", i, "] (",
+                    run, ") so runs do not overlap, got ", stride);
+  TORCH_CHECK_VALUE(rows == 1 || (kMaxOffset - off - run) / (rows - 1) >= stride,
+                    "tensor ", i, "'s last element lies past 2**62");
+  return Runs{off, run, rows == 1 ? run : stride, rows};
+}
+
+void check_lengths(int64_t n, int64_t keys, int64_t thresholds, int64_t offsets, int64_t runs,
+                   int64_t strides) {
+  TORCH_CHECK_VALUE(keys == n && thresholds == n && offsets == n && runs == n && strides == n,
+                    "tensors, keys, thresholds, offsets, runs and strides differ in length: ", n,
+                    ", ", keys, ", ", thresholds, ", ", offsets, ", ", runs, ", ", strides);
 }
 
 // ----------------------------------------------------------------------------- the ops (CPU)
@@ -851,22 +918,24 @@ void check_starts(const at::Tensor& starts, int64_t total) {
                     "starts must be a contiguous int64 CPU tensor of ", total + 1, " elements");
 }
 
-// The segments of a mask call, for the gradients that are not left unchanged (threshold 0 with
-// scale 1); first/elements as for for_all_chunks. With st (or nullptr), each segment's counts
-// point at st[1 + its first chunk] in the numbering of all the grads, and a skipped gradient's
-// counts are zeroed. With sources (mask_gather_dropped_), each segment's source is sources[i].
+// The segments of a mask call (one per run), for the gradients that are not left unchanged
+// (threshold 0 with scale 1); first/elements as for for_all_chunks. With st (or nullptr), each
+// segment's counts point at st[1 + its first chunk] in the numbering of all the grads, and a
+// skipped gradient's counts are zeroed. With sources (mask_gather_dropped_), each segment's source
+// is the matching run of sources[i].
 std::vector<Seg> mask_segs(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-                           at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st,
+                           at::ArrayRef<double> scales, at::IntArrayRef offsets,
+                           at::IntArrayRef runs, at::IntArrayRef strides, int64_t* st,
                            const at::TensorList* sources, std::vector<int64_t>& first,
                            int64_t& elements) {
   const int64_t n = static_cast<int64_t>(grads.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(scales.size()) == n, "grads and scales differ in length");
-  check_lengths(n, keys.size(), thresholds.size(), offsets.size());
+  check_lengths(n, keys.size(), thresholds.size(), offsets.size(), runs.size(), strides.size());
   std::vector<Seg> segs;
   segs.reserve(n);
   first.assign(1, 0);
   elements = 0;
-  int64_t counted = 0;  // chunks of grads[0, i), the index of grads[i]'s first count
+  int64_t counted = 0;  // chunks of the runs before, the index of the next run's first count
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK_VALUE(g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous(),
@@ -886,7 +955,7 @@ std::vector<Seg> mask_segs(at::TensorList grads, at::IntArrayRef keys, at::IntAr
         TORCH_CHECK_VALUE(false, "grads[", i, "] must be float32/bfloat16/float16, got ",
                           g.scalar_type());
     }
-    const void* source = nullptr;
+    const char* source = nullptr;
     if (sources != nullptr) {
       const at::Tensor& x = (*sources)[i];
       TORCH_CHECK_VALUE(x.device().is_cpu() && x.layout() == at::kStrided && x.is_contiguous() &&
@@ -894,32 +963,42 @@ std::vector<Seg> mask_segs(at::TensorList grads, at::IntArrayRef keys, at::IntAr
                             x.scalar_type() == (*sources)[0].scalar_type(),
                         "tensors[", i, "] must be a contiguous dense CPU tensor of grads[", i,
                         "]'s size and element size, of tensors[0]'s dtype");
-      source = x.data_ptr();
+      source = static_cast<const char*>(x.data_ptr());
     }
     const uint32_t t = checked_threshold(thresholds[i]);
     const float scale = static_cast<float>(scales[i]);
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
-    const int64_t chunks = num_chunks(offsets[i], g.numel());
-    int64_t* counts = st == nullptr ? nullptr : st + 1 + counted;
-    counted += chunks;
+    const Runs rs = runs_of(i, g.numel(), offsets, runs, strides);
     // threshold 0 with scale 1 keeps everything unchanged: skip the pass (nothing is dropped).
-    if (g.numel() == 0 || (t == 0 && scale == 1.0f)) {
-      if (counts != nullptr) std::fill(counts, counts + chunks, int64_t{0});
-      continue;
+    const bool skip = g.numel() == 0 || (t == 0 && scale == 1.0f);
+    const int64_t esize = g.element_size();
+    for (int64_t r = 0; r < rs.rows; ++r) {
+      const int64_t off = rs.off + r * rs.stride;
+      const int64_t chunks = num_chunks(off, rs.run);
+      int64_t* counts = st == nullptr ? nullptr : st + 1 + counted;
+      counted += chunks;
+      if (skip) {
+        if (counts != nullptr) std::fill(counts, counts + chunks, int64_t{0});
+        continue;
+      }
+      const int64_t at_byte = r * rs.run * esize;
+      segs.push_back(Seg{static_cast<char*>(g.data_ptr()) + at_byte, rs.run, off,
+                         static_cast<uint64_t>(keys[i]), t, scale, dtype, counts,
+                         source == nullptr ? nullptr : source + at_byte});
+      first.push_back(first.back() + chunks);
+      elements += rs.run;
     }
-    segs.push_back(Seg{g.data_ptr(), g.numel(), offsets[i], static_cast<uint64_t>(keys[i]), t,
-                       scale, dtype, counts, source});
-    first.push_back(first.back() + chunks);
-    elements += g.numel();
   }
   return segs;
 }
 
-int64_t chunks_of(at::TensorList grads, at::IntArrayRef offsets) {
+int64_t chunks_of(at::TensorList tensors, at::IntArrayRef offsets, at::IntArrayRef runs,
+                  at::IntArrayRef strides) {
   int64_t total = 0;
-  for (size_t i = 0; i < grads.size() && i < offsets.size(); ++i) {
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
-    total += num_chunks(offsets[i], grads[i].numel());
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  check_lengths(n, n, n, offsets.size(), runs.size(), strides.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const Runs rs = runs_of(i, tensors[i].numel(), offsets, runs, strides);
+    for (int64_t r = 0; r < rs.rows; ++r) total += num_chunks(rs.off + r * rs.stride, rs.run);
   }
   return total;
 }
@@ -932,31 +1011,35 @@ void prefix_sum(int64_t* st, int64_t total) {
 
 // st (or nullptr): the chunk starts of the dropped elements, filled as gather_dropped_many's.
 void mask_impl(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-               at::ArrayRef<double> scales, at::IntArrayRef offsets, int64_t* st) {
+               at::ArrayRef<double> scales, at::IntArrayRef offsets, at::IntArrayRef runs,
+               at::IntArrayRef strides, int64_t* st, int64_t total) {
   std::vector<int64_t> first;
   int64_t elements;
-  const std::vector<Seg> segs =
-      mask_segs(grads, keys, thresholds, scales, offsets, st, nullptr, first, elements);
+  const std::vector<Seg> segs = mask_segs(grads, keys, thresholds, scales, offsets, runs, strides,
+                                          st, nullptr, first, elements);
   const auto mask = st == nullptr ? kernels().mask : kernels().mask_counted;
   for_all_chunks(first, elements, [&](int64_t i, int64_t k0, int64_t k1) {
     mask(segs[i], k0, k1);
   });
-  if (st != nullptr) prefix_sum(st, chunks_of(grads, offsets));
+  if (st != nullptr) prefix_sum(st, total);
 }
 
 void mask_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-              at::ArrayRef<double> scales, at::IntArrayRef offsets) {
-  mask_impl(grads, keys, thresholds, scales, offsets, nullptr);
+              at::ArrayRef<double> scales, at::IntArrayRef offsets, at::IntArrayRef runs,
+              at::IntArrayRef strides) {
+  mask_impl(grads, keys, thresholds, scales, offsets, runs, strides, nullptr, 0);
 }
 
 // mask_ that also fills `starts` (int64, one per chunk of the grads plus the total) with the chunk
 // starts gather_dropped_many would return for tensors of the grads' sizes, keys, thresholds and
 // offsets: the counts come from the hashes the mask makes anyway.
 void mask_counted_cpu(at::TensorList grads, at::IntArrayRef keys, at::IntArrayRef thresholds,
-                      at::ArrayRef<double> scales, at::IntArrayRef offsets,
-                      const at::Tensor& starts) {
-  check_starts(starts, chunks_of(grads, offsets));
-  mask_impl(grads, keys, thresholds, scales, offsets, starts.data_ptr<int64_t>());
+                      at::ArrayRef<double> scales, at::IntArrayRef offsets, at::IntArrayRef runs,
+                      at::IntArrayRef strides, const at::Tensor& starts) {
+  const int64_t total = chunks_of(grads, offsets, runs, strides);
+  check_starts(starts, total);
+  mask_impl(grads, keys, thresholds, scales, offsets, runs, strides, starts.data_ptr<int64_t>(),
+            total);
 }
 
 // mask_counted_, and the dropped elements of tensors[i] (the parameter of grads[i]: same size,
@@ -972,16 +1055,17 @@ int64_t g_pack_slack = kChunk;
 
 std::tuple<at::Tensor, at::Tensor> mask_gather_dropped_cpu(
     at::TensorList grads, at::TensorList tensors, at::IntArrayRef keys,
-    at::IntArrayRef thresholds, at::ArrayRef<double> scales, at::IntArrayRef offsets) {
+    at::IntArrayRef thresholds, at::ArrayRef<double> scales, at::IntArrayRef offsets,
+    at::IntArrayRef runs, at::IntArrayRef strides) {
   TORCH_CHECK_VALUE(tensors.size() == grads.size(), "grads and tensors differ in length: ",
                     grads.size(), ", ", tensors.size());
-  const int64_t all = chunks_of(grads, offsets);
+  const int64_t all = chunks_of(grads, offsets, runs, strides);
   at::Tensor starts = at::empty({all + 1}, at::TensorOptions().dtype(at::kLong));
   int64_t* st = starts.data_ptr<int64_t>();
   std::vector<int64_t> first;
   int64_t elements;
-  const std::vector<Seg> segs =
-      mask_segs(grads, keys, thresholds, scales, offsets, st, &tensors, first, elements);
+  const std::vector<Seg> segs = mask_segs(grads, keys, thresholds, scales, offsets, runs, strides,
+                                          st, &tensors, first, elements);
   const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
   const int64_t esize = c10::elementSize(dtype);
   const int64_t total = first.back();
@@ -1037,7 +1121,7 @@ void keep_mask_cpu(const at::Tensor& out, int64_t key, int64_t threshold, int64_
   TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kBool &&
                         out.is_contiguous(),
                     "out must be a contiguous bool CPU tensor");
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0");
+  TORCH_CHECK_VALUE(0 <= offset && offset < kMaxOffset, "offset must be in [0, 2**62), got ", offset);
   const uint32_t t = checked_threshold(threshold);
   const int64_t n = out.numel();
   uint8_t* data = static_cast<uint8_t*>(out.data_ptr());
@@ -1051,9 +1135,10 @@ void keep_mask_cpu(const at::Tensor& out, int64_t key, int64_t threshold, int64_
 
 std::vector<PackSeg> pack_segs(at::TensorList tensors, at::IntArrayRef keys,
                                at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                               at::IntArrayRef runs, at::IntArrayRef strides,
                                std::vector<int64_t>& first, int64_t& elements) {
   const int64_t n = static_cast<int64_t>(tensors.size());
-  check_lengths(n, keys.size(), thresholds.size(), offsets.size());
+  check_lengths(n, keys.size(), thresholds.size(), offsets.size(), runs.size(), strides.size());
   std::vector<PackSeg> segs;
   segs.reserve(n);
   first.assign(1, 0);
@@ -1067,11 +1152,15 @@ std::vector<PackSeg> pack_segs(at::TensorList tensors, at::IntArrayRef keys,
                                                      esize == 8),
                       "tensors must share one element size of 1, 2, 4 or 8 bytes; tensors[", i,
                       "] has ", x.element_size(), " and tensors[0] ", esize);
-    TORCH_CHECK_VALUE(offsets[i] >= 0, "offsets[", i, "] must be >= 0");
-    segs.push_back(PackSeg{static_cast<char*>(x.data_ptr()), x.numel(), offsets[i],
-                           static_cast<uint64_t>(keys[i]), checked_threshold(thresholds[i])});
-    first.push_back(first.back() + num_chunks(offsets[i], x.numel()));
-    elements += x.numel();
+    const uint32_t t = checked_threshold(thresholds[i]);
+    const Runs rs = runs_of(i, x.numel(), offsets, runs, strides);
+    for (int64_t r = 0; r < rs.rows; ++r) {
+      const int64_t off = rs.off + r * rs.stride;
+      segs.push_back(PackSeg{static_cast<char*>(x.data_ptr()) + r * rs.run * esize, rs.run, off,
+                             static_cast<uint64_t>(keys[i]), t});
+      first.push_back(first.back() + num_chunks(off, rs.run));
+      elements += rs.run;
+    }
   }
   return segs;
 }
@@ -1096,13 +1185,13 @@ at::Tensor gather_pass(at::TensorList tensors, const std::vector<PackSeg>& segs,
   return values;
 }
 
-std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensors,
-                                                           at::IntArrayRef keys,
-                                                           at::IntArrayRef thresholds,
-                                                           at::IntArrayRef offsets) {
+std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(
+    at::TensorList tensors, at::IntArrayRef keys, at::IntArrayRef thresholds,
+    at::IntArrayRef offsets, at::IntArrayRef runs, at::IntArrayRef strides) {
   std::vector<int64_t> first;
   int64_t elements;
-  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  const std::vector<PackSeg> segs =
+      pack_segs(tensors, keys, thresholds, offsets, runs, strides, first, elements);
   const int64_t total = first.back();
   at::Tensor starts = at::empty({total + 1}, at::TensorOptions().dtype(at::kLong));
   int64_t* st = starts.data_ptr<int64_t>();
@@ -1118,20 +1207,24 @@ std::tuple<at::Tensor, at::Tensor> gather_dropped_many_cpu(at::TensorList tensor
 // over the gradients of these tensors): no counting pass.
 at::Tensor gather_dropped_at_cpu(at::TensorList tensors, at::IntArrayRef keys,
                                  at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                                 at::IntArrayRef runs, at::IntArrayRef strides,
                                  const at::Tensor& starts) {
   std::vector<int64_t> first;
   int64_t elements;
-  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  const std::vector<PackSeg> segs =
+      pack_segs(tensors, keys, thresholds, offsets, runs, strides, first, elements);
   check_starts(starts, first.back());
   return gather_pass(tensors, segs, first, elements, starts.data_ptr<int64_t>());
 }
 
 void scatter_dropped_many_cpu(at::TensorList tensors, at::IntArrayRef keys,
                               at::IntArrayRef thresholds, at::IntArrayRef offsets,
+                              at::IntArrayRef runs, at::IntArrayRef strides,
                               const at::Tensor& values, const at::Tensor& starts) {
   std::vector<int64_t> first;
   int64_t elements;
-  const std::vector<PackSeg> segs = pack_segs(tensors, keys, thresholds, offsets, first, elements);
+  const std::vector<PackSeg> segs =
+      pack_segs(tensors, keys, thresholds, offsets, runs, strides, first, elements);
   const int64_t total = first.back();
   TORCH_CHECK_VALUE(starts.device().is_cpu() && starts.scalar_type() == at::kLong &&
                         starts.is_contiguous() && starts.numel() == total + 1,

@@ -4,34 +4,39 @@ Trains the flagship example (bert2bert MiniLM on CMUdict grapheme-to-phoneme, of
 small training subset with and without DropGrad — several rates, encoder-only vs
 decoder-only vs both, with and without full update drop — over several seeds, and the
 classification example (WordNet definitions → lexicographer class) at two rates. Every run is
-the unchanged example script in a subprocess; this script only chooses the flags, then collects
+the unchanged example script in a subprocess; this study only chooses the flags, then collects
 `eval_results.json` and `trainer_state.json`.
 
-Writes into `--out` (default `docs/study`): `results.csv` / `results.json` (one row per run),
-`summary.md` (mean ± std per configuration, paired differences to the baseline), and per task
-`<task>_metric_vs_rate.png` and `<task>_learning_curves.png`.
-Finished runs are reused, so an interrupted study resumes where it stopped.
+Writes into `--out` (default `docs/study`), following the studies' protocol
+(`studies/study_harness.py`): `results.json` (one row per run, with its learning curve) and its
+flat view `results.csv`, `study_meta.json`, and, recomputed from those alone (`--report`),
+`summary.md` (mean ± std per configuration, paired differences to the baseline) and per task
+`<task>_metric_vs_rate.png` and `<task>_learning_curves.png`. Finished runs are kept, so an
+interrupted study resumes where it stopped.
 
-    python scripts/study.py                       # the documented study (~90 min on 2 cores)
-    python scripts/study.py --seeds 2 --max_steps 20 --out /tmp/study   # a quick smoke run
+    python -m studies.study                       # the documented study (~90 min on 2 cores)
+    python -m studies.study --report              # summary.md and the plots only
+    python -m studies.study --seeds 2 --max_steps 20 --out /tmp/study   # a quick smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
-import study_harness as harness
-from study_harness import Config, check_rates, expected_rate_logs, slug  # noqa: F401
+from studies import study_harness as harness
+from studies.study_harness import Config, check_rates
 
 ROOT = harness.ROOT
 
@@ -61,6 +66,8 @@ CLASSIFICATION_CONFIGS = [
 
 @dataclass
 class Task:
+    """One example script the study trains, its configurations and its metrics."""
+
     name: str
     script: str
     configs: list[Config]
@@ -82,13 +89,10 @@ TASKS = {
 }
 
 
-def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out: Path) -> dict:
-    """Train one (task, config, seed) in a subprocess, or reuse its finished results."""
-    run_dir = out / "runs" / task.name / slug(config.name) / f"seed{seed}"
-    done = run_dir / "study_row.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
+def train_one(task: Task, config: Config, seed: int, args: argparse.Namespace,
+              log: IO[str]) -> dict:
+    """Train one (task, config, seed) in a subprocess and return its row."""
+    run_dir = Path(tempfile.mkdtemp(prefix="study_", dir=args.scratch))
     cmd = [
         sys.executable, str(ROOT / task.script),
         "--output_dir", str(run_dir),
@@ -101,30 +105,24 @@ def run_one(task: Task, config: Config, seed: int, args: argparse.Namespace, out
     ]
     start = time.time()
     env = dict(os.environ, **harness.OFFLINE_ENV)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        raise RuntimeError(f"run failed: {' '.join(cmd)}\n{tail}")
-    metrics = json.loads((run_dir / "eval_results.json").read_text())
-    state = json.loads((run_dir / "trainer_state.json").read_text())
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        log.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            raise RuntimeError(f"run failed: {' '.join(cmd)}\n{tail}")
+        metrics = json.loads((run_dir / "eval_results.json").read_text())
+        state = json.loads((run_dir / "trainer_state.json").read_text())
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # keep the metrics, not 200 MB of weights
     check_rates(config, state["log_history"], run_dir)
     curve = [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
-    row = {
+    return {
         "task": task.name, "config": config.name, "seed": seed, "rate": config.rate,
         "where": config.where, "full_update_drop": config.full_update_drop,
         "seconds": round(time.time() - start, 1), "curve": curve,
         **{m: metrics.get(m) for m in task.metrics},
     }
-    done.write_text(json.dumps(row))
-    for weights in run_dir.glob("*.safetensors"):  # keep the metrics, not 200 MB of weights
-        weights.unlink()
-    return row
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def summary_table(task: Task, rows: list[dict]) -> str:
@@ -222,69 +220,103 @@ def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument(
-        "--tasks", nargs="+", default=["seq2seq", "classification"], choices=sorted(TASKS)
-    )
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--max_steps", type=int, default=100)
-    parser.add_argument("--max_train_samples", type=int, default=1000)
-    parser.add_argument("--max_eval_samples", type=int, default=150)
-    parser.add_argument("--budget_minutes", type=float, default=85.0,
-                        help="launch no new run after this; finished runs are kept")
-    parser.add_argument("--configs", nargs="+", default=None,
-                        help="only these configurations (names as in the tables)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    rows: list[dict] = []
-    stopped = False
-    for task_name in args.tasks:
-        task = TASKS[task_name]
-        if args.configs:
-            task.configs = [c for c in task.configs if c.name in args.configs]
-        for seed in range(args.seeds):  # seed-major: a cut-short study stays balanced
-            for config in task.configs:
-                if (time.time() - start) / 60 > args.budget_minutes:
-                    stopped = True
-                    break
-                row = run_one(task, config, seed, args, args.out)
-                rows.append(row)
-                head = task.metrics[0]
-                print(f"[{(time.time() - start) / 60:5.1f} min] {task.name} {config.name:>18} "
-                      f"seed {seed}: {head} = {row[head]:.4f} ({row['seconds']:.0f} s)", flush=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
-        keys = [k for k in rows[0] if k != "curve"] if rows else []
-        all_keys = sorted({k for r in rows for k in r if k != "curve"}, key=lambda k: (
-            keys.index(k) if k in keys else len(keys), k))
-        writer = csv.DictWriter(f, fieldnames=all_keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    parts = [
-        "# Study results (generated by scripts/study.py)\n",
-        f"Command: `{' '.join(['python', 'scripts/study.py', *sys.argv[1:]])}`\n",
-        f"Settings: {args.seeds} seeds, {args.max_steps} optimizer steps, "
-        f"{args.max_train_samples} training examples, {args.max_eval_samples} evaluation "
-        f"examples; {len(rows)} runs, {sum(r['seconds'] for r in rows) / 60:.1f} min of "
-        f"training and evaluation in all (torch {torch_version()}, "
-        f"{os.cpu_count()} CPU cores)"
-        + (" (stopped at the time budget)" if stopped else "") + ".\n",
-    ]
-    for task_name in args.tasks:
-        task = TASKS[task_name]
-        mine = [r for r in rows if r["task"] == task_name]
-        if not mine:
-            continue
-        parts.append(f"## {task_name}\n\n{summary_table(task, mine)}\n")
-        for path in plots(task, mine, args.out):
-            parts.append(f"![{path.stem}]({path.name})\n")
-    (args.out / "summary.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+# ---------------------------------------------------------------- the study
+
+#: The documented study's settings (the command line's defaults).
+DEFAULTS: dict[str, Any] = {
+    "seeds": 5,
+    "max_steps": 100,
+    "max_train_samples": 1000,
+    "max_eval_samples": 150,
+}
+CSV_FIELDS = [
+    "task", "config", "seed", "rate", "where", "full_update_drop", "seconds",
+    "eval_token_error_rate", "eval_exact_match", "eval_loss", "eval_accuracy",
+]
+TASK_ORDER = {name: i for i, name in enumerate(TASKS)}
+CONFIG_ORDER = {(task.name, config.name): i for task in TASKS.values()
+                for i, config in enumerate(task.configs)}
+
+
+class MultiSeedStudy(harness.Study):
+    """Both examples, every configuration of each, every seed; short runs (`--max_steps`)."""
+
+    module = "studies.study"
+    out = "docs/study"
+    defaults = DEFAULTS
+    arms = (*SEQ2SEQ_CONFIGS, *CLASSIFICATION_CONFIGS)
+    budget_minutes = 85.0
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+
+    def grown(self, args: argparse.Namespace, old: Mapping[str, Any]) -> dict[str, Any]:
+        tasks = [name for name in TASKS if name in args.tasks or name in old.get("tasks", ())]
+        return {**super().grown(args, old), "tasks": tasks}
+
+    def store(self, out: Path) -> harness.ResultStore:
+        """`results.json` (with the learning curves) and its flat view `results.csv`, one row
+        per (task, configuration, seed), task by task, seed-major."""
+        return harness.ResultStore(
+            out, ("task", "config", "seed"), CSV_FIELDS,
+            sort_key=lambda r: (TASK_ORDER.get(r["task"], 99), r["seed"],
+                                CONFIG_ORDER.get((r["task"], r["config"]), 99)),
+        )
+
+    def jobs(self, args: argparse.Namespace) -> Iterator[harness.Job]:
+        """Task by task, seed-major: a cut-short study stays balanced."""
+        chosen = {arm.name for arm in self.selected_arms(args)}
+        for task_name in args.tasks:
+            task = TASKS[task_name]
+            for seed in range(args.seeds):
+                for config in task.configs:
+                    if config.name in chosen:
+                        yield harness.Job(
+                            (task.name, config.name, seed),
+                            f"{task.name} {config.name:>18} seed {seed}",
+                            lambda log, t=task, c=config, s=seed: train_one(t, c, s, args, log),
+                        )
+
+    def describe(self, row: dict) -> str:
+        head = TASKS[row["task"]].metrics[0]
+        return f"{head} = {row[head]:.4f} ({row['seconds']:.0f} s)"
+
+    def report(self, out: Path, meta: Mapping[str, Any]) -> str:
+        """summary.md and the plots, from `results.json` and `meta` alone."""
+        rows = self.store(out).load()
+        settings = meta.get("settings", {key: DEFAULTS[key] for key in DEFAULTS
+                                         if key != "seeds"})
+        seeds = meta.get("seeds", DEFAULTS["seeds"])
+        tasks = meta.get("tasks", list(TASKS))
+        machine = meta.get("machine", {})
+        missing = seeds * sum(len(TASKS[name].configs) for name in tasks) - len(rows)
+        parts = [
+            "# Study results (generated by studies/study.py)\n",
+            f"Command: `{meta.get('command', 'python -m studies.study')}`\n",
+            f"Settings: {seeds} seeds, {settings['max_steps']} optimizer steps, "
+            f"{settings['max_train_samples']} training examples, "
+            f"{settings['max_eval_samples']} evaluation examples; {len(rows)} runs, "
+            f"{sum(r['seconds'] for r in rows) / 60:.1f} min of training and evaluation in all "
+            f"(torch {machine.get('torch', '?')}, {machine.get('cpu_count', '?')} CPU cores)"
+            + (f" ({missing} runs missing: rerun the command to resume)" if missing > 0 else "")
+            + ".\n",
+        ]
+        for task_name in tasks:
+            task = TASKS[task_name]
+            mine = [r for r in rows if r["task"] == task_name]
+            if not mine:
+                continue
+            parts.append(f"## {task_name}\n\n{summary_table(task, mine)}\n")
+            for path in plots(task, mine, out):
+                parts.append(f"![{path.stem}]({path.name})\n")
+        text = "\n".join(parts)
+        harness.atomic_write(out / "summary.md", text)
+        return text
+
+
+STUDY = MultiSeedStudy()
+main = STUDY.main
 
 
 if __name__ == "__main__":

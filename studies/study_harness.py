@@ -1,19 +1,36 @@
-"""The harness every study under scripts/ shares: results on disk, a worker pool, statistics.
+"""The protocol every study follows, and the harness that runs it.
 
-- **Rate checks** (:class:`Config`, :func:`expected_rate_logs`, :func:`check_rates`): every
-  run is checked against the drop rates its arm names, from what the DropGrad callback logged.
-- **Results** (:class:`ResultStore`): one row per run in ``results.csv`` (and, when rows carry
-  nested data such as learning curves, ``results.json``), written atomically under a lock, so
-  parallel workers never lose each other's rows and an interrupted study resumes where it
-  stopped.
-- **Worker pool** (:func:`add_pool_arguments`, :func:`run_study`): ``--workers N`` re-runs the
-  study's own command as N processes; each claims the next free run with a pid file (a claim
-  of a process that no longer runs is taken over) and trains it in-process.
-- **Statistics** (:func:`mean_sd`, :func:`mean_se`, :func:`paired`): seeds are paired across
-  arms, so arms are compared seed by seed.
+A study is one module of ``studies/`` (run from the repository root as
+``python -m studies.<module>``) that defines one subclass of :class:`Study` and ends with
+``main = <Subclass>().main`` and ``if __name__ == "__main__": main()``; ``make <target>``
+launches its documented command. The protocol:
 
-A study script imports this module by name (``python scripts/study_x.py`` puts ``scripts/`` on
-``sys.path``) and loads an example with :func:`load_example`.
+- **Arms** (:attr:`Study.arms`): named configurations, each a set of command-line flags of an
+  example script (:class:`Config`, or a study's own type with a ``name``); ``--arms`` runs a
+  subset. Every run is checked against the drop rates its arm names, from what the DropGrad
+  callback logged (:func:`expected_rate_logs`, :func:`check_rates`).
+- **Runs** (:meth:`Study.jobs`): one :class:`Job` per (arm, seed, and whatever else the study
+  varies), seed-major so that a study cut short stays paired; each trains once and returns its
+  row.
+- **A resumable results file** (:meth:`Study.store`, :class:`ResultStore`): one row per run in
+  ``results.csv`` (and, when rows carry nested data such as learning curves, ``results.json``),
+  in the study's folder (``--out``, default :attr:`Study.out` under ``docs/study/``), written
+  atomically under a lock after every run, so parallel workers never lose each other's rows and
+  an interrupted study resumes where it stopped (the same command trains only the missing runs).
+  ``study_meta.json`` beside it records the settings (a relaunch with other settings is refused;
+  :attr:`Study.growable` ones, such as more seeds, may grow), the launching command and the
+  machine (torch version, CPU count).
+- **Summary and plots** (:meth:`Study.report`): ``summary.md`` and the plots are computed from
+  the results file and ``study_meta.json`` alone, so ``python -m studies.<module> --report``
+  rebuilds them from the committed data, byte for byte, without training.
+- **Workers** (:func:`add_pool_arguments`, :func:`run_study`): ``--workers N`` re-runs the
+  study's own module as N processes; each claims the next free run with a pid file (a claim of
+  a process that no longer runs is taken over) and trains it in-process.
+- **Statistics** (:func:`mean_sd`, :func:`mean_se`, :func:`paired`, :func:`fmt`): seeds are
+  paired across arms, so arms are compared seed by seed.
+
+A study loads the example it trains with :func:`load_example` (the examples are scripts, not a
+package).
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ import io
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -231,6 +249,19 @@ def read_csv(path: Path, field_types: Mapping[str, type]) -> list[dict]:
 # ---------------------------------------------------------------- meta data of a study
 
 
+def read_meta(out: Path) -> dict:
+    """``out/study_meta.json`` ({} before the first launch)."""
+    path = out / "study_meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def machine() -> dict[str, Any]:
+    """What the launching machine is, for the summary: torch version and CPU count."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_count": os.cpu_count()}
+
+
 def check_meta(out: Path, settings: dict, has_rows: bool, command: str | None,
                extra: dict | None = None) -> dict:
     """Refuse to mix runs of other settings into ``out``; record the launching command.
@@ -239,7 +270,7 @@ def check_meta(out: Path, settings: dict, has_rows: bool, command: str | None,
     what may grow between launches (more seeds, more learning rates): merged by the caller.
     """
     path = out / "study_meta.json"
-    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta = read_meta(out)
     if has_rows and meta.get("settings") not in (None, settings):
         raise SystemExit(f"{out} holds runs with other settings ({meta['settings']}); "
                          "use another --out or the same settings")
@@ -262,8 +293,9 @@ class Job(NamedTuple):
     train: Callable[[IO[str]], dict]
 
 
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget_minutes", type=float, default=math.inf,
+def add_pool_arguments(parser: argparse.ArgumentParser,
+                       budget_minutes: float = math.inf) -> None:
+    parser.add_argument("--budget_minutes", type=float, default=budget_minutes,
                         help="launch no new run after this; finished runs are kept")
     parser.add_argument("--workers", type=int, default=1,
                         help="train this many runs at once, in worker processes that each take "
@@ -276,13 +308,14 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where runs write their output directories (deleted after)")
 
 
-def run_study(args: argparse.Namespace, argv: Sequence[str], script: str | Path,
+def run_study(args: argparse.Namespace, argv: Sequence[str], module: str,
               store: ResultStore, jobs: Iterable[Job], describe: Callable[[dict], str],
               report: Callable[[], str]) -> list[dict]:
-    """Train every job not yet in ``store``, in this process or in ``args.workers`` workers,
-    then (in the launching process) print ``report()``. Returns the rows on disk."""
+    """Train every job not yet in ``store``, in this process or in ``args.workers`` workers
+    (``python -m module`` with the same arguments), then (in the launching process) print
+    ``report()``. Returns the rows on disk."""
     if args.workers > 1 and args.worker is None:
-        procs = [subprocess.Popen([sys.executable, str(script), *argv, "--worker", str(k)])
+        procs = [subprocess.Popen([sys.executable, "-m", module, *argv, "--worker", str(k)])
                  for k in range(args.workers)]
         codes = [proc.wait() for proc in procs]
         print(report())
@@ -316,6 +349,121 @@ def run_study(args: argparse.Namespace, argv: Sequence[str], script: str | Path,
     if args.worker is None:
         print(report())
     return store.load()
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+class Study:
+    """One study: subclass it, set the class attributes, and write :meth:`store`, :meth:`jobs`,
+    :meth:`describe` and :meth:`report`; :meth:`main` is the command line (see the module
+    docstring for the protocol).
+
+    The command line: the study's own settings (:meth:`add_arguments`; by default one flag per
+    key of :attr:`defaults`, typed as its default), ``--arms`` (when :attr:`arms` is set),
+    ``--report``, ``--out`` and the worker pool's flags (:func:`add_pool_arguments`).
+    """
+
+    #: The module that ``python -m`` runs, e.g. ``"studies.study_tuned"``: the recorded
+    #: command names it, and worker processes run it.
+    module: str = ""
+    #: The documented study's folder, relative to the repository root (``--out``'s default).
+    out: str = ""
+    #: The documented study's settings: the command line's defaults (``seeds`` among them).
+    defaults: Mapping[str, Any] = {}
+    #: Settings that may grow between launches of one study; the others must stay the same.
+    growable: tuple[str, ...] = ("seeds",)
+    #: The arms, in the order of the tables (objects with a ``name``); ``--arms`` picks some.
+    arms: Sequence[Any] = ()
+    #: ``--budget_minutes``'s default: launch no new run after this many minutes.
+    budget_minutes: float = math.inf
+
+    # ------------------------------------------------------------ what a study writes
+
+    def store(self, out: Path) -> ResultStore:
+        """The study's results file in ``out``: which fields identify a run, the CSV columns."""
+        raise NotImplementedError
+
+    def jobs(self, args: argparse.Namespace) -> Iterable[Job]:
+        """Every run of the study, seed-major; the finished ones are skipped."""
+        raise NotImplementedError
+
+    def describe(self, row: dict) -> str:
+        """One line of the log for a finished run."""
+        raise NotImplementedError
+
+    def report(self, out: Path, meta: Mapping[str, Any]) -> str:
+        """Write ``out/summary.md`` (and the plots) from the results file and ``meta`` (the
+        study's ``study_meta.json``) alone; return the summary's text."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ what a study may change
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The study's own settings; by default one flag per key of :attr:`defaults`."""
+        for key, value in self.defaults.items():
+            if isinstance(value, list):
+                parser.add_argument(f"--{key}", type=type(value[0]), nargs="+", default=value)
+            else:
+                parser.add_argument(f"--{key}", type=type(value), default=value)
+
+    def check_arguments(self, args: argparse.Namespace) -> None:
+        """Refuse bad settings (``SystemExit`` naming the flag) before anything trains."""
+
+    def settings(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The settings every run of one study folder must share (``study_meta.json``)."""
+        return {key: getattr(args, key) for key in self.defaults if key not in self.growable}
+
+    def grown(self, args: argparse.Namespace, old: Mapping[str, Any]) -> dict[str, Any]:
+        """What this launch records of the :attr:`growable` settings (``old``: the previous
+        ``study_meta.json``); by default the most seeds any launch asked for."""
+        return {"seeds": max(args.seeds, old.get("seeds", 0))}
+
+    def command(self, argv: Sequence[str]) -> str:
+        """The launching command as ``study_meta.json`` records it."""
+        return shlex.join(["python", "-m", self.module, *argv])
+
+    def selected_arms(self, args: argparse.Namespace) -> list[Any]:
+        """The arms ``--arms`` names, in :attr:`arms`' order (all of them by default)."""
+        if not getattr(args, "arms", None):
+            return list(self.arms)
+        return [arm for arm in self.arms if arm.name in args.arms]
+
+    # ------------------------------------------------------------ the command line
+
+    def main(self, argv: Sequence[str] | None = None) -> list[dict]:
+        """Train the runs not yet in the results file (``--report``: none), then write the
+        summary and the plots. Returns the rows on disk."""
+        parser = argparse.ArgumentParser(
+            prog=f"python -m {self.module}", description=sys.modules[type(self).__module__].__doc__,
+            formatter_class=argparse.RawTextHelpFormatter,
+        )
+        self.add_arguments(parser)
+        if self.arms:
+            parser.add_argument("--arms", nargs="+", default=None,
+                                choices=list(dict.fromkeys(arm.name for arm in self.arms)),
+                                metavar="ARM", help="only these arms (names as in the tables)")
+        parser.add_argument("--report", action="store_true",
+                            help="only rebuild summary.md and the plots from the results file")
+        parser.add_argument("--out", type=Path, default=ROOT / self.out)
+        add_pool_arguments(parser, self.budget_minutes)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        self.check_arguments(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        set_offline()
+
+        results = self.store(args.out)
+        old = read_meta(args.out)
+        if args.report:
+            print(self.report(args.out, old))
+            return results.load()
+        # the command as launched (how many workers does not matter); workers only check
+        command = self.command(argv) if args.worker is None else None
+        meta = check_meta(args.out, self.settings(args), bool(results.load()), command,
+                          {**self.grown(args, old), "machine": machine()})
+        return run_study(args, argv, self.module, results, self.jobs(args), self.describe,
+                         lambda: self.report(args.out, meta))
 
 
 # ---------------------------------------------------------------- statistics

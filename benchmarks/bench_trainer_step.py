@@ -7,17 +7,19 @@ flagship's shape, alternating runs of a plain `Seq2SeqTrainer` and a `DropGradSe
 machine state. Prints the median step time of each, their ratio, and the same for the
 optimizer step alone (the part DropGrad changes).
 
-    python scripts/bench_trainer_step.py                # 2 threads, 3 rounds of 12 steps
-    python scripts/bench_trainer_step.py --json out.json
+    python -m benchmarks.bench_trainer_step            # 2 threads, 3 rounds of 12 steps
+    python -m benchmarks.bench_trainer_step --json out.json
+
+(from the repository root). The model comes from ``examples/offline_data.py``, loaded by path.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -33,10 +35,17 @@ from transformers import (
     TrainerCallback,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from offline_data import minilm_path
-
 from hf_dropgrad import DropGradSeq2SeqTrainer
+
+
+def minilm_path() -> str:
+    """``examples/offline_data.py``'s ``minilm_path()`` (the examples are scripts, not a
+    package: the module is loaded from its file)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "offline_data.py"
+    spec = importlib.util.spec_from_file_location("offline_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.minilm_path()
 
 
 class StepTimer(TrainerCallback):

@@ -5,7 +5,7 @@ shapes; hard-coded shapes when transformers is missing) with random gradients an
 run and interleaved repeat by repeat (so background load hits every contender alike):
 
 * ``adamw``: a bare ``torch.optim.AdamW(params, foreach=True).step()`` (the reference);
-* ``kernel``: the fused C++ kernel alone, ``_cpu_kernel.mask_`` over all gradients (p = 0.1,
+* ``kernel``: the fused C++ kernel alone, ``ops.mask_`` (the op) over all gradients (p = 0.1,
   one key per tensor), and ``functional.mask_`` (the kernel plus its Python dispatch) when present;
 * ``foreach_mul``: one read+write pass over every gradient (``torch._foreach_mul_``), the floor
   of any in-place masking;
@@ -30,10 +30,11 @@ parameter's values packed in one pass, as a DropGrad step does, then restored;
 ``full_update_drop_reference``: the ``masked_select`` path that non-contiguous parameters
 take). Linux only.
 
-Usage: ``python scripts/bench_overhead.py [--threads 2] [--repeats 15] [--json out.json]
-[--sections kernel,dropgrad,memory] [--rates 0.1,0.5] [--dtypes float32,bfloat16]``.
+Usage (from the repository root): ``python -m benchmarks.bench_overhead [--threads 2]
+[--repeats 15] [--json out.json] [--sections kernel,dropgrad,memory] [--rates 0.1,0.5]
+[--dtypes float32,bfloat16]``; the parameter set is ``benchmarks/shapes.py``'s.
 ``--device cuda [--peak-gbps N]`` benchmarks the Triton backend on the GPU instead
-(``scripts/bench_cuda.py``).
+(``benchmarks/bench_cuda.py``).
 On a machine shared with other jobs, 2-thread wall times of many-kernel steps (AdamW foreach:
 dozens of OpenMP regions, each a barrier) inflate far more than the kernel's single region; check
 the printed load average, and ``--threads 1 --clock cpu`` gives load-robust per-core ratios.
@@ -54,33 +55,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.shapes import t5_small_shapes
 from hf_dropgrad.kernels import cpp as _cpu_kernel
+from hf_dropgrad.kernels import ops
 
 RESOLUTION = 1 << 16
-
-
-def t5_small_shapes() -> tuple[list[tuple[int, ...]], str]:
-    """Parameter shapes of ``T5ForConditionalGeneration(T5Config())`` (tied embedding once)."""
-    try:
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        with torch.device("meta"):
-            model = T5ForConditionalGeneration(T5Config())
-        return [tuple(p.shape) for p in model.parameters()], "transformers T5Config()"
-    except Exception:  # transformers missing or incompatible: same shapes, written out
-        d, ff, vocab, heads, buckets = 512, 2048, 32128, 8, 32
-        attn = [(d, d)] * 4
-        shapes: list[tuple[int, ...]] = [(vocab, d)]
-        for stack_has_cross in (False, True):
-            for i in range(6):
-                shapes += attn + ([(buckets, heads)] if i == 0 else []) + [(d,)]
-                if stack_has_cross:
-                    shapes += [*attn, (d,)]
-                shapes += [(ff, d), (d, ff), (d,)]
-            shapes.append((d,))
-        return shapes, "hard-coded t5-small shapes"
+#: The repository root: each memory probe runs this module again, from there.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -146,7 +127,7 @@ def kernel_section(params: list[torch.nn.Parameter], p: float, args: argparse.Na
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     fns: dict[str, Callable[[], object]] = {
         "adamw": opt.step,
-        "kernel": lambda: _cpu_kernel.mask_(grads, keys, thresholds, scales),
+        "kernel": lambda: ops.mask_(grads, keys, thresholds, scales),
         "foreach_mul": lambda: torch._foreach_mul_(grads, 1.0),
     }
     try:
@@ -228,11 +209,11 @@ def memory_probe(method: str, numel: int, dtype_name: str) -> dict:
     if method == "kernel":
 
         def call() -> None:
-            _cpu_kernel.mask_([g], [12345], [threshold], [scale])
+            ops.mask_([g], [12345], [threshold], [scale])
     elif method == "keep_mask":
 
         def call() -> None:
-            _cpu_kernel.keep_mask(numel, 12345, threshold)
+            ops.keep_mask_(torch.empty(numel, dtype=torch.bool), 12345, threshold, 0)
     elif method == "reference":
         from hf_dropgrad import functional
 
@@ -294,8 +275,9 @@ def memory_section(numel: int) -> dict:
         ("full_update_drop_reference", "float32"),
         ("naive", "float32"),
     ]:
-        cmd = [sys.executable, __file__, "--memory-probe", method, str(numel), dtype]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = [sys.executable, "-m", "benchmarks.bench_overhead", "--memory-probe", method,
+               str(numel), dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
         key = f"{method} {dtype}"
         if proc.returncode != 0:
             out[key] = {"error": proc.stderr.strip().splitlines()[-1:]}
@@ -356,7 +338,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.device == "cuda":
-        import bench_cuda
+        from benchmarks import bench_cuda  # needs hf_dropgrad.DropGrad and a GPU
 
         result = bench_cuda.main(args, t5_small_shapes()[0])
         if args.json:

@@ -1,9 +1,10 @@
 """GPU benchmark of the Triton backend: bandwidth, launches and host syncs per step.
 
-Run by ``scripts/gpu_check.sh`` (``python scripts/bench_cuda.py``) or through
-``scripts/bench_overhead.py --device cuda``. For the t5-small parameter set (60.5M elements) and a
-1B-parameter set (TinyLlama-1.1B shapes), in fp32 and bf16, with random gradients on the GPU, it
-measures in one run (CUDA events, median of ``--repeats``):
+Run by ``scripts/gpu_check.sh`` (``python -m benchmarks.bench_cuda``) or through
+``python -m benchmarks.bench_overhead --device cuda``. For the t5-small parameter set (60.5M
+elements) and a 1B-parameter set (TinyLlama-1.1B shapes; both from ``benchmarks/shapes.py``), in
+fp32 and bf16, with random gradients on the GPU, it measures in one run (CUDA events, median of
+``--repeats``):
 
 * ``mask``: ``functional.mask_`` over every gradient (p = 0.1, one key per tensor), the path
   ``DropGrad.step`` takes; moves 2 x the gradient bytes (one read, one write);
@@ -24,8 +25,9 @@ counted with ``torch.cuda.set_sync_debug_mode("warn")``). Targets (docs/analysis
 >= 70 % of peak, <= 0.25x a fused AdamW step, one launch per dtype (two when a dtype has
 unaligned tensors), no synchronisation; full update drop one synchronisation per dtype.
 
-Usage: ``python scripts/bench_cuda.py [--repeats 20] [--warmup 3] [--p 0.1] [--peak-gbps N]
-[--sets t5-small,1B] [--json out.json]``. Without CUDA it exits with a message (status 2).
+Usage (from the repository root): ``python -m benchmarks.bench_cuda [--repeats 20] [--warmup 3]
+[--p 0.1] [--peak-gbps N] [--sets t5-small,1B] [--json out.json]``. Without CUDA it exits with
+a message (status 2).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.shapes import t5_small_shapes, tinyllama_shapes
 from hf_dropgrad import DropGrad
 from hf_dropgrad import functional as F
 
@@ -61,13 +64,6 @@ PEAK_GBPS = {
     "V100": 900.0,
     "T4": 320.0,
 }
-
-
-def tinyllama_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of TinyLlama-1.1B (22 layers, hidden 2048, GQA 4 KV heads): 1.10B."""
-    d, ff, vocab, kv = 2048, 5632, 32000, 256
-    layer = [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff), (d,), (d,)]
-    return [(vocab, d), *layer * 22, (d,), (vocab, d)]
 
 
 def peak_gbps(name: str, override: float | None) -> float | None:
@@ -288,10 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     import json
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     cli = parse_args()
-    from bench_overhead import t5_small_shapes
-
     out = main(cli, t5_small_shapes()[0])
     if cli.json:
         cli.json.write_text(json.dumps(out, indent=2) + "\n")
