@@ -29,12 +29,13 @@ An optimizer served this way from outside the Trainer's optimizer chain is marke
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from hf_dropgrad.optimizer_hooks import init_optimizer_hooks
 
 __all__ = ["InBackward", "mark_served", "served_by"]
 
@@ -91,13 +92,7 @@ class InBackward(Optimizer):
                 )
         self.optimizers: list[Optimizer] = optimizers
         self._groups = [g for o in optimizers for g in o.param_groups]
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
+        init_optimizer_hooks(self)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

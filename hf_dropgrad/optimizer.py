@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from hf_dropgrad import functional as F
 from hf_dropgrad import kernels, report
 from hf_dropgrad.in_backward import InBackward, served_by
 from hf_dropgrad.layout import Box, FlatLayout, Local, Whole, local_target
+from hf_dropgrad.optimizer_hooks import init_optimizer_hooks
 from hf_dropgrad.rates import RateTable
 from hf_dropgrad.schedulers import DropRateScheduler, check_rate_number
 
@@ -133,7 +133,7 @@ class DropGrad(Optimizer):
 
         _refuse_duplicates(optimizer.param_groups)
         self.optimizer = optimizer
-        self._init_optimizer_hooks()
+        init_optimizer_hooks(self)  # not Optimizer.__init__: the groups are the inner one's
 
         self.seed = seed
         self.full_update_drop = full_update_drop
@@ -172,22 +172,6 @@ class DropGrad(Optimizer):
                     f"drop_rate={drop_rate} conflicts with drop_rate_scheduler, whose initial "
                     f"rate is {initial}: pass one of them, or make them agree"
                 )
-
-    def _init_optimizer_hooks(self) -> None:
-        # The one place DropGrad imitates torch.optim.Optimizer.__init__, which it cannot call:
-        # that would give DropGrad param_groups, state and defaults of its own, while LR
-        # schedulers, GradScaler and Accelerate must see the inner optimizer's (shared through
-        # the properties below). torch has no public way to set up only the hooks: the public
-        # register_step_pre_hook & co. need these dicts, and the private
-        # _patch_step_function (checked against torch 2.13) wraps step() so that hooks run
-        # and LR schedulers see the step counter they check.
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
 
     # -- sharing the inner optimizer's attributes -------------------------------------------
 

