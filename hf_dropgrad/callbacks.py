@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +22,7 @@ from transformers.utils import logging
 
 import hf_dropgrad.compat  # noqa: F401  (refuses unsupported transformers/accelerate)
 from hf_dropgrad import install as installing
-from hf_dropgrad import model_card, run_config
-from hf_dropgrad.deprecated import REMOVED_IN
+from hf_dropgrad import model_card, resume, run_config
 from hf_dropgrad.integrations import in_backward
 from hf_dropgrad.integrations.accelerate import check_supported_setup
 from hf_dropgrad.integrations.fsdp import check_parameters
@@ -34,8 +32,8 @@ from hf_dropgrad.settings import (
     DropGradSettings,
     GivenSettings,
     keyword_names,
-    numbers_given_as_text,
     setting_names,
+    warn_numbers_given_as_text,
     warn_unused,
 )
 
@@ -47,12 +45,6 @@ __all__ = ["DropGradCallback", "check_supported_setup", "install_dropgrad"]
 
 #: Prefix of the keys DropGrad adds to the Trainer's logs.
 LOG_KEY = "dropgrad_rate"
-
-#: Key of DropGrad's entry in `TrainerState.stateful_callbacks`, which every checkpoint saves in
-#: its trainer_state.json: the settings the run trained with (`DropGradSettings.to_record`),
-#: compared with a resumed run's. (Not a callback's class name, so
-#: `restore_callback_states_from_checkpoint` leaves it alone.)
-RECORD_KEY = "hf_dropgrad"
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # hf_dropgrad/
 
@@ -138,14 +130,7 @@ class DropGradCallback(TrainerCallback):
         names = dict(names) if names is not None else keyword_names(type(self).__name__)
         self._given = GivenSettings(settings, names)  # bad values fail here, not at step 1
         entered, level = self._given.entered(), _user_stacklevel()
-        for key in numbers_given_as_text({key: settings[key] for key in entered}):
-            warnings.warn(
-                f"{names[key]}: a number given as a string ({settings[key]!r}) is deprecated "
-                f"and will be a TypeError in hf_dropgrad {REMOVED_IN}; pass a number (e.g. "
-                "0.1). Text is read on the command line and in JSON/YAML config files.",
-                FutureWarning,
-                stacklevel=level,
-            )
+        warn_numbers_given_as_text(settings, names, stacklevel=level, only=entered)
         warn_unused(self._given.validated.values(), names, stacklevel=level, only=entered)
         self._checked: tuple[Any, DropGradSettings] | None = None  # model, settings checked
         self.dropgrad: DropGrad | None = None
@@ -312,29 +297,16 @@ class DropGradCallback(TrainerCallback):
         logger.log(level, "DropGrad rates (step %d):\n%s", state.global_step, dropgrad.describe())
 
     def _apply_run_settings(self, args: TrainingArguments, state: TrainerState) -> None:
-        """On resume, this run's settings apply from the resumed step on; say which differ
-        from the checkpoint's (its trainer_state.json's `RECORD_KEY`, where this run writes its
-        own). `optimizer.pt`, loaded before training starts, restored the checkpoint's seed
-        and schedule into a `DropGrad` built earlier (`DropGradTrainer`): the run's own are put
-        back; the masks of the steps already taken are not affected. A `DropGrad` passed
-        through `optimizers=` is left as loaded (it comes with no settings).
+        """This run's settings apply from the resumed step on, recorded in trainer_state.json
+        ([`hf_dropgrad.resume`]); a warning says which differ from the checkpoint's. A
+        `DropGrad` passed through `optimizers=` is left as loaded (it comes with no settings).
         """
         dropgrad = self.dropgrad
         if dropgrad is None or not self._built:
             return
-        steps = self._built_steps or state.max_steps or None
         settings, names = self._given.resolve(args)
-        entry = state.stateful_callbacks.get(RECORD_KEY)
-        previous = entry.get("attributes", {}).get("settings") if isinstance(entry, dict) else None
-        if previous is None and state.global_step > 0:
-            # A checkpoint without the record (hf_dropgrad 0.1.0): what DropGrad loaded.
-            previous = {"seed": dropgrad.seed}
-        changes = settings.diff(previous or {}, steps, names)
-        if settings.seed is not None:
-            dropgrad.seed = settings.seed
-        dropgrad.drop_rate_scheduler = settings.build_scheduler(steps, names)  # set_step places it
-        record = settings.to_record(steps, names)
-        state.stateful_callbacks[RECORD_KEY] = {"args": {}, "attributes": {"settings": record}}
+        steps = self._built_steps or state.max_steps or None
+        record, changes = resume.apply_run_settings(dropgrad, settings, names, state, steps)
         self._run_record = (settings, record)
         if changes and getattr(args, "should_log", state.is_world_process_zero):
             logger.warning(
@@ -365,10 +337,7 @@ class DropGradCallback(TrainerCallback):
             return self._run_record[1]
         max_steps = getattr(args, "max_steps", -1)
         steps = self._built_steps or (max_steps if max_steps > 0 else None)
-        try:
-            return settings.to_record(steps, names)
-        except ValueError:  # a linear/cosine schedule whose length is the run's, not known yet
-            return {**settings.to_record(1, names), "scheduler_steps": "the run's optimizer steps"}
+        return run_config.record_before_training(settings, names, steps)
 
     def _record_in(self, trainer: Any) -> None:
         """Let `trainer`'s model card and its run configuration (what the trackers log) say

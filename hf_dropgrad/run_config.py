@@ -19,9 +19,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hf_dropgrad.optimizer import DropGrad
-from hf_dropgrad.settings import ARG_FIELDS
+from hf_dropgrad.settings import ARG_FIELDS, DropGradSettings
 
-__all__ = ["RunConfig", "add_to_run_config", "config_entries", "record_of_dropgrad"]
+__all__ = [
+    "RunConfig",
+    "add_to_run_config",
+    "config_entries",
+    "record_before_training",
+    "record_of_dropgrad",
+]
 
 #: A function that returns the run's record (``None`` with DropGrad off), read each time.
 RecordSource = Callable[[], "Mapping[str, Any] | None"]
@@ -44,6 +50,19 @@ def record_of_dropgrad(dropgrad: DropGrad) -> dict[str, Any]:
         "full_update_drop": dropgrad.full_update_drop,
         "seed": dropgrad.seed,
     }
+
+
+def record_before_training(
+    settings: DropGradSettings, names: Mapping[str, str], steps: int | None
+) -> dict[str, Any]:
+    """The record of ``settings`` (:meth:`DropGradSettings.to_record
+    <hf_dropgrad.settings.DropGradSettings.to_record>`) before training fixed a ``linear`` or
+    ``cosine`` schedule's length: ``steps`` when known (``--max_steps``), else the record says
+    the schedule lasts the run's optimizer steps."""
+    try:
+        return settings.to_record(steps, names)
+    except ValueError:  # a schedule whose length is the run's, not known yet
+        return {**settings.to_record(1, names), "scheduler_steps": "the run's optimizer steps"}
 
 
 def config_entries(record: Mapping[str, Any]) -> dict[str, Any]:

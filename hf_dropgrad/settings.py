@@ -54,6 +54,7 @@ from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 from hf_dropgrad.arguments import DropGradArguments
+from hf_dropgrad.deprecated import REMOVED_IN
 from hf_dropgrad.optimizer import SEED_LIMIT
 from hf_dropgrad.patterns import parse_module_rates, parse_rate, resolve_pattern_rates
 from hf_dropgrad.schedulers import (
@@ -73,6 +74,7 @@ __all__ = [
     "GivenSettings",
     "keyword_names",
     "numbers_given_as_text",
+    "warn_numbers_given_as_text",
     "parse_module_rates",  # kept importable from here; defined in hf_dropgrad.patterns
     "parse_rate",  # idem
     "setting_names",
@@ -295,6 +297,29 @@ def warn_unused(
             f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with "
             f"{names['scheduler']} {values['scheduler']!r}.",
             UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def warn_numbers_given_as_text(
+    values: Mapping[str, Any],
+    names: Mapping[str, str],
+    stacklevel: int = 2,
+    only: Iterable[str] | None = None,
+) -> None:
+    """Warn that each number given as a string in ``values`` (:func:`numbers_given_as_text`) is
+    deprecated, naming it as the user wrote it; ``only`` as in :func:`warn_unused`.
+
+    Called where keyword settings enter (``DropGradCallback``, ``DropGradTrainer``): text is read
+    on the command line and in config files, by the arguments classes, and nowhere else.
+    """
+    entered = set(ARG_FIELDS if only is None else only)
+    for key in numbers_given_as_text({key: values[key] for key in entered if key in values}):
+        warnings.warn(
+            f"{names[key]}: a number given as a string ({values[key]!r}) is deprecated and will "
+            f"be a TypeError in hf_dropgrad {REMOVED_IN}; pass a number (e.g. 0.1). Text is "
+            "read on the command line and in JSON/YAML config files.",
+            FutureWarning,
             stacklevel=stacklevel + 1,
         )
 
