@@ -507,6 +507,11 @@ def area(curve: Sequence[Sequence[float]]) -> float:
     return statistics.fmean(point[1] for point in curve) if curve else math.nan
 
 
+def display(label: str, arm: str) -> str:
+    """How the tables name a reported arm: "DropGrad (p=0.6)", "full update drop (p=0.5)"."""
+    return label if label == arm else f"{label} ({arm.split()[0]})"
+
+
 def _pm(pair: tuple[float, float], digits: int = 1) -> str:
     return f"{harness.fmt(pair[0], digits)} ± {harness.fmt(pair[1], digits)}"
 
@@ -590,7 +595,7 @@ def chosen_table(summary: Mapping[str, Any], task: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, s in summary["arms"].items():
-        name = label if label == s["arm"] else f"{label} ({s['arm']})"
+        name = display(label, s["arm"])
         if label == "baseline":
             delta = better = top_delta = "—"
         else:
@@ -613,7 +618,7 @@ def speed_table(summary: Mapping[str, Any], task: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, s in summary["arms"].items():
-        name = label if label == s["arm"] else f"{label} ({s['arm']})"
+        name = display(label, s["arm"])
         if label == "baseline":
             delta = faster = seconds = area_delta = "—"
         else:
@@ -682,7 +687,7 @@ def plot(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping], ou
                      for step in steps]
             mean = [m for m, _ in stats]
             se = [0 if math.isnan(e) else e for _, e in stats]
-            name = label if label == s["arm"] else f"{label} {s['arm']}"
+            name = display(label, s["arm"])
             line, = ax.plot(steps, mean, marker=".", label=f"{name}, lr {s['learning_rate']:g}")
             ax.fill_between(steps, [m - 2 * e for m, e in zip(mean, se)],
                             [m + 2 * e for m, e in zip(mean, se)], alpha=0.15,

@@ -291,10 +291,10 @@ def test_the_committed_summary_recomputes_from_results_csv():
                 for arm in speed.ARMS_BY_NAME}
         drop = max(speed.DROPGRAD, key=lambda a: (mean_dev(a, best[a]), best[a]))
         chosen = {"baseline": "baseline", f"DropGrad ({drop})": drop,
-                  "full update drop (p=0.5 full update drop)": "p=0.5 full update drop"}
+                  "full update drop (p=0.5)": "p=0.5 full update drop"}
         curve_rows = [r for r in rows if r["task"] == task and r["with_curve"] == "True"]
 
-        def per_seed(source, arm, key):
+        def per_seed(source, arm, key, best=best):
             return {r["seed"]: r[key] for r in source
                     if r["arm"] == arm and r["learning_rate"] == best[arm]}
 
