@@ -869,7 +869,7 @@ class SpeedStudy(harness.Study):
             parts += [
                 f"Choices over grid seeds {', '.join(map(str, summary['grid_seeds']))}. "
                 f"DropGrad's p, on dev: {choice}. Target: dev {METRIC[task]} ≥ "
-                f"{summary['target']:g}.\n",
+                f"{summary['target']:.2f}.\n",
                 "### Each arm at its chosen learning rate, and its stable range\n",
                 chosen_table(summary, task) + "\n",
                 "### Speed: steps to the target at the chosen rates\n",
