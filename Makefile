@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install data demo test test-floor lint bench study study-overfit study-tuned
+.PHONY: install data demo test test-floor lint bench study study-overfit study-tuned study-speed
 
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -52,3 +52,9 @@ study-overfit: install data
 # dev split, reported on a test split; resumable; see docs/analysis.md §8).
 study-tuned: install data
 	nice -n 10 $(PYTHON) -m studies.study_tuned --workers 2 --threads 1
+
+# Issue 28: does DropGrad accelerate optimization? Steps to a dev target and the stable
+# learning-rate range, classification and grapheme-to-phoneme (one worker: it shares the machine;
+# resumable; see docs/analysis.md §9).
+study-speed: install data
+	nice -n 19 $(PYTHON) -m studies.study_speed --workers 1 --threads 1

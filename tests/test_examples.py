@@ -203,6 +203,25 @@ def test_edit_distance_and_g2p_metrics(tmp_path: Path) -> None:
     assert metrics == {"token_error_rate": 2 / 6, "exact_match": 0.0}
 
 
+def test_teacher_forced_token_accuracy_leaves_padding_out() -> None:
+    # The metric of --predict_with_generate false (a cheap learning curve): next-token accuracy
+    # over the target tokens, -100 (padding) left out, from the argmax the logits were reduced to.
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import run_seq2seq
+
+    logits = torch.zeros(2, 3, 5)
+    logits[0, 0, 1] = logits[0, 1, 2] = logits[0, 2, 4] = logits[1, 0, 3] = 1.0
+    predicted = run_seq2seq.argmax_logits((logits, torch.zeros(2, 3, 8)), None)
+    assert predicted.tolist() == [[1, 2, 4], [3, 0, 0]]
+    labels = np.array([[1, 2, 3], [3, -100, -100]])  # right, right, wrong; right, padding
+    metrics = run_seq2seq.token_accuracy(
+        transformers.EvalPrediction(predictions=predicted.numpy(), label_ids=labels)
+    )
+    assert metrics == {"token_accuracy": 0.75}
+
+
 # -- smoke runs ---------------------------------------------------------------------------------
 
 SEQ2SEQ_TINY = [
