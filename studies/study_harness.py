@@ -30,7 +30,7 @@ launches its documented command. The protocol:
   paired across arms, so arms are compared seed by seed.
 
 A study loads the example it trains with :func:`load_example` (the examples are scripts, not a
-package).
+package) and runs it in-process with :func:`run_example`.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +86,39 @@ def load_example(name: str) -> ModuleType:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+class ExampleRun(NamedTuple):
+    """What one in-process run of an example leaves: its trainer's log history, what ``read``
+    took from its output folder (before the folder was removed), and its wall and CPU seconds
+    (training, reading and cleaning up)."""
+
+    history: list[dict]
+    result: Any
+    seconds: float
+    cpu_seconds: float
+
+
+def run_example(name: str, argv: Callable[[Path], list[str]],
+                read: Callable[[Path, list[dict]], Any], log: IO[str],
+                scratch: str | None = None, prefix: str = "run_") -> ExampleRun:
+    """Run ``examples/<name>.py``'s ``main(argv(output_dir))`` in this process, in a fresh
+    folder under ``scratch``, its standard output (the example's final table) written to ``log``;
+    ``read(output_dir, log_history)`` checks and scores the saved run; the folder (the model's
+    weights, tens to hundreds of MB) is removed whatever happens."""
+    example = load_example(name)
+    output_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch))
+    start, cpu = time.time(), time.process_time()
+    try:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            example.main(argv(output_dir))
+        log.write(buffer.getvalue())
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        result = read(output_dir, history)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    return ExampleRun(history, result, time.time() - start, time.process_time() - cpu)
 
 
 # ---------------------------------------------------------------- rate checks

@@ -29,18 +29,13 @@ dropout the run actually trained with.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
-import shutil
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from studies import study_harness as harness
 from studies.study_harness import Config, check_rates
@@ -208,21 +203,16 @@ def summarise_run(arm: Arm, seed: int, log_history: list[dict], seconds: float) 
     }
 
 
-def train_one(arm: Arm, seed: int, args: argparse.Namespace, log) -> dict:
+def train_one(arm: Arm, seed: int, args: argparse.Namespace, log: IO[str]) -> dict:
     """Train one (arm, seed) in this process and return its row."""
-    run_classification = harness.load_example("run_classification")
-    output_dir = Path(tempfile.mkdtemp(prefix="overfit_", dir=args.scratch))
-    start = time.time()
-    try:
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):  # the example's final table, per run
-            run_classification.main(run_argv(arm, seed, args, output_dir))
-        log.write(buffer.getvalue())
-        state = json.loads((output_dir / "trainer_state.json").read_text())
-        verify_run(arm, output_dir, state["log_history"], args.learning_rate)
-        return summarise_run(arm, seed, state["log_history"], time.time() - start)
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)  # 90 MB of weights per run
+
+    def read(output_dir: Path, history: list[dict]) -> None:
+        verify_run(arm, output_dir, history, args.learning_rate)
+
+    run = harness.run_example("run_classification",
+                              lambda output_dir: run_argv(arm, seed, args, output_dir),
+                              read, log, args.scratch, prefix="overfit_")
+    return summarise_run(arm, seed, run.history, run.seconds)
 
 
 # ---------------------------------------------------------------- report

@@ -53,14 +53,9 @@ results alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
-import shutil
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -151,10 +146,6 @@ def grid_with_curve(task: str) -> bool:
 # ---------------------------------------------------------------- one run
 
 
-def _history(output_dir: Path) -> list[dict]:
-    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-
-
 def curve_of(history: Sequence[Mapping[str, Any]], key: str) -> list[list[float]]:
     """The learning curve a run logged: ``[step, dev metric in percent, dev loss]`` per
     evaluation, in order of steps; the evaluation after training repeats the last step and is
@@ -242,25 +233,20 @@ def train_classification(arm: Config, learning_rate: float, seed: int, with_curv
         reused = tuned_rows(args).get((arm.name, learning_rate, seed))
         if reused is not None:
             return reused_row(reused)
-    run_classification = harness.load_example("run_classification")
-    output_dir = Path(tempfile.mkdtemp(prefix="speed_", dir=args.scratch))
-    start, cpu = time.time(), time.process_time()
-    try:
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            run_classification.main(
-                classification_argv(arm, learning_rate, seed, args, output_dir, with_curve))
-        log.write(buffer.getvalue())
-        history = _history(output_dir)
+
+    def read(output_dir: Path, history: list[dict]) -> dict[str, float]:
         tuned.verify_run(arm, learning_rate, output_dir, history)
-        scores = tuned.score(output_dir, args)
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
-    scores = {"dev_metric": scores["dev_accuracy"], "test_metric": scores["test_accuracy"],
-              "dev_loss": scores["dev_loss"], "test_loss": scores["test_loss"]}
-    return _row("classification", arm, learning_rate, seed, with_curve, history, scores,
-                curve_of(history, "eval_accuracy"), time.time() - start,
-                time.process_time() - cpu)
+        return tuned.score(output_dir, args)
+
+    run = harness.run_example(
+        "run_classification",
+        lambda output_dir: classification_argv(arm, learning_rate, seed, args, output_dir,
+                                               with_curve),
+        read, log, args.scratch, prefix="speed_")
+    scores = {"dev_metric": run.result["dev_accuracy"], "test_metric": run.result["test_accuracy"],
+              "dev_loss": run.result["dev_loss"], "test_loss": run.result["test_loss"]}
+    return _row("classification", arm, learning_rate, seed, with_curve, run.history, scores,
+                curve_of(run.history, "eval_accuracy"), run.seconds, run.cpu_seconds)
 
 
 def seq2seq_argv(arm: Config, learning_rate: float, seed: int, args: argparse.Namespace,
@@ -352,22 +338,16 @@ def score_seq2seq(model_dir: Path, args: argparse.Namespace) -> dict[str, float]
 def train_seq2seq(arm: Config, learning_rate: float, seed: int, args: argparse.Namespace,
                   log: IO[str]) -> dict:
     """Train one seq2seq run in this process, its dev curve logged; score it on dev and test."""
-    run_seq2seq = harness.load_example("run_seq2seq")
-    output_dir = Path(tempfile.mkdtemp(prefix="speed_", dir=args.scratch))
-    start, cpu = time.time(), time.process_time()
-    try:
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            run_seq2seq.main(seq2seq_argv(arm, learning_rate, seed, args, output_dir))
-        log.write(buffer.getvalue())
-        history = _history(output_dir)
+
+    def read(output_dir: Path, history: list[dict]) -> dict[str, float]:
         tuned.verify_run(arm, learning_rate, output_dir, history)
-        scores = score_seq2seq(output_dir, args)
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)  # 200 MB of weights per run
-    return _row("seq2seq", arm, learning_rate, seed, True, history, scores,
-                curve_of(history, "eval_token_accuracy"), time.time() - start,
-                time.process_time() - cpu)
+        return score_seq2seq(output_dir, args)
+
+    run = harness.run_example(
+        "run_seq2seq", lambda output_dir: seq2seq_argv(arm, learning_rate, seed, args, output_dir),
+        read, log, args.scratch, prefix="speed_")
+    return _row("seq2seq", arm, learning_rate, seed, True, run.history, run.result,
+                curve_of(run.history, "eval_token_accuracy"), run.seconds, run.cpu_seconds)
 
 
 def train_one(task: str, arm_name: str, learning_rate: float, seed: int, with_curve: bool,

@@ -30,14 +30,9 @@ from the CSV alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
-import shutil
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -192,19 +187,16 @@ def verify_run(arm: Config, learning_rate: float, output_dir: Path,
 def train_one(arm: Config, learning_rate: float, seed: int, args: argparse.Namespace,
               log: IO[str]) -> dict:
     """Train one (arm, learning rate, seed) in this process, score it, return its row."""
-    run_classification = harness.load_example("run_classification")
-    output_dir = Path(tempfile.mkdtemp(prefix="tuned_", dir=args.scratch))
-    start = time.time()
-    try:
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            run_classification.main(run_argv(arm, learning_rate, seed, args, output_dir))
-        log.write(buffer.getvalue())
-        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+    def read(output_dir: Path, history: list[dict]) -> dict[str, float]:
         verify_run(arm, learning_rate, output_dir, history)
-        scores = score(output_dir, args)
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)  # 90 MB of weights per run
+        return score(output_dir, args)
+
+    run = harness.run_example(
+        "run_classification",
+        lambda output_dir: run_argv(arm, learning_rate, seed, args, output_dir),
+        read, log, args.scratch, prefix="tuned_")
+    history, scores = run.history, run.result
     losses = [e["loss"] for e in history if "loss" in e]
     return {
         "task": TASK, "arm": arm.name, "learning_rate": learning_rate, "seed": seed,
@@ -212,7 +204,7 @@ def train_one(arm: Config, learning_rate: float, seed: int, args: argparse.Names
         **{key: round(value, 4) for key, value in scores.items()},
         "final_train_loss": round(losses[-1], 4) if losses else None,
         "epochs": args.epochs, "steps": max((e.get("step", 0) for e in history), default=0),
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(run.seconds, 1),
     }
 
 

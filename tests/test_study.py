@@ -10,6 +10,7 @@ committed results.
 from __future__ import annotations
 
 import importlib
+import io
 import math
 import pkgutil
 import shutil
@@ -66,6 +67,43 @@ def test_result_store_csv_round_trip_and_claims(tmp_path):
     rows = store.append({"arm": "a", "seed": 0, "acc": 0.5, "flag": False})
     assert rows == store.load() == [{"arm": "a", "seed": 0, "acc": 0.5, "flag": False},
                                     {"arm": "b", "seed": 1, "acc": 0.25, "flag": True}]
+
+
+def _fake_example(fail: bool = False) -> SimpleNamespace:
+    """An example whose ``main`` prints its table and saves a trainer state in --output_dir."""
+
+    def main(argv: list[str]) -> None:
+        output_dir = Path(argv[argv.index("--output_dir") + 1])
+        print("the example's table")
+        (output_dir / "trainer_state.json").write_text('{"log_history": [{"step": 2}]}')
+        if fail:
+            raise RuntimeError("training failed")
+
+    return SimpleNamespace(main=main)
+
+
+def test_run_example_captures_reads_and_always_removes_its_folder(tmp_path, monkeypatch, capsys):
+    seen: list[Path] = []
+
+    def read(output_dir: Path, history: list[dict]) -> int:
+        seen.append(output_dir)
+        assert output_dir.parent == tmp_path and output_dir.name.startswith("toy_")
+        return len(list(output_dir.iterdir()))
+
+    monkeypatch.setattr(harness, "load_example", lambda name: _fake_example())
+    log = io.StringIO()
+    run = harness.run_example("toy", lambda out: ["--output_dir", str(out)], read, log,
+                              str(tmp_path), prefix="toy_")
+    assert run.history == [{"step": 2}] and run.result == 1
+    assert run.seconds >= 0 and run.cpu_seconds >= 0
+    assert log.getvalue() == "the example's table\n" and capsys.readouterr().out == ""
+    assert not seen[0].exists()  # the weights of every run do not pile up in scratch
+
+    monkeypatch.setattr(harness, "load_example", lambda name: _fake_example(fail=True))
+    with pytest.raises(RuntimeError, match="training failed"):
+        harness.run_example("toy", lambda out: ["--output_dir", str(out)], read, log,
+                            str(tmp_path), prefix="toy_")
+    assert list(tmp_path.iterdir()) == []  # removed when training fails too
 
 
 class ToyStudy(harness.Study):
