@@ -25,7 +25,10 @@ launches its documented command. The protocol:
   rebuilds them from the committed data, byte for byte, without training.
 - **Workers** (:func:`add_pool_arguments`, :func:`run_study`): ``--workers N`` re-runs the
   study's own module as N processes; each claims the next free run with a pid file (a claim of
-  a process that no longer runs is taken over) and trains it in-process.
+  a process that no longer runs is taken over) and trains it in-process. A study whose later
+  runs depend on earlier ones (``study_speed`` chooses rates from its grid) waits for the runs
+  other live workers still hold (:meth:`ResultStore.wait_for`) instead of leaving the rest to
+  one worker.
 - **Statistics** (:func:`mean_sd`, :func:`mean_se`, :func:`paired`, :func:`fmt`): seeds are
   paired across arms, so arms are compared seed by seed.
 
@@ -246,23 +249,40 @@ class ResultStore:
             self.save(rows)
         return rows
 
+    def _claim_path(self, key: tuple) -> Path:
+        return self.out / "claims" / slug("_".join(str(part) for part in key))
+
+    @staticmethod
+    def _held_by_live_process(path: Path) -> bool:
+        try:
+            os.kill(int(path.read_text()), 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return False
+        return True
+
     def claim(self, key: tuple) -> Path | None:
         """Reserve the run ``key`` for this process; None when it is finished or another live
         worker holds it. A claim of a process that no longer runs is taken over."""
-        claims = self.out / "claims"
-        claims.mkdir(parents=True, exist_ok=True)
-        path = claims / slug("_".join(str(part) for part in key))
+        path = self._claim_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock():
             if any(self.key(r) == key for r in self.load()):
                 return None
-            if path.exists():
-                try:
-                    os.kill(int(path.read_text()), 0)
-                    return None  # a live worker trains it
-                except (ValueError, ProcessLookupError):
-                    pass
+            if self._held_by_live_process(path):
+                return None  # a live worker trains it
             path.write_text(str(os.getpid()))
         return path
+
+    def wait_for(self, keys: Iterable[tuple], poll_seconds: float = 20.0) -> None:
+        """Return once none of ``keys`` is still being trained by another live worker: each is
+        finished, or unclaimed (then the caller sees it missing). A phase that needs all of
+        them (a choice among runs) waits for the other workers instead of giving up."""
+        pending = set(keys)
+        while True:
+            pending -= {self.key(r) for r in self.load()}
+            if not any(self._held_by_live_process(self._claim_path(key)) for key in pending):
+                return
+            time.sleep(poll_seconds)
 
 
 def read_csv(path: Path, field_types: Mapping[str, type]) -> list[dict]:

@@ -763,15 +763,16 @@ class SpeedStudy(harness.Study):
             if task not in args.tasks:
                 continue
             with_curve = grid_with_curve(task)
-            for seed in range(getattr(args, f"grid_seeds_{task}")):
-                for rate in args.learning_rates:
-                    for arm in ARMS:
-                        yield self._job(task, arm.name, rate, seed, with_curve, args)
+            grid_jobs = [self._job(task, arm.name, rate, seed, with_curve, args)
+                         for seed in range(getattr(args, f"grid_seeds_{task}"))
+                         for rate in args.learning_rates for arm in ARMS]
+            yield from grid_jobs
+            store.wait_for(job.key for job in grid_jobs)  # other workers' last grid runs
             grid = grid_rows(store.load(), task, args.learning_rates,
                              getattr(args, f"grid_seeds_{task}"))
             if {r["seed"] for r in grid} != set(range(getattr(args, f"grid_seeds_{task}"))):
-                print(f"{task}: the grid is not complete (another worker may still be training "
-                      "it); rerun the same command to train the runs at the chosen rates",
+                print(f"{task}: the grid is not complete (a run failed or stopped); rerun the "
+                      "same command to train the missing runs and then the chosen rates",
                       flush=True)
                 continue
             chosen = choose(grid)

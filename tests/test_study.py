@@ -14,6 +14,10 @@ import io
 import math
 import pkgutil
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -67,6 +71,33 @@ def test_result_store_csv_round_trip_and_claims(tmp_path):
     rows = store.append({"arm": "a", "seed": 0, "acc": 0.5, "flag": False})
     assert rows == store.load() == [{"arm": "a", "seed": 0, "acc": 0.5, "flag": False},
                                     {"arm": "b", "seed": 1, "acc": 0.25, "flag": True}]
+
+
+def test_wait_for_waits_only_for_runs_another_live_worker_holds(tmp_path):
+    store = harness.ResultStore(tmp_path, ("arm", "seed"), ["arm", "seed"], keep_json=False,
+                                field_types={"seed": int})
+    store.append({"arm": "a", "seed": 0})
+    assert store.claim(("b", 0)) is not None
+    (tmp_path / "claims" / "b_0").write_text("999999999")  # a worker that no longer runs
+    store.wait_for([("a", 0), ("b", 0), ("c", 0)], poll_seconds=0.01)  # returns at once
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "claims" / "b_0").write_text(str(other.pid))  # a live worker trains b
+        finisher = threading.Timer(0.3, lambda: store.append({"arm": "b", "seed": 0}))
+        start = time.monotonic()
+        finisher.start()
+        store.wait_for([("a", 0), ("b", 0)], poll_seconds=0.01)
+        assert time.monotonic() - start >= 0.25  # it waited for b's row
+        assert {r["arm"] for r in store.load()} == {"a", "b"}
+
+        (tmp_path / "claims" / "c_0").write_text(str(other.pid))
+        threading.Timer(0.3, lambda: (other.kill(), other.wait())).start()
+        store.wait_for([("c", 0)], poll_seconds=0.01)  # the worker died: c is left missing
+        assert other.poll() is not None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def _fake_example(fail: bool = False) -> SimpleNamespace:
