@@ -162,10 +162,7 @@ def summary_table(task: Task, rows: list[dict]) -> str:
 
 
 def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     metric = task.metrics[0]
     written = []
@@ -192,11 +189,7 @@ def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel(metric)
     ax.set_title(f"{task.name}: {metric} vs drop rate\n(mean ± std over seeds)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    path = out / f"{task.name}_metric_vs_rate.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(harness.save_figure(fig, out / f"{task.name}_metric_vs_rate.png", dpi=120))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for config in task.configs:
@@ -212,11 +205,7 @@ def plots(task: Task, rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("training loss (mean over seeds, log scale)")
     ax.set_title(f"{task.name}: learning curves")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"{task.name}_learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(harness.save_figure(fig, out / f"{task.name}_learning_curves.png", dpi=120))
     return written
 
 

@@ -566,3 +566,34 @@ def fmt(value: float, digits: int = 1, sign: bool = False) -> str:
     if value is None or math.isnan(value):
         return "—"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the file-only Agg backend (studies run headless, in workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay a figure out, write it to ``path`` and close it (``--report`` rebuilds every plot, so
+    none may stay open)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def learning_rate_axis(ax: Any, learning_rates: Iterable[float]) -> None:
+    """A log x axis ticked at exactly the grid's learning rates."""
+    grid = sorted(learning_rates)
+    ax.set_xscale("log")
+    ax.set_xticks(grid, [f"{rate:g}" for rate in grid])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate (AdamW peak)")

@@ -352,10 +352,7 @@ def loss_table(rows: list[dict]) -> str:
 
 
 def plot_metric_vs_rate(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
     for ax, key, title in zip(axes, ("best_eval_accuracy", "final_eval_accuracy"),
@@ -388,11 +385,7 @@ def plot_metric_vs_rate(rows: list[dict], out: Path) -> Path:
         ax.set_title(f"{title}: paired Δ accuracy (mean ± 2 s.e.)", fontsize=10)
     axes[0].legend(fontsize=7)
     fig.suptitle("MiniLM-L6, WordNet definitions, overfitting regime", fontsize=10)
-    fig.tight_layout()
-    path = out / "accuracy_vs_rate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return harness.save_figure(fig, out / "accuracy_vs_rate.png")
 
 
 def _count(rows: list[dict], arm: str) -> int:
@@ -400,10 +393,7 @@ def _count(rows: list[dict], arm: str) -> int:
 
 
 def plot_curves(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     shown = ["baseline", "p=0.1", "p=0.3", "p=0.5", "p=0.7", "p=0.8",
              f"p={FULL_UPDATE_DROP_RATE:g} full update drop",
@@ -430,11 +420,7 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
     axes[2].legend(fontsize=7)
     fig.suptitle("MiniLM-L6 on a small WordNet subset: learning curves, mean over seeds",
                  fontsize=10)
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return harness.save_figure(fig, out / "learning_curves.png")
 
 
 # ---------------------------------------------------------------- the study

@@ -649,10 +649,7 @@ def rate_table(rows: Sequence[Mapping[str, Any]], task: str, chosen: Mapping[str
 
 def plot(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping], out: Path,
          learning_rates: Sequence[float], grid_seed_counts: Mapping[str, int]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     tasks = [task for task in TASKS if summaries.get(task)]
     paths = []
@@ -679,10 +676,7 @@ def plot(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping], ou
         ax.set_title(f"{task}: dev metric during training, each arm at its chosen rate\n"
                      "(mean ± 2 s.e. over seeds)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(harness.save_figure(fig, out / "learning_curves.png"))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -701,19 +695,13 @@ def plot(rows: Sequence[Mapping[str, Any]], summaries: Mapping[str, Mapping], ou
                 best = rates.index(chosen[arm.name])
                 ax.plot([rates[best] * shift], [stats[best][0]], marker="*", markersize=14,
                         color=line[0].get_color(), linestyle="none")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(learning_rates), [f"{rate:g}" for rate in sorted(learning_rates)])
-        ax.minorticks_off()
-        ax.set_xlabel("learning rate (AdamW peak)")
+        harness.learning_rate_axis(ax, learning_rates)
         ax.set_ylabel(f"final dev {METRIC[task]}")
         ax.set_title(f"{task}: final dev metric against the learning rate\n(mean ± 2 s.e. over "
                      f"seeds {', '.join(map(str, summaries[task]['grid_seeds']))}; "
                      "★ = chosen)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "metric_vs_learning_rate.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(harness.save_figure(fig, out / "metric_vs_learning_rate.png"))
     return paths
 
 

@@ -325,10 +325,7 @@ def missing_runs(rows: Sequence[Mapping[str, Any]], seeds: int,
 
 
 def plot(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     chosen = select_learning_rates(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -345,21 +342,13 @@ def plot(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
             best = rates.index(chosen[arm])
             ax.plot([rates[best] * shift], [stats[best][0]], marker="*", markersize=16,
                     color=line[0].get_color(), linestyle="none")
-        ax.set_xscale("log")
-        grid = sorted({r["learning_rate"] for r in rows})
-        ax.set_xticks(grid, [f"{rate:g}" for rate in grid])
-        ax.minorticks_off()
-        ax.set_xlabel("learning rate (AdamW peak)")
+        harness.learning_rate_axis(ax, {r["learning_rate"] for r in rows})
         ax.set_title(f"{split} split: accuracy (mean ± 2 s.e. over seeds)", fontsize=10)
     axes[0].set_ylabel("accuracy, %")
     axes[0].legend(fontsize=8, title="★ = best mean dev accuracy", title_fontsize=8)
     fig.suptitle("MiniLM-L6, 64 WordNet definitions, 12 epochs: each arm at every learning rate",
                  fontsize=10)
-    fig.tight_layout()
-    path = out / "accuracy_vs_learning_rate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return harness.save_figure(fig, out / "accuracy_vs_learning_rate.png")
 
 
 # ---------------------------------------------------------------- the study
