@@ -164,4 +164,17 @@ def test_readme_block_runs(block, tmp_path, monkeypatch) -> None:
     line, setup, _, code = block
     monkeypatch.chdir(tmp_path)  # anything a snippet writes lands here
     namespace = SETUPS[setup](tmp_path)
+    model = namespace.get("model")
+    params = model.named_parameters() if model is not None else ()
+    before = {n: p.detach().clone() for n, p in params}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)  # raises if the snippet fails
+    # and it did what it shows: a snippet that ran but trained nothing fails here
+    if model is not None:
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed, f"README.md:{line}: the snippet ran but no parameter of the model changed"
+    if "trainer" in namespace and "best" not in namespace:
+        state = namespace["trainer"].state
+        assert state.global_step == state.max_steps > 0, f"README.md:{line}: {state}"
+    if "best" in namespace:  # the hyperparameter search tried DropGrad's settings
+        assert {"learning_rate", "dropgrad_rate", "dropgrad_module_rates"} <= set(
+            namespace["best"].hyperparameters), namespace["best"]
